@@ -1,0 +1,187 @@
+// The element math of onepass in C++, stated once for the CPU and the CUDA kernels.
+//
+// This is the C++ twin of python/onepass/reference.py: same operations, same order, so every
+// backend gives the bits of the reference (ARCHITECTURE.md sections 2-3). Rules kept here:
+//  * every floating-point operation is one correctly rounded IEEE operation: the host build uses
+//    -ffp-contract=off (no FMA contraction) and -fno-math-errno (so sqrt vectorizes, still IEEE);
+//    device code calls the explicit round-to-nearest intrinsics, which nvcc never contracts;
+//  * per-step scalars are computed in double from the step count with multiplications only
+//    (pow_int) and rounded once to the math type;
+//  * bf16/fp16 storage is converted bitwise, rounding to nearest even, so host and device agree
+//    without depending on a library's conversion routine.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define ONEPASS_HD __host__ __device__ __forceinline__
+#else
+#define ONEPASS_HD inline __attribute__((always_inline))
+#endif
+
+namespace onepass {
+
+// ---- correctly rounded operations -------------------------------------------------------------
+#if defined(__CUDA_ARCH__)
+ONEPASS_HD float op_add(float a, float b) { return __fadd_rn(a, b); }
+ONEPASS_HD float op_sub(float a, float b) { return __fsub_rn(a, b); }
+ONEPASS_HD float op_mul(float a, float b) { return __fmul_rn(a, b); }
+ONEPASS_HD float op_div(float a, float b) { return __fdiv_rn(a, b); }
+ONEPASS_HD float op_sqrt(float a) { return __fsqrt_rn(a); }
+ONEPASS_HD double op_add(double a, double b) { return __dadd_rn(a, b); }
+ONEPASS_HD double op_sub(double a, double b) { return __dsub_rn(a, b); }
+ONEPASS_HD double op_mul(double a, double b) { return __dmul_rn(a, b); }
+ONEPASS_HD double op_div(double a, double b) { return __ddiv_rn(a, b); }
+ONEPASS_HD double op_sqrt(double a) { return __dsqrt_rn(a); }
+#else
+template <typename T> ONEPASS_HD T op_add(T a, T b) { return a + b; }
+template <typename T> ONEPASS_HD T op_sub(T a, T b) { return a - b; }
+template <typename T> ONEPASS_HD T op_mul(T a, T b) { return a * b; }
+template <typename T> ONEPASS_HD T op_div(T a, T b) { return a / b; }
+ONEPASS_HD float op_sqrt(float a) { return __builtin_sqrtf(a); }
+ONEPASS_HD double op_sqrt(double a) { return __builtin_sqrt(a); }
+#endif
+
+// max that propagates NaN from either side, like torch.maximum.
+template <typename T> ONEPASS_HD T op_max(T a, T b) { return (a > b || a != a) ? a : b; }
+
+// ---- per-step scalars ---------------------------------------------------------------------------
+// base**n with multiplications only; the same sequence as reference.pow_int.
+ONEPASS_HD double pow_int(double base, int64_t n) {
+  double result = 1.0;
+  while (n > 0) {
+    if (n & 1) result = op_mul(result, base);
+    base = op_mul(base, base);
+    n >>= 1;
+  }
+  return result;
+}
+
+template <typename T>
+struct StepScalars {
+  T beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt;
+  T grad_scale;  // divides the gradient when a GradScaler hands one over (else unused)
+};
+
+// The twin of reference.step_scalars, rounded once to T. `step` is the count after increment.
+template <typename T>
+ONEPASS_HD StepScalars<T> make_step_scalars(int64_t step, double lr, double beta1, double beta2,
+                                            double eps, double weight_decay, bool decoupled,
+                                            double grad_scale) {
+  const double bc1 = op_sub(1.0, pow_int(beta1, step));
+  const double bc2 = op_sub(1.0, pow_int(beta2, step));
+  StepScalars<T> s;
+  s.beta1 = static_cast<T>(beta1);
+  s.one_minus_beta1 = static_cast<T>(op_sub(1.0, beta1));
+  s.beta2 = static_cast<T>(beta2);
+  s.one_minus_beta2 = static_cast<T>(op_sub(1.0, beta2));
+  s.eps = static_cast<T>(eps);
+  s.weight_decay = static_cast<T>(weight_decay);
+  s.decay = decoupled ? static_cast<T>(op_sub(1.0, op_mul(lr, weight_decay))) : static_cast<T>(1.0);
+  s.step_size = static_cast<T>(op_div(lr, bc1));
+  s.bc2_sqrt = static_cast<T>(op_sqrt(bc2));
+  s.grad_scale = static_cast<T>(grad_scale);
+  return s;
+}
+
+// ---- the element update ---------------------------------------------------------------------------
+// One element of Adam(W), in the order of reference.py. T is the math type (float or double).
+template <typename T, bool AMSGRAD, bool MAXIMIZE, bool COUPLED, bool SCALED>
+ONEPASS_HD void adam_element(T& p, T g, T& m, T& v, T& v_max, const StepScalars<T>& s) {
+  if (SCALED) g = op_div(g, s.grad_scale);
+  if (MAXIMIZE) g = -g;
+  if (COUPLED) g = op_add(g, op_mul(s.weight_decay, p));
+  m = op_add(op_mul(s.beta1, m), op_mul(s.one_minus_beta1, g));
+  v = op_add(op_mul(s.beta2, v), op_mul(s.one_minus_beta2, op_mul(g, g)));
+  T vh = v;
+  if (AMSGRAD) {
+    vh = op_max(v_max, v);
+    v_max = vh;
+  }
+  const T denom = op_add(op_div(op_sqrt(vh), s.bc2_sqrt), s.eps);
+  p = op_sub(op_mul(p, s.decay), op_mul(s.step_size, op_div(m, denom)));
+}
+
+// ---- storage conversions (bitwise, round to nearest even) ---------------------------------------
+ONEPASS_HD uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+ONEPASS_HD float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+ONEPASS_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+ONEPASS_HD uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN, as c10::BFloat16 writes it
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+ONEPASS_HD float fp16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu;
+  const uint32_t m = h & 0x3ffu;
+  if (e == 0x1f) return bits_float(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {
+    // subnormal or zero: m * 2**-24 is exact in float
+    const float mag = static_cast<float>(m) * 5.9604644775390625e-8f;
+    return sign ? -mag : mag;
+  }
+  return bits_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+ONEPASS_HD uint16_t float_to_fp16(float f) {
+  const uint32_t x = float_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to inf (65504 is the largest)
+  if (ax >= 0x38800000u) {                        // normal half (>= 2**-14): round at bit 13
+    const uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u);
+    return sign | static_cast<uint16_t>((r - 0x38000000u) >> 13);
+  }
+  const uint32_t e = ax >> 23;
+  if (e < 102) return sign;  // below 2**-25: rounds to zero (2**-25 itself ties to even zero)
+  const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126u - e;  // 14..24: units of 2**-24
+  uint32_t q = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  q += (rem > half || (rem == half && (q & 1u))) ? 1u : 0u;
+  return sign | static_cast<uint16_t>(q);
+}
+
+// Storage tags: how a param element is loaded into / stored from the math type.
+struct Bf16 { uint16_t x; };
+struct Fp16 { uint16_t x; };
+
+template <typename P> struct Storage;
+template <> struct Storage<float> {
+  using math_t = float;
+  static ONEPASS_HD float load(const float* p) { return *p; }
+  static ONEPASS_HD void store(float* p, float v) { *p = v; }
+};
+template <> struct Storage<double> {
+  using math_t = double;
+  static ONEPASS_HD double load(const double* p) { return *p; }
+  static ONEPASS_HD void store(double* p, double v) { *p = v; }
+};
+template <> struct Storage<Bf16> {
+  using math_t = float;
+  static ONEPASS_HD float load(const Bf16* p) { return bf16_to_float(p->x); }
+  static ONEPASS_HD void store(Bf16* p, float v) { p->x = float_to_bf16(v); }
+};
+template <> struct Storage<Fp16> {
+  using math_t = float;
+  static ONEPASS_HD float load(const Fp16* p) { return fp16_to_float(p->x); }
+  static ONEPASS_HD void store(Fp16* p, float v) { p->x = float_to_fp16(v); }
+};
+
+}  // namespace onepass

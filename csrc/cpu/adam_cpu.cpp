@@ -1,0 +1,352 @@
+// The CPU backend: every tensor of a group in one parallel region, SIMD inner loop.
+//
+// Work split: each tensor is padded (in index space only) to whole 16-element units, the units of
+// all tensors are laid end to end, and at::parallel_for (torch's own OpenMP runtime, so
+// torch.set_num_threads is honoured and no second OpenMP runtime is loaded) hands each thread one
+// contiguous run of units. A run can span many tensors, so 2000 small tensors cost one parallel
+// region instead of 2000, and split points fall on 64-byte boundaries of fp32 data (torch's CPU
+// allocator aligns to 64 bytes) so two threads never write the same cache line.
+//
+// SIMD: the inner loop is one plain loop over adam_element (csrc/adam_math.h) that gcc
+// vectorizes; it is compiled three times under different target attributes (AVX-512, AVX2,
+// baseline x86-64) and the widest one the CPU supports is chosen at run time. IEEE results do not
+// depend on the vector width (no reductions, no FMA contraction), so all three give the same bits;
+// the tests run each one this CPU has.
+#include "../adam_math.h"
+#include "../onepass_ops.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace onepass {
+namespace {
+
+constexpr int64_t kUnit = 16;        // elements per work unit: 64 bytes of fp32
+constexpr int64_t kGrainUnits = 2048;  // 32K elements (~0.9 MB of traffic) per thread at least
+
+struct TensorWork {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* v_max;
+  int64_t n;
+  int64_t unit_begin;  // first global unit of this tensor
+  int scalars;         // index into the distinct-step scalar table
+};
+
+template <typename T>
+struct Job {
+  std::vector<TensorWork> tensors;
+  std::vector<StepScalars<T>> scalars;
+};
+
+// ---- the loop, instantiated per (storage, flags) and per ISA ------------------------------------
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
+inline __attribute__((always_inline)) void update_range(const TensorWork& w,
+                                                        const StepScalars<typename Storage<P>::math_t>& s,
+                                                        int64_t begin, int64_t end) {
+  using T = typename Storage<P>::math_t;
+  P* __restrict p = static_cast<P*>(w.p);
+  const P* __restrict g = static_cast<const P*>(w.g);
+  T* __restrict m = static_cast<T*>(w.m);
+  T* __restrict v = static_cast<T*>(w.v);
+  T* __restrict vm = static_cast<T*>(w.v_max);
+  const StepScalars<T> sc = s;  // a local copy: the compiler keeps the scalars in registers
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    T pi = Storage<P>::load(p + i);
+    T mi = m[i];
+    T vi = v[i];
+    T vmi = AMS ? vm[i] : T(0);
+    adam_element<T, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, sc);
+    Storage<P>::store(p + i, pi);
+    m[i] = mi;
+    v[i] = vi;
+    if (AMS) vm[i] = vmi;
+  }
+}
+
+using RangeFn = void (*)(const TensorWork&, const void* scalars, int64_t, int64_t);
+
+#define ONEPASS_DEFINE_ISA(NAME, TARGET)                                                          \
+  template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>                            \
+  __attribute__((target(TARGET))) void NAME(const TensorWork& w, const void* s, int64_t b,        \
+                                            int64_t e) {                                          \
+    update_range<P, AMS, MAX, COUPLED, SCALED>(                                                   \
+        w, *static_cast<const StepScalars<typename Storage<P>::math_t>*>(s), b, e);               \
+  }
+ONEPASS_DEFINE_ISA(range_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+ONEPASS_DEFINE_ISA(range_avx2, "avx2,bmi2")
+ONEPASS_DEFINE_ISA(range_base, "default")
+#undef ONEPASS_DEFINE_ISA
+
+enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+int detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2")) return kAvx2;
+  return kBase;
+}
+
+const int g_best_isa = detect_isa();
+std::atomic<int> g_isa{g_best_isa};
+
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
+RangeFn pick_isa(int isa) {
+  switch (isa) {
+    case kAvx512: return &range_avx512<P, AMS, MAX, COUPLED, SCALED>;
+    case kAvx2: return &range_avx2<P, AMS, MAX, COUPLED, SCALED>;
+    default: return &range_base<P, AMS, MAX, COUPLED, SCALED>;
+  }
+}
+
+// Turns the four runtime flags into template arguments, one level at a time.
+template <typename P, bool... B>
+RangeFn pick_flags(int isa, const bool* flags, int left) {
+  if constexpr (sizeof...(B) == 4) {
+    return pick_isa<P, B...>(isa);
+  } else {
+    return flags[0] ? pick_flags<P, B..., true>(isa, flags + 1, left - 1)
+                    : pick_flags<P, B..., false>(isa, flags + 1, left - 1);
+  }
+}
+
+template <typename P>
+void run(const Job<typename Storage<P>::math_t>& job, int64_t total_units, bool amsgrad,
+         bool maximize, bool coupled, bool scaled) {
+  const bool flags[4] = {amsgrad, maximize, coupled, scaled};
+  const RangeFn fn = pick_flags<P>(g_isa.load(std::memory_order_relaxed), flags, 4);
+  const auto& ts = job.tensors;
+  at::parallel_for(0, total_units, kGrainUnits, [&](int64_t ub, int64_t ue) {
+    // first tensor whose units end after ub
+    auto it = std::upper_bound(ts.begin(), ts.end(), ub, [](int64_t u, const TensorWork& w) {
+      return u < w.unit_begin + (w.n + kUnit - 1) / kUnit;
+    });
+    for (; it != ts.end() && it->unit_begin < ue; ++it) {
+      const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin) * kUnit);
+      const int64_t e = std::min<int64_t>(it->n, (ue - it->unit_begin) * kUnit);
+      if (b < e) fn(*it, &job.scalars[it->scalars], b, e);
+    }
+  });
+}
+
+bool same_strides_as_param_layout(const at::Tensor& state, const at::Tensor& param) {
+  // State is created with zeros_like(param, preserve_format): the param's strides when the param
+  // is dense, contiguous strides otherwise. Elements correspond by storage position.
+  if (param.is_non_overlapping_and_dense()) return state.strides() == param.strides();
+  return state.is_contiguous();
+}
+
+void check_state(const at::Tensor& s, const at::Tensor& p, at::ScalarType math, const char* name,
+                 size_t i) {
+  TORCH_CHECK(s.device() == p.device(), "onepass: ", name, "[", i, "] is on ", s.device(),
+              " but its param is on ", p.device());
+  TORCH_CHECK(s.scalar_type() == math, "onepass: ", name, "[", i, "] must be ", math,
+              " for a ", p.scalar_type(), " param, got ", s.scalar_type());
+  TORCH_CHECK(s.sizes() == p.sizes(), "onepass: ", name, "[", i, "] has shape ", s.sizes(),
+              " but its param has shape ", p.sizes());
+  TORCH_CHECK(same_strides_as_param_layout(s, p), "onepass: ", name, "[", i,
+              "] does not have its param's memory layout (strides ", s.strides(), " vs ",
+              p.strides(), ")");
+}
+
+}  // namespace
+
+void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
+  const size_t n = a.params.size();
+  TORCH_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
+                  a.steps.size() == n,
+              "onepass: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length (",
+              n, ", ", a.grads.size(), ", ", a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ",
+              a.steps.size(), ")");
+  TORCH_CHECK(!a.amsgrad || a.max_exp_avg_sqs.size() == n,
+              "onepass: amsgrad needs one max_exp_avg_sq per param, got ", a.max_exp_avg_sqs.size(),
+              " for ", n, " params");
+  TORCH_CHECK(a.lr >= 0.0, "onepass: invalid learning rate ", a.lr);
+  if (n == 0) return;
+  const at::ScalarType dtype = a.params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                  dtype == at::kHalf,
+              "onepass: params must be float32, float64, bfloat16 or float16, got ", dtype);
+  const at::ScalarType math = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const c10::Device dev = a.params[0].device();
+  TORCH_CHECK(dev.type() == device_type, "onepass: this kernel runs on ", device_type,
+              " tensors, got ", dev);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    const at::Tensor& g = a.grads[i];
+    TORCH_CHECK(p.layout() == at::kStrided, "onepass: params[", i, "] is not a strided tensor");
+    TORCH_CHECK(p.scalar_type() == dtype, "onepass: all params of one call must share a dtype; params[",
+                i, "] is ", p.scalar_type(), ", params[0] is ", dtype);
+    TORCH_CHECK(p.device() == dev, "onepass: all params of one call must be on one device; params[",
+                i, "] is on ", p.device(), ", params[0] on ", dev);
+    TORCH_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
+                "] is sparse; onepass supports dense gradients only (use torch.optim.SparseAdam)");
+    TORCH_CHECK(g.scalar_type() == dtype, "onepass: grads[", i, "] is ", g.scalar_type(),
+                " but its param is ", dtype);
+    TORCH_CHECK(g.device() == dev, "onepass: grads[", i, "] is on ", g.device(), " but its param on ", dev);
+    TORCH_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
+                " but its param has shape ", p.sizes());
+    check_state(a.exp_avgs[i], p, math, "exp_avgs", i);
+    check_state(a.exp_avg_sqs[i], p, math, "exp_avg_sqs", i);
+    if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
+    const at::Tensor& st = a.steps[i];
+    TORCH_CHECK(st.numel() == 1 && st.device().is_cpu() &&
+                    (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
+                "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
+                st.scalar_type(), " with ", st.numel(), " elements on ", st.device());
+  }
+  if (a.grad_scale.has_value())
+    TORCH_CHECK(a.grad_scale->numel() == 1, "onepass: grad_scale must have one element");
+  if (a.found_inf.has_value())
+    TORCH_CHECK(a.found_inf->numel() == 1, "onepass: found_inf must have one element");
+}
+
+namespace {
+
+double read_step(const at::Tensor& st) {
+  return st.scalar_type() == at::kFloat ? static_cast<double>(*static_cast<const float*>(st.data_ptr()))
+                                        : *static_cast<const double*>(st.data_ptr());
+}
+
+void bump_step(const at::Tensor& st) {
+  if (st.scalar_type() == at::kFloat)
+    *static_cast<float*>(st.data_ptr()) += 1.0f;
+  else
+    *static_cast<double*>(st.data_ptr()) += 1.0;
+}
+
+template <typename T>
+void step_impl(const BatchArgs& a) {
+  const size_t n = a.params.size();
+  const double lr = a.lr_tensor.has_value() ? a.lr_tensor->item<double>() : a.lr;
+  TORCH_CHECK(lr >= 0.0, "onepass: invalid learning rate ", lr);
+  const double grad_scale = a.grad_scale.has_value() ? a.grad_scale->item<double>() : 1.0;
+
+  // Read every step count before writing any, so a bad one changes nothing.
+  std::vector<double> new_steps(n);
+  for (size_t i = 0; i < n; ++i) {
+    const double t = read_step(a.steps[i]) + 1.0;
+    TORCH_CHECK(t >= 1.0 && t == std::floor(t) && t <= 9007199254740992.0,
+                "onepass: steps[", i, "] holds ", t - 1.0, ", not a non-negative whole number");
+    new_steps[i] = t;
+  }
+
+  Job<T> job;
+  job.tensors.reserve(n);
+  std::vector<at::Tensor> keep;   // temporaries that must outlive the kernel
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (param, dense working copy)
+  int64_t units = 0;
+  double last_step = -1.0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p0 = a.params[i];
+    if (p0.numel() == 0) continue;
+    at::Tensor p = p0;
+    if (!p0.is_non_overlapping_and_dense()) {
+      // An overlapping or gappy param (rare: a view made a Parameter) is updated through a
+      // contiguous copy; its state is contiguous (zeros_like with preserve_format).
+      p = p0.contiguous();
+      write_back.emplace_back(p0, p);
+    }
+    at::Tensor g = a.grads[i];
+    if (g.strides() != p.strides() || !g.is_non_overlapping_and_dense()) {
+      // A transposed or strided grad is copied into the param's layout first (torch's own fused
+      // CPU AdamW reads it in the wrong order instead).
+      at::Tensor gd = at::empty_like(p);
+      gd.copy_(g);
+      g = gd;
+    }
+    keep.push_back(g);
+    keep.push_back(p);
+    if (new_steps[i] != last_step) {
+      job.scalars.push_back(make_step_scalars<T>(static_cast<int64_t>(new_steps[i]), lr, a.beta1,
+                                                 a.beta2, a.eps, a.weight_decay, a.decoupled,
+                                                 grad_scale));
+      last_step = new_steps[i];
+    }
+    TensorWork w;
+    w.p = p.data_ptr();
+    w.g = g.data_ptr();
+    w.m = a.exp_avgs[i].data_ptr();
+    w.v = a.exp_avg_sqs[i].data_ptr();
+    w.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
+    w.n = p.numel();
+    w.unit_begin = units;
+    w.scalars = static_cast<int>(job.scalars.size()) - 1;
+    units += (w.n + kUnit - 1) / kUnit;
+    job.tensors.push_back(w);
+  }
+
+  const bool coupled = !a.decoupled;
+  const bool scaled = a.grad_scale.has_value();
+  if constexpr (std::is_same_v<T, double>) {
+    run<double>(job, units, a.amsgrad, a.maximize, coupled, scaled);
+  } else {
+    switch (a.params[0].scalar_type()) {
+      case at::kFloat: run<float>(job, units, a.amsgrad, a.maximize, coupled, scaled); break;
+      case at::kBFloat16: run<Bf16>(job, units, a.amsgrad, a.maximize, coupled, scaled); break;
+      case at::kHalf: run<Fp16>(job, units, a.amsgrad, a.maximize, coupled, scaled); break;
+      default: TORCH_CHECK(false, "onepass: unsupported dtype");
+    }
+  }
+  for (auto& pw : write_back) pw.first.copy_(pw.second);
+  for (size_t i = 0; i < n; ++i) bump_step(a.steps[i]);
+}
+
+}  // namespace
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                   double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                   double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  const BatchArgs a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                    lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled,
+                    grad_scale, found_inf};
+  validate_batch(a, c10::DeviceType::CPU);
+  if (params.empty()) return;
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // AMP overflow: skip
+  if (params[0].scalar_type() == at::kDouble)
+    step_impl<double>(a);
+  else
+    step_impl<float>(a);
+}
+
+std::string cpu_isa_get() { return kIsaNames[g_isa.load()]; }
+
+std::vector<std::string> cpu_isa_supported() {
+  std::vector<std::string> out;
+  for (int i = 0; i <= g_best_isa; ++i) out.emplace_back(kIsaNames[i]);
+  return out;
+}
+
+void cpu_isa_set(const std::string& name) {
+  for (int i = 0; i <= 2; ++i) {
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= g_best_isa, "onepass: this CPU does not support ", name,
+                  " (best: ", kIsaNames[g_best_isa], ")");
+      g_isa.store(i);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "onepass: unknown CPU ISA '", name, "' (choose baseline, avx2 or avx512)");
+}
+
+TORCH_LIBRARY_IMPL(onepass, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+
+}  // namespace onepass

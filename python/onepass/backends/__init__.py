@@ -1,0 +1,78 @@
+"""Backend dispatch. A backend takes a :class:`Batch` (the tensors of one group on one device, of
+one param dtype, plus plain flags and numbers) and updates it in place; it never sees param groups
+or hyperparameter dicts, and the optimizer never sees kernels.
+
+``backend="auto"``: CUDA tensors -> cuda, triton, reference (the first available); CPU tensors ->
+cpu, reference. Naming an unavailable backend raises an error that says why it is unavailable.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .base import Backend, Batch
+from .cpu import CpuBackend
+from .reference import ReferenceBackend
+
+__all__ = ["Backend", "Batch", "get_backend", "resolve_backend", "available_backends", "BACKENDS"]
+
+
+class _Unbuilt(Backend):
+    """A backend that a later part of onepass provides; until then it says so when asked for."""
+
+    def __init__(self, name: str, why: str):
+        self.name = name
+        self._why = why
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        return self._why
+
+    def validate(self, batch: Batch) -> None:  # pragma: no cover - never selected
+        raise RuntimeError(self._why)
+
+    def step(self, batch: Batch) -> None:  # pragma: no cover - never selected
+        raise RuntimeError(self._why)
+
+
+BACKENDS: Dict[str, Backend] = {
+    "reference": ReferenceBackend(),
+    "cpu": CpuBackend(),
+    "cuda": _Unbuilt("cuda", "the cuda backend is not part of this build of onepass"),
+    "triton": _Unbuilt("triton", "the triton backend is not part of this build of onepass"),
+}
+
+_AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"onepass: unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}"
+        ) from None
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """The backend that runs tensors on ``device`` for the requested name ("auto" or a backend)."""
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            backend = BACKENDS[candidate]
+            if backend.unavailable_reason(device) is None:
+                return backend
+        return BACKENDS["reference"]
+    backend = get_backend(name)
+    why = backend.unavailable_reason(device)
+    if why is not None:
+        raise RuntimeError(f"onepass: backend {name!r} is unavailable for {device} tensors: {why}")
+    return backend
+
+
+def available_backends(device: torch.device | str = "cpu") -> List[str]:
+    """Names of the backends that can run tensors on ``device`` here."""
+    device = torch.device(device)
+    return [n for n, b in BACKENDS.items() if b.unavailable_reason(device) is None]

@@ -1,0 +1,53 @@
+"""The backend interface (ARCHITECTURE.md section 1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """The tensors of one group on one device with one param dtype, and the group's settings.
+
+    ``steps`` are the 0-dim step-count tensors of each param's state; a backend increments them
+    and derives the per-step scalars from them with the one float64 function
+    (``reference.step_scalars`` / ``csrc/adam_math.h: make_step_scalars``), so params whose counts
+    differ (e.g. after loading a partial state) still get their own bias corrections.
+    """
+
+    params: List[Tensor]
+    grads: List[Tensor]
+    exp_avgs: List[Tensor]
+    exp_avg_sqs: List[Tensor]
+    max_exp_avg_sqs: List[Tensor]
+    steps: List[Tensor]
+    lr: Union[float, Tensor]
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    decoupled: bool
+    grad_scale: Optional[Tensor] = None
+    found_inf: Optional[Tensor] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+class Backend:
+    name: str = "?"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """None when this backend can run tensors on ``device``; else why it cannot."""
+        raise NotImplementedError
+
+    def validate(self, batch: Batch) -> None:
+        """Raise a clear error for anything ``step`` cannot do; never write anything."""
+        raise NotImplementedError
+
+    def step(self, batch: Batch) -> None:
+        """Update the batch in place (params, moments, step counts)."""
+        raise NotImplementedError

@@ -1,0 +1,40 @@
+"""The "cpu" backend: csrc/cpu/adam_cpu.cpp through torch.ops.onepass.adam_step_.
+
+One op call per batch updates every tensor of the batch in one parallel region.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ops
+from .base import Backend, Batch
+from .reference import check_batch
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if not _ops.HAS_EXT:
+            return f"the compiled extension could not be loaded ({_ops.EXT_ERROR})"
+        if device.type != "cpu":
+            return f"the cpu backend runs CPU tensors only, not {device.type}"
+        return None
+
+    def validate(self, batch: Batch) -> None:
+        # The kernel validates again before writing, but a step over several batches must check
+        # all of them before the first one is written.
+        check_batch(batch)
+
+    def step(self, batch: Batch) -> None:
+        lr = batch.lr
+        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+        torch.ops.onepass.adam_step_(
+            batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs,
+            batch.steps, lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
+            beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps, weight_decay=batch.weight_decay,
+            amsgrad=batch.amsgrad, maximize=batch.maximize, decoupled=batch.decoupled,
+            grad_scale=batch.grad_scale, found_inf=batch.found_inf,
+        )

@@ -1,0 +1,54 @@
+"""Build of onepass: the C++ CPU kernels as the extension onepass._C (torch.utils.cpp_extension).
+
+`pip install --no-build-isolation -e .` needs torch installed first (the extension is built
+against it). If the extension cannot be built, the package still installs and runs on the
+reference backend; onepass warns once at import and says why.
+"""
+import os
+import sys
+import warnings
+
+from setuptools import setup
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # pragma: no cover - reported to the user
+    sys.exit("onepass: install torch first (e.g. pip install torch==2.13.0), then this package "
+             "with --no-build-isolation")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Bit-exactness (ARCHITECTURE.md section 2): no FMA contraction; -fno-math-errno only lets sqrt
+# become the IEEE vsqrtps instruction instead of a libm call with an errno check.
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd",
+             "-fvisibility=hidden"]
+
+
+class OptionalBuild(BuildExtension):
+    """Builds the extension, but lets the install go on without it when the compiler fails."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001 - any build failure means "no extension"
+            if os.environ.get("ONEPASS_REQUIRE_EXT") == "1":
+                raise
+            warnings.warn(f"onepass: building {ext.name} failed ({exc}); onepass will run on the "
+                          "reference backend only")
+
+
+ext_modules = []
+if os.environ.get("ONEPASS_NO_EXT") != "1":
+    ext_modules.append(
+        CppExtension(
+            "onepass._C",
+            sources=["csrc/ops.cpp", "csrc/cpu/adam_cpu.cpp"],
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": CXX_FLAGS},
+        )
+    )
+
+setup(
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": OptionalBuild.with_options(use_ninja=True)},
+)
