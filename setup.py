@@ -20,7 +20,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Bit-exactness (ARCHITECTURE.md section 2): no FMA contraction; -fno-math-errno only lets sqrt
 # become the IEEE vsqrtps instruction instead of a libm call with an errno check.
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd",
+# -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers, so it only runs in
+# parallel when compiled with OpenMP. We do NOT link libgomp ourselves: the GOMP symbols then
+# resolve to the OpenMP runtime torch already loaded, so there is one thread pool (sized by
+# torch.set_num_threads) instead of two competing ones.
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
              "-fvisibility=hidden"]
 
 

@@ -33,21 +33,19 @@ namespace {
 constexpr int64_t kUnit = 16;        // elements per work unit: 64 bytes of fp32
 constexpr int64_t kGrainUnits = 2048;  // 32K elements (~0.9 MB of traffic) per thread at least
 
+struct TensorWork;
+using RangeFn = void (*)(const TensorWork&, int64_t, int64_t);
+
 struct TensorWork {
   void* p;
   const void* g;
   void* m;
   void* v;
   void* v_max;
+  const void* scalars;  // StepScalars<float> or <double>, by the param's dtype
+  RangeFn fn;           // the loop for this param's dtype and the batch's flags
   int64_t n;
-  int64_t unit_begin;  // first global unit of this tensor
-  int scalars;         // index into the distinct-step scalar table
-};
-
-template <typename T>
-struct Job {
-  std::vector<TensorWork> tensors;
-  std::vector<StepScalars<T>> scalars;
+  int64_t unit_begin;   // first global unit of this tensor
 };
 
 // ---- the loop, instantiated per (storage, flags) and per ISA ------------------------------------
@@ -76,14 +74,11 @@ inline __attribute__((always_inline)) void update_range(const TensorWork& w,
   }
 }
 
-using RangeFn = void (*)(const TensorWork&, const void* scalars, int64_t, int64_t);
-
 #define ONEPASS_DEFINE_ISA(NAME, TARGET)                                                          \
   template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>                            \
-  __attribute__((target(TARGET))) void NAME(const TensorWork& w, const void* s, int64_t b,        \
-                                            int64_t e) {                                          \
+  __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e) {        \
     update_range<P, AMS, MAX, COUPLED, SCALED>(                                                   \
-        w, *static_cast<const StepScalars<typename Storage<P>::math_t>*>(s), b, e);               \
+        w, *static_cast<const StepScalars<typename Storage<P>::math_t>*>(w.scalars), b, e);       \
   }
 ONEPASS_DEFINE_ISA(range_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 ONEPASS_DEFINE_ISA(range_avx2, "avx2,bmi2")
@@ -126,11 +121,12 @@ RangeFn pick_flags(int isa, const bool* flags, int left) {
 }
 
 template <typename P>
-void run(const Job<typename Storage<P>::math_t>& job, int64_t total_units, bool amsgrad,
-         bool maximize, bool coupled, bool scaled) {
+RangeFn pick(bool amsgrad, bool maximize, bool coupled, bool scaled) {
   const bool flags[4] = {amsgrad, maximize, coupled, scaled};
-  const RangeFn fn = pick_flags<P>(g_isa.load(std::memory_order_relaxed), flags, 4);
-  const auto& ts = job.tensors;
+  return pick_flags<P>(g_isa.load(std::memory_order_relaxed), flags, 4);
+}
+
+void run(const std::vector<TensorWork>& ts, int64_t total_units) {
   at::parallel_for(0, total_units, kGrainUnits, [&](int64_t ub, int64_t ue) {
     // first tensor whose units end after ub
     auto it = std::upper_bound(ts.begin(), ts.end(), ub, [](int64_t u, const TensorWork& w) {
@@ -139,7 +135,7 @@ void run(const Job<typename Storage<P>::math_t>& job, int64_t total_units, bool 
     for (; it != ts.end() && it->unit_begin < ue; ++it) {
       const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin) * kUnit);
       const int64_t e = std::min<int64_t>(it->n, (ue - it->unit_begin) * kUnit);
-      if (b < e) fn(*it, &job.scalars[it->scalars], b, e);
+      if (b < e) it->fn(*it, b, e);
     }
   });
 }
@@ -164,60 +160,6 @@ void check_state(const at::Tensor& s, const at::Tensor& p, at::ScalarType math, 
               p.strides(), ")");
 }
 
-}  // namespace
-
-void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
-  const size_t n = a.params.size();
-  TORCH_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
-                  a.steps.size() == n,
-              "onepass: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length (",
-              n, ", ", a.grads.size(), ", ", a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ",
-              a.steps.size(), ")");
-  TORCH_CHECK(!a.amsgrad || a.max_exp_avg_sqs.size() == n,
-              "onepass: amsgrad needs one max_exp_avg_sq per param, got ", a.max_exp_avg_sqs.size(),
-              " for ", n, " params");
-  TORCH_CHECK(a.lr >= 0.0, "onepass: invalid learning rate ", a.lr);
-  if (n == 0) return;
-  const at::ScalarType dtype = a.params[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
-                  dtype == at::kHalf,
-              "onepass: params must be float32, float64, bfloat16 or float16, got ", dtype);
-  const at::ScalarType math = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const c10::Device dev = a.params[0].device();
-  TORCH_CHECK(dev.type() == device_type, "onepass: this kernel runs on ", device_type,
-              " tensors, got ", dev);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = a.params[i];
-    const at::Tensor& g = a.grads[i];
-    TORCH_CHECK(p.layout() == at::kStrided, "onepass: params[", i, "] is not a strided tensor");
-    TORCH_CHECK(p.scalar_type() == dtype, "onepass: all params of one call must share a dtype; params[",
-                i, "] is ", p.scalar_type(), ", params[0] is ", dtype);
-    TORCH_CHECK(p.device() == dev, "onepass: all params of one call must be on one device; params[",
-                i, "] is on ", p.device(), ", params[0] on ", dev);
-    TORCH_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
-                "] is sparse; onepass supports dense gradients only (use torch.optim.SparseAdam)");
-    TORCH_CHECK(g.scalar_type() == dtype, "onepass: grads[", i, "] is ", g.scalar_type(),
-                " but its param is ", dtype);
-    TORCH_CHECK(g.device() == dev, "onepass: grads[", i, "] is on ", g.device(), " but its param on ", dev);
-    TORCH_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
-                " but its param has shape ", p.sizes());
-    check_state(a.exp_avgs[i], p, math, "exp_avgs", i);
-    check_state(a.exp_avg_sqs[i], p, math, "exp_avg_sqs", i);
-    if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
-    const at::Tensor& st = a.steps[i];
-    TORCH_CHECK(st.numel() == 1 && st.device().is_cpu() &&
-                    (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
-                "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
-                st.scalar_type(), " with ", st.numel(), " elements on ", st.device());
-  }
-  if (a.grad_scale.has_value())
-    TORCH_CHECK(a.grad_scale->numel() == 1, "onepass: grad_scale must have one element");
-  if (a.found_inf.has_value())
-    TORCH_CHECK(a.found_inf->numel() == 1, "onepass: found_inf must have one element");
-}
-
-namespace {
-
 double read_step(const at::Tensor& st) {
   return st.scalar_type() == at::kFloat ? static_cast<double>(*static_cast<const float*>(st.data_ptr()))
                                         : *static_cast<const double*>(st.data_ptr());
@@ -231,27 +173,97 @@ void bump_step(const at::Tensor& st) {
 }
 
 template <typename T>
+void add_scalars(std::vector<StepScalars<T>>& table, int64_t& last_step, int64_t step,
+                 const BatchArgs& a, double lr, double grad_scale) {
+  // Consecutive params with the same step count (the usual case: all of them) share one entry.
+  if (table.empty() || step != last_step) {
+    table.push_back(make_step_scalars<T>(step, lr, a.beta1, a.beta2, a.eps, a.weight_decay,
+                                         a.decoupled, grad_scale));
+    last_step = step;
+  }
+}
+
+}  // namespace
+
+void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
+  const size_t n = a.params.size();
+  TORCH_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
+                  a.steps.size() == n,
+              "onepass: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length (",
+              n, ", ", a.grads.size(), ", ", a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ",
+              a.steps.size(), ")");
+  TORCH_CHECK(!a.amsgrad || a.max_exp_avg_sqs.size() == n,
+              "onepass: amsgrad needs one max_exp_avg_sq per param, got ", a.max_exp_avg_sqs.size(),
+              " for ", n, " params");
+  TORCH_CHECK(a.lr >= 0.0, "onepass: invalid learning rate ", a.lr);
+  if (a.lr_tensor.has_value())
+    TORCH_CHECK(a.lr_tensor->numel() == 1, "onepass: a Tensor lr must have one element");
+  if (a.grad_scale.has_value())
+    TORCH_CHECK(a.grad_scale->numel() == 1, "onepass: grad_scale must have one element");
+  if (a.found_inf.has_value())
+    TORCH_CHECK(a.found_inf->numel() == 1, "onepass: found_inf must have one element");
+  if (n == 0) return;
+  const c10::Device dev = a.params[0].device();
+  TORCH_CHECK(dev.type() == device_type, "onepass: this kernel runs on ", device_type,
+              " tensors, got ", dev);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    const at::Tensor& g = a.grads[i];
+    const at::ScalarType dtype = p.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+                    dtype == at::kHalf,
+                "onepass: params[", i, "] is ", dtype,
+                "; params must be float32, float64, bfloat16 or float16");
+    TORCH_CHECK(p.layout() == at::kStrided, "onepass: params[", i, "] is not a strided tensor");
+    TORCH_CHECK(p.device() == dev, "onepass: all params of one group must be on one device; params[",
+                i, "] is on ", p.device(), ", params[0] on ", dev);
+    TORCH_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
+                "] is sparse; onepass supports dense gradients only (use torch.optim.SparseAdam)");
+    TORCH_CHECK(g.scalar_type() == dtype, "onepass: grads[", i, "] is ", g.scalar_type(),
+                " but its param is ", dtype);
+    TORCH_CHECK(g.device() == dev, "onepass: grads[", i, "] is on ", g.device(), " but its param on ", dev);
+    TORCH_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
+                " but its param has shape ", p.sizes());
+    const at::ScalarType math = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    check_state(a.exp_avgs[i], p, math, "exp_avgs", i);
+    check_state(a.exp_avg_sqs[i], p, math, "exp_avg_sqs", i);
+    if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
+    const at::Tensor& st = a.steps[i];
+    TORCH_CHECK(st.numel() == 1 && st.device().is_cpu() &&
+                    (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
+                "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
+                st.scalar_type(), " with ", st.numel(), " elements on ", st.device());
+    const double t = read_step(st);
+    TORCH_CHECK(t >= 0.0 && t == std::floor(t) && t < 16777216.0, "onepass: steps[", i,
+                "] holds ", t, ", not a whole number in [0, 2**24) (a float32 step count)");
+  }
+}
+
+namespace {
+
 void step_impl(const BatchArgs& a) {
   const size_t n = a.params.size();
   const double lr = a.lr_tensor.has_value() ? a.lr_tensor->item<double>() : a.lr;
   TORCH_CHECK(lr >= 0.0, "onepass: invalid learning rate ", lr);
   const double grad_scale = a.grad_scale.has_value() ? a.grad_scale->item<double>() : 1.0;
+  const bool coupled = !a.decoupled;
+  const bool scaled = a.grad_scale.has_value();
+  const RangeFn fns[4] = {pick<float>(a.amsgrad, a.maximize, coupled, scaled),
+                          pick<double>(a.amsgrad, a.maximize, coupled, scaled),
+                          pick<Bf16>(a.amsgrad, a.maximize, coupled, scaled),
+                          pick<Fp16>(a.amsgrad, a.maximize, coupled, scaled)};
 
-  // Read every step count before writing any, so a bad one changes nothing.
-  std::vector<double> new_steps(n);
-  for (size_t i = 0; i < n; ++i) {
-    const double t = read_step(a.steps[i]) + 1.0;
-    TORCH_CHECK(t >= 1.0 && t == std::floor(t) && t <= 9007199254740992.0,
-                "onepass: steps[", i, "] holds ", t - 1.0, ", not a non-negative whole number");
-    new_steps[i] = t;
-  }
-
-  Job<T> job;
-  job.tensors.reserve(n);
-  std::vector<at::Tensor> keep;   // temporaries that must outlive the kernel
+  // Reserved up front: TensorWork points into these tables, so they must never reallocate.
+  std::vector<StepScalars<float>> scalars_f;
+  std::vector<StepScalars<double>> scalars_d;
+  scalars_f.reserve(n);
+  scalars_d.reserve(n);
+  int64_t last_f = -1, last_d = -1;
+  std::vector<TensorWork> work;
+  work.reserve(n);
+  std::vector<at::Tensor> keep;  // temporaries that must outlive the kernel
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (param, dense working copy)
   int64_t units = 0;
-  double last_step = -1.0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p0 = a.params[i];
     if (p0.numel() == 0) continue;
@@ -262,47 +274,36 @@ void step_impl(const BatchArgs& a) {
       p = p0.contiguous();
       write_back.emplace_back(p0, p);
     }
-    at::Tensor g = a.grads[i];
-    if (g.strides() != p.strides() || !g.is_non_overlapping_and_dense()) {
+    void* g = a.grads[i].data_ptr();
+    if (a.grads[i].strides() != p.strides() || !a.grads[i].is_non_overlapping_and_dense()) {
       // A transposed or strided grad is copied into the param's layout first (torch's own fused
       // CPU AdamW reads it in the wrong order instead).
-      at::Tensor gd = at::empty_like(p);
-      gd.copy_(g);
-      g = gd;
-    }
-    keep.push_back(g);
-    keep.push_back(p);
-    if (new_steps[i] != last_step) {
-      job.scalars.push_back(make_step_scalars<T>(static_cast<int64_t>(new_steps[i]), lr, a.beta1,
-                                                 a.beta2, a.eps, a.weight_decay, a.decoupled,
-                                                 grad_scale));
-      last_step = new_steps[i];
+      keep.push_back(at::empty_like(p));
+      keep.back().copy_(a.grads[i]);
+      g = keep.back().data_ptr();
     }
     TensorWork w;
     w.p = p.data_ptr();
-    w.g = g.data_ptr();
+    w.g = g;
     w.m = a.exp_avgs[i].data_ptr();
     w.v = a.exp_avg_sqs[i].data_ptr();
     w.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
+    const int64_t step = static_cast<int64_t>(read_step(a.steps[i])) + 1;
+    if (p.scalar_type() == at::kDouble) {
+      add_scalars(scalars_d, last_d, step, a, lr, grad_scale);
+      w.scalars = &scalars_d.back();
+      w.fn = fns[1];
+    } else {
+      add_scalars(scalars_f, last_f, step, a, lr, grad_scale);
+      w.scalars = &scalars_f.back();
+      w.fn = fns[p.scalar_type() == at::kFloat ? 0 : p.scalar_type() == at::kBFloat16 ? 2 : 3];
+    }
     w.n = p.numel();
     w.unit_begin = units;
-    w.scalars = static_cast<int>(job.scalars.size()) - 1;
     units += (w.n + kUnit - 1) / kUnit;
-    job.tensors.push_back(w);
+    work.push_back(w);
   }
-
-  const bool coupled = !a.decoupled;
-  const bool scaled = a.grad_scale.has_value();
-  if constexpr (std::is_same_v<T, double>) {
-    run<double>(job, units, a.amsgrad, a.maximize, coupled, scaled);
-  } else {
-    switch (a.params[0].scalar_type()) {
-      case at::kFloat: run<float>(job, units, a.amsgrad, a.maximize, coupled, scaled); break;
-      case at::kBFloat16: run<Bf16>(job, units, a.amsgrad, a.maximize, coupled, scaled); break;
-      case at::kHalf: run<Fp16>(job, units, a.amsgrad, a.maximize, coupled, scaled); break;
-      default: TORCH_CHECK(false, "onepass: unsupported dtype");
-    }
-  }
+  run(work, units);
   for (auto& pw : write_back) pw.first.copy_(pw.second);
   for (size_t i = 0; i < n; ++i) bump_step(a.steps[i]);
 }
@@ -321,10 +322,21 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   validate_batch(a, c10::DeviceType::CPU);
   if (params.empty()) return;
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // AMP overflow: skip
-  if (params[0].scalar_type() == at::kDouble)
-    step_impl<double>(a);
-  else
-    step_impl<float>(a);
+  step_impl(a);
+}
+
+// The checks of adam_step_ without the step: a multi-group optimizer step checks every batch
+// before it writes the first one.
+void adam_check_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                    double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                    double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+                    bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const BatchArgs a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                    lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled,
+                    grad_scale, found_inf};
+  validate_batch(a, c10::DeviceType::CPU);
 }
 
 std::string cpu_isa_get() { return kIsaNames[g_isa.load()]; }
@@ -347,6 +359,9 @@ void cpu_isa_set(const std::string& name) {
   TORCH_CHECK(false, "onepass: unknown CPU ISA '", name, "' (choose baseline, avx2 or avx512)");
 }
 
-TORCH_LIBRARY_IMPL(onepass, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+TORCH_LIBRARY_IMPL(onepass, CPU, m) {
+  m.impl("adam_step_", &adam_step_cpu);
+  m.impl("adam_check", &adam_check_cpu);
+}
 
 }  // namespace onepass

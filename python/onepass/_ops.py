@@ -11,9 +11,10 @@ from typing import Optional
 import torch
 
 EXT_ERROR: Optional[str] = None
+_C = None
 
 try:
-    from onepass import _C  # noqa: F401  (importing registers torch.ops.onepass.*)
+    from onepass import _C  # noqa: F811  (importing registers torch.ops.onepass.*)
 except Exception as exc:  # noqa: BLE001 - ImportError, OSError (ABI mismatch), ...
     EXT_ERROR = f"{type(exc).__name__}: {exc}"
     warnings.warn(

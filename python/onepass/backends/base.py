@@ -39,6 +39,9 @@ class Batch:
 
 class Backend:
     name: str = "?"
+    #: True when ``step`` itself checks the whole batch before writing anything, so a step with a
+    #: single batch needs no separate ``validate`` call.
+    checks_before_writing: bool = False
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run tensors on ``device``; else why it cannot."""

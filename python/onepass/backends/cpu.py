@@ -10,11 +10,16 @@ import torch
 
 from .. import _ops
 from .base import Backend, Batch
-from .reference import check_batch
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
 
 
 class CpuBackend(Backend):
     name = "cpu"
+    checks_before_writing = True
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if not _ops.HAS_EXT:
@@ -24,14 +29,18 @@ class CpuBackend(Backend):
         return None
 
     def validate(self, batch: Batch) -> None:
-        # The kernel validates again before writing, but a step over several batches must check
-        # all of them before the first one is written.
-        check_batch(batch)
+        self._call(torch.ops.onepass.adam_check if _tracing() else _ops._C.adam_check_cpu, batch)
 
     def step(self, batch: Batch) -> None:
+        # Eager: the direct binding (cheaper list conversion); traced: the registered custom op,
+        # which torch.compile sees as one opaque in-place op. Same C++ function either way.
+        self._call(torch.ops.onepass.adam_step_ if _tracing() else _ops._C.adam_step_cpu, batch)
+
+    @staticmethod
+    def _call(op, batch: Batch) -> None:
         lr = batch.lr
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-        torch.ops.onepass.adam_step_(
+        op(
             batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs,
             batch.steps, lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
             beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps, weight_decay=batch.weight_decay,
