@@ -209,6 +209,8 @@ class AdamW(Optimizer):
                 "onepass: all params of one group must be on one device, got "
                 + ", ".join(sorted(str(d) for d in devices))
             )
+        param_group = dict(param_group)
+        param_group["params"] = params  # the list: a generator would be empty for torch now
         merged = dict(param_group)
         for k, v in self.defaults.items():
             merged.setdefault(k, v)
@@ -325,12 +327,14 @@ class AdamW(Optimizer):
                 # checks all of them before the first write.
                 if len(plan) > 1 or not backend.checks_before_writing:
                     backend.validate(batch)
+            for backend, batch in plan:
+                backend.step(batch)
         except Exception:
-            for p in created:  # the failed step leaves no new state behind
+            # A failed step leaves no new state behind. (Checks run before any batch is written,
+            # so no batch has been written when one of them raises.)
+            for p in created:
                 self.state.pop(p, None)
             raise
-        for backend, batch in plan:
-            backend.step(batch)
         return loss
 
     # ---- state dict ----------------------------------------------------------------------------------
