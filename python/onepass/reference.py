@@ -187,16 +187,23 @@ def sqrt_rn(x: Tensor) -> Tensor:
     * down when x <= r_dn * r, by the same argument.
 
     The products are exact (float64 for float32 inputs; Dekker's two-product for float64). Zero,
-    inf and NaN pass through unchanged. float64 inputs below ~1e-290 (far outside anything a second
-    moment reaches) would need extra scaling and are not guaranteed.
+    inf and NaN pass through unchanged. float64 inputs outside [2**-900, 2**900] are scaled by an
+    even power of two first (exact), so that the two-product neither underflows nor overflows.
     """
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"sqrt_rn: expected float32 or float64, got {x.dtype}")
     if x.dtype == torch.float32:
         # A float64 root rounded to float32 is at most 1 float32-ulp off even if float64 is 1 ulp off.
-        r = torch.sqrt(x.double()).float()
-    else:
-        r = torch.sqrt(x)
+        return _sqrt_rn_core(x, torch.sqrt(x.double()).float())
+    small = x < 2.0**-900
+    big = x > 2.0**900
+    xs = torch.where(small, torch.mul(x, 2.0**200), torch.where(big, torch.mul(x, 2.0**-200), x))
+    r = _sqrt_rn_core(xs, torch.sqrt(xs))
+    return torch.where(small, torch.mul(r, 2.0**-100), torch.where(big, torch.mul(r, 2.0**100), r))
+
+
+def _sqrt_rn_core(x: Tensor, r: Tensor) -> Tensor:
+    """Moves the first guess ``r`` of sqrt(x) to the correctly rounded root (see sqrt_rn)."""
     inf = torch.full((), math.inf, dtype=x.dtype, device=x.device)
     r_up = torch.nextafter(r, inf)
     r_dn = torch.nextafter(r, torch.zeros_like(inf))
