@@ -132,3 +132,22 @@ def test_bf16_param_is_rounded_to_nearest_even_from_float32_math():
                          weight_decay=0.1, amsgrad=False, maximize=False, decoupled=True)
     assert torch.equal(p, p32.bfloat16())
     assert torch.equal(m, m32) and m.dtype == torch.float32
+
+
+def test_large_tensors_are_updated_in_slices_with_the_same_bits(monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    n = 10_007
+    base = [torch.randn(n, generator=gen) for _ in range(3)]
+
+    def run():
+        p, g, m = base[0].clone(), base[1].clone(), base[2].clone() * 0.1
+        v, vmax, step = m.abs().clone(), m.abs().clone(), torch.zeros(())
+        reference.adam_step_(p, g, m, v, vmax, step, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                             weight_decay=0.1, amsgrad=True, maximize=False, decoupled=True)
+        return [p, m, v, vmax]
+
+    whole = run()
+    monkeypatch.setattr(reference, "_CHUNK", 1000)
+    sliced = run()
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
+    assert not torch.equal(whole[0], base[0])

@@ -5,6 +5,7 @@ Importing onepass never fails because of the extension: when it is missing or ca
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import Optional
 
@@ -13,10 +14,22 @@ import torch
 EXT_ERROR: Optional[str] = None
 _C = None
 
-try:
-    from onepass import _C  # noqa: F811  (importing registers torch.ops.onepass.*)
-except Exception as exc:  # noqa: BLE001 - ImportError, OSError (ABI mismatch), ...
-    EXT_ERROR = f"{type(exc).__name__}: {exc}"
+def _spec_missing() -> bool:
+    try:
+        return importlib.util.find_spec("onepass._C") is None
+    except (ImportError, ValueError):  # e.g. sys.modules["onepass._C"] = None
+        return False
+
+
+if _spec_missing():
+    EXT_ERROR = "not built (no onepass/_C*.so beside the package)"
+else:
+    try:
+        from onepass import _C  # noqa: F811  (importing registers torch.ops.onepass.*)
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError (ABI mismatch), ...
+        EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+if EXT_ERROR is not None:
     warnings.warn(
         "onepass: the compiled CPU kernels could not be loaded "
         f"({EXT_ERROR}); onepass runs on the reference backend. Rebuild with "

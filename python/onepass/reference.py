@@ -255,6 +255,25 @@ def adam_step_(
         return
     step.add_(1)
     s = step_scalars(_read_step(step), float(lr), beta1, beta2, eps, weight_decay, decoupled)
+    flags = dict(amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale)
+    tensors = [param, grad, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
+    if param.numel() > _CHUNK and all(t.is_contiguous() for t in tensors):
+        # The math is elementwise, so slices give the same bits; slicing bounds the temporaries
+        # (the float64 square-root check needs ~10x the tensor's bytes) for 2**30-element tensors.
+        flat = [t.view(-1) for t in tensors]
+        for i in range(0, param.numel(), _CHUNK):
+            part = [t[i:i + _CHUNK] for t in flat]
+            _update(*part[:4], part[4] if amsgrad else None, s, **flags)
+    else:
+        _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, **flags)
+
+
+_CHUNK = 1 << 24
+
+
+def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: StepScalars, *, amsgrad, maximize,
+            decoupled, grad_scale) -> None:
+    """The element math of the module docstring on one tensor (or slice), in place."""
     dt = math_dtype(param.dtype)
     dev = param.device
 
