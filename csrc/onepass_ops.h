@@ -3,12 +3,52 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceType.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdio>
 
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace onepass {
+
+// Error-message text built without iostreams. On the GPU reference machine (gcc 13.3 building
+// against torch 2.11) every error message that formatted a number through c10::str (an
+// ostringstream) crashed the process with SIGSEGV, while messages made of strings only were
+// fine; std::to_string/snprintf avoid the stream's number formatting altogether.
+inline std::string msg_piece(const std::string& s) { return s; }
+inline std::string msg_piece(const char* s) { return s; }
+inline std::string msg_piece(char c) { return std::string(1, c); }
+inline std::string msg_piece(bool b) { return b ? "true" : "false"; }
+inline std::string msg_piece(int v) { return std::to_string(v); }
+inline std::string msg_piece(long v) { return std::to_string(v); }
+inline std::string msg_piece(long long v) { return std::to_string(v); }
+inline std::string msg_piece(unsigned long v) { return std::to_string(v); }
+inline std::string msg_piece(unsigned long long v) { return std::to_string(v); }
+inline std::string msg_piece(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.9g", v);
+  return buf;
+}
+inline std::string msg_piece(c10::ScalarType t) { return c10::toString(t); }
+inline std::string msg_piece(const c10::Device& d) { return d.str(); }
+inline std::string msg_piece(c10::DeviceType t) { return c10::DeviceTypeName(t, /*lower_case=*/true); }
+inline std::string msg_piece(c10::IntArrayRef a) {
+  std::string out = "[";
+  for (size_t i = 0; i < a.size(); ++i) out += (i ? ", " : "") + std::to_string(a[i]);
+  return out + "]";
+}
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string out;
+  (out += ... += msg_piece(args));
+  return out;
+}
+
+// TORCH_CHECK with a message made by msg() (one string: c10::str passes it through untouched).
+#define ONEPASS_CHECK(cond, ...) TORCH_CHECK((cond), ::onepass::msg(__VA_ARGS__))
 
 // The arguments of onepass::adam_step_ (one batch: the tensors of one group on one device, of one
 // param dtype), as the kernels see them. Backends never see param groups or hyperparameter dicts.

@@ -23,6 +23,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -98,7 +100,18 @@ int detect_isa() {
 }
 
 const int g_best_isa = detect_isa();
-std::atomic<int> g_isa{g_best_isa};
+
+// ONEPASS_CPU_ISA=baseline|avx2|avx512 caps the ISA used by default (e.g. to compare variants,
+// or to step around a suspected problem in one of them); the best supported one otherwise.
+int initial_isa() {
+  const char* env = std::getenv("ONEPASS_CPU_ISA");
+  if (env == nullptr) return g_best_isa;
+  for (int i = 0; i <= 2; ++i)
+    if (std::strcmp(env, kIsaNames[i]) == 0) return std::min(i, g_best_isa);
+  return g_best_isa;
+}
+
+std::atomic<int> g_isa{initial_isa()};
 
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
 RangeFn pick_isa(int isa) {
@@ -149,13 +162,13 @@ bool same_strides_as_param_layout(const at::Tensor& state, const at::Tensor& par
 
 void check_state(const at::Tensor& s, const at::Tensor& p, at::ScalarType math, const char* name,
                  size_t i) {
-  TORCH_CHECK(s.device() == p.device(), "onepass: ", name, "[", i, "] is on ", s.device(),
+  ONEPASS_CHECK(s.device() == p.device(), "onepass: ", name, "[", i, "] is on ", s.device(),
               " but its param is on ", p.device());
-  TORCH_CHECK(s.scalar_type() == math, "onepass: ", name, "[", i, "] must be ", math,
+  ONEPASS_CHECK(s.scalar_type() == math, "onepass: ", name, "[", i, "] must be ", math,
               " for a ", p.scalar_type(), " param, got ", s.scalar_type());
-  TORCH_CHECK(s.sizes() == p.sizes(), "onepass: ", name, "[", i, "] has shape ", s.sizes(),
+  ONEPASS_CHECK(s.sizes() == p.sizes(), "onepass: ", name, "[", i, "] has shape ", s.sizes(),
               " but its param has shape ", p.sizes());
-  TORCH_CHECK(same_strides_as_param_layout(s, p), "onepass: ", name, "[", i,
+  ONEPASS_CHECK(same_strides_as_param_layout(s, p), "onepass: ", name, "[", i,
               "] does not have its param's memory layout (strides ", s.strides(), " vs ",
               p.strides(), ")");
 }
@@ -187,54 +200,54 @@ void add_scalars(std::vector<StepScalars<T>>& table, int64_t& last_step, int64_t
 
 void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
   const size_t n = a.params.size();
-  TORCH_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
+  ONEPASS_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
                   a.steps.size() == n,
               "onepass: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length (",
               n, ", ", a.grads.size(), ", ", a.exp_avgs.size(), ", ", a.exp_avg_sqs.size(), ", ",
               a.steps.size(), ")");
-  TORCH_CHECK(!a.amsgrad || a.max_exp_avg_sqs.size() == n,
+  ONEPASS_CHECK(!a.amsgrad || a.max_exp_avg_sqs.size() == n,
               "onepass: amsgrad needs one max_exp_avg_sq per param, got ", a.max_exp_avg_sqs.size(),
               " for ", n, " params");
-  TORCH_CHECK(a.lr >= 0.0, "onepass: invalid learning rate ", a.lr);
+  ONEPASS_CHECK(a.lr >= 0.0, "onepass: invalid learning rate ", a.lr);
   if (a.lr_tensor.has_value())
-    TORCH_CHECK(a.lr_tensor->numel() == 1, "onepass: a Tensor lr must have one element");
+    ONEPASS_CHECK(a.lr_tensor->numel() == 1, "onepass: a Tensor lr must have one element");
   if (a.grad_scale.has_value())
-    TORCH_CHECK(a.grad_scale->numel() == 1, "onepass: grad_scale must have one element");
+    ONEPASS_CHECK(a.grad_scale->numel() == 1, "onepass: grad_scale must have one element");
   if (a.found_inf.has_value())
-    TORCH_CHECK(a.found_inf->numel() == 1, "onepass: found_inf must have one element");
+    ONEPASS_CHECK(a.found_inf->numel() == 1, "onepass: found_inf must have one element");
   if (n == 0) return;
   const c10::Device dev = a.params[0].device();
-  TORCH_CHECK(dev.type() == device_type, "onepass: this kernel runs on ", device_type,
+  ONEPASS_CHECK(dev.type() == device_type, "onepass: this kernel runs on ", device_type,
               " tensors, got ", dev);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
     const at::Tensor& g = a.grads[i];
     const at::ScalarType dtype = p.scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
+    ONEPASS_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                     dtype == at::kHalf,
                 "onepass: params[", i, "] is ", dtype,
                 "; params must be float32, float64, bfloat16 or float16");
-    TORCH_CHECK(p.layout() == at::kStrided, "onepass: params[", i, "] is not a strided tensor");
-    TORCH_CHECK(p.device() == dev, "onepass: all params of one group must be on one device; params[",
+    ONEPASS_CHECK(p.layout() == at::kStrided, "onepass: params[", i, "] is not a strided tensor");
+    ONEPASS_CHECK(p.device() == dev, "onepass: all params of one group must be on one device; params[",
                 i, "] is on ", p.device(), ", params[0] on ", dev);
-    TORCH_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
+    ONEPASS_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
                 "] is sparse; onepass supports dense gradients only (use torch.optim.SparseAdam)");
-    TORCH_CHECK(g.scalar_type() == dtype, "onepass: grads[", i, "] is ", g.scalar_type(),
+    ONEPASS_CHECK(g.scalar_type() == dtype, "onepass: grads[", i, "] is ", g.scalar_type(),
                 " but its param is ", dtype);
-    TORCH_CHECK(g.device() == dev, "onepass: grads[", i, "] is on ", g.device(), " but its param on ", dev);
-    TORCH_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
+    ONEPASS_CHECK(g.device() == dev, "onepass: grads[", i, "] is on ", g.device(), " but its param on ", dev);
+    ONEPASS_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
                 " but its param has shape ", p.sizes());
     const at::ScalarType math = dtype == at::kDouble ? at::kDouble : at::kFloat;
     check_state(a.exp_avgs[i], p, math, "exp_avgs", i);
     check_state(a.exp_avg_sqs[i], p, math, "exp_avg_sqs", i);
     if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
     const at::Tensor& st = a.steps[i];
-    TORCH_CHECK(st.numel() == 1 && st.device().is_cpu() &&
+    ONEPASS_CHECK(st.numel() == 1 && st.device().is_cpu() &&
                     (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
                 "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
                 st.scalar_type(), " with ", st.numel(), " elements on ", st.device());
     const double t = read_step(st);
-    TORCH_CHECK(t >= 0.0 && t == std::floor(t) && t < 16777216.0, "onepass: steps[", i,
+    ONEPASS_CHECK(t >= 0.0 && t == std::floor(t) && t < 16777216.0, "onepass: steps[", i,
                 "] holds ", t, ", not a whole number in [0, 2**24) (a float32 step count)");
   }
 }
@@ -244,7 +257,7 @@ namespace {
 void step_impl(const BatchArgs& a) {
   const size_t n = a.params.size();
   const double lr = a.lr_tensor.has_value() ? a.lr_tensor->item<double>() : a.lr;
-  TORCH_CHECK(lr >= 0.0, "onepass: invalid learning rate ", lr);
+  ONEPASS_CHECK(lr >= 0.0, "onepass: invalid learning rate ", lr);
   const double grad_scale = a.grad_scale.has_value() ? a.grad_scale->item<double>() : 1.0;
   const bool coupled = !a.decoupled;
   const bool scaled = a.grad_scale.has_value();
@@ -350,13 +363,13 @@ std::vector<std::string> cpu_isa_supported() {
 void cpu_isa_set(const std::string& name) {
   for (int i = 0; i <= 2; ++i) {
     if (name == kIsaNames[i]) {
-      TORCH_CHECK(i <= g_best_isa, "onepass: this CPU does not support ", name,
+      ONEPASS_CHECK(i <= g_best_isa, "onepass: this CPU does not support ", name,
                   " (best: ", kIsaNames[g_best_isa], ")");
       g_isa.store(i);
       return;
     }
   }
-  TORCH_CHECK(false, "onepass: unknown CPU ISA '", name, "' (choose baseline, avx2 or avx512)");
+  ONEPASS_CHECK(false, "onepass: unknown CPU ISA '", name, "' (choose baseline, avx2 or avx512)");
 }
 
 TORCH_LIBRARY_IMPL(onepass, CPU, m) {
