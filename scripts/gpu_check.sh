@@ -6,7 +6,8 @@
 #   3. runs the benchmark on the GPU (cases gpt2, small, huge) and on the host CPU,
 # and writes the log and JSON figures under $OUT (or the folder given as $1), ending with a
 # short table. Commit the folder's files to bench/results/ with the GPU name, torch version and
-# commit (they are in gpu_check.json).
+# commit (the JSON files carry the machine; the device copy has no .git, so pass
+# ONEPASS_COMMIT=$(git rev-parse HEAD) in the command to record the commit in the log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-${OUT:-bench/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
@@ -22,7 +23,7 @@ step() { echo; echo "=== $*"; }
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')"
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 || echo "triton not importable"
-  echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "commit $(git rev-parse HEAD 2>/dev/null || echo "${ONEPASS_COMMIT:-unknown} (no .git here; set ONEPASS_COMMIT)")"
   lscpu 2>/dev/null | grep -E "Model name|^CPU\(s\)|Flags" | sed 's/\(Flags:\).*\(avx512f\).*/\1 ... \2 .../' | head -3
 
   step "build"
