@@ -16,7 +16,8 @@ def test_package_works_without_the_extension():
         msgs = [str(w.message) for w in caught if "onepass" in str(w.message)]
         assert len(msgs) == 1, msgs
         assert "reference backend" in msgs[0], msgs
-        assert onepass.available_backends("cpu") == ["reference"], onepass.available_backends("cpu")
+        assert "cpu" not in onepass.available_backends("cpu"), onepass.available_backends("cpu")
+        assert "reference" in onepass.available_backends("cpu")
         import torch
         p = torch.nn.Parameter(torch.ones(3))
         opt = onepass.AdamW([p], lr=0.1)

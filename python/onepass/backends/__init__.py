@@ -14,6 +14,7 @@ import torch
 from .base import Backend, Batch
 from .cpu import CpuBackend
 from .reference import ReferenceBackend
+from .triton import TritonBackend
 
 __all__ = ["Backend", "Batch", "get_backend", "resolve_backend", "available_backends", "BACKENDS"]
 
@@ -39,12 +40,12 @@ BACKENDS: Dict[str, Backend] = {
     "reference": ReferenceBackend(),
     "cpu": CpuBackend(),
     "cuda": _Unbuilt("cuda", "the cuda backend is not part of this build of onepass"),
-    "triton": _Unbuilt("triton", "the triton backend is not part of this build of onepass"),
+    "triton": TritonBackend(),
 }
 
 _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "reference"),
-    "cpu": ("cpu", "reference"),
+    "cpu": ("cpu", "reference"),  # triton on CPU tensors (interpreter) only when named
 }
 
 
