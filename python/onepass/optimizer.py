@@ -248,11 +248,12 @@ class AdamW(Optimizer):
             cache is not None and cache[0] == ids and cache[1] == _STATE_EPOCH[0]
             and cache[2] is self.state and cache[3] == amsgrad
         ):
-            lists = cache[4]
+            lists, scratch = cache[4], cache[5]
         else:
             lists, tracked = self._state_lists(params, amsgrad, created)
+            scratch = {}
             if tracked:
-                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, amsgrad, lists)
+                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, amsgrad, lists, scratch)
             else:  # a plain dict put in by hand: its writes are not seen, so never cache it
                 self._batch_cache.pop(id(group), None)
         device = params[0].device
@@ -269,7 +270,7 @@ class AdamW(Optimizer):
             beta1=_as_float(beta1, "beta1"), beta2=_as_float(beta2, "beta2"),
             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
             maximize=bool(group["maximize"]), decoupled=bool(group["decoupled"]),
-            grad_scale=grad_scale, found_inf=found_inf, device=device,
+            grad_scale=grad_scale, found_inf=found_inf, device=device, scratch=scratch,
         )
         return backend, batch, created
 

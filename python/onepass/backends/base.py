@@ -35,6 +35,10 @@ class Batch:
     grad_scale: Optional[Tensor] = None
     found_inf: Optional[Tensor] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: A dict that lives as long as the state lists above stay the same objects (the optimizer's
+    #: per-group cache): a backend may keep what it derives from them here (tables, pointers).
+    #: Fresh and empty whenever the lists were rebuilt.
+    scratch: dict = field(default_factory=dict)
 
 
 class Backend:

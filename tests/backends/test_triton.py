@@ -1,0 +1,138 @@
+"""The Triton backend: what is particular to it (one launch per group and dtype, layouts, step
+counts, checks before writing). Bit-exactness for every dtype and option is in test_matrix.py.
+
+Without a GPU these run under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors; with one,
+on CUDA tensors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import onepass
+from onepass.backends import BACKENDS
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_why = BACKENDS["triton"].unavailable_reason(torch.device(DEVICE))
+if _why is not None:
+    pytestmark = [pytestmark, pytest.mark.skip(reason=f"triton backend unavailable here: {_why}")]
+
+
+def _run(backend, make_params, steps=3, grads_for=None, **kw):
+    params = make_params()
+    opt = onepass.AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(21)
+    for s in range(steps):
+        for j, p in enumerate(params):
+            use = grads_for is None or grads_for(s, j)
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            p.grad = g.to(p.device) if use else None
+        opt.step()
+    out = [p.detach().cpu().clone() for p in params]
+    for p in params:
+        out += [opt.state[p][k].cpu().clone() for k in sorted(opt.state.get(p, {}))]
+    return out
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _on(device):
+    def make(tensors):
+        return lambda: [torch.nn.Parameter(t.to(device)) for t in tensors()]
+    return make
+
+
+def test_one_launch_per_group_for_many_tensors(monkeypatch):
+    from onepass.backends import triton as tb
+
+    kernels = tb._load()
+    real = kernels.adam_kernel
+    launches = []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "adam_kernel", Counting())
+    tensors = lambda: [_rand(37 + i, seed=i) for i in range(300)]  # noqa: E731
+    got = _run("triton", _on(DEVICE)(tensors), steps=2)
+    assert len(launches) == 2  # 300 tensors, 2 steps: one launch each
+    assert _same(got, _run("reference", _on("cpu")(tensors), steps=2))
+
+
+def test_mixed_dtypes_in_one_group():
+    tensors = lambda: [_rand(50, seed=1), _rand(70, seed=2).double(), _rand(33, seed=3).bfloat16(),  # noqa: E731
+                       _rand(20, seed=4).half()]
+    assert _same(_run("triton", _on(DEVICE)(tensors), amsgrad=True),
+                 _run("reference", _on("cpu")(tensors), amsgrad=True))
+
+
+def test_non_contiguous_params_and_grads():
+    def make(device):
+        def f():
+            strided = _rand(16, 40, seed=3).to(device)[:, ::2]   # a view with gaps
+            transposed = _rand(12, 9, seed=4).to(device).t()      # dense, not contiguous
+            assert not strided.is_contiguous() and not transposed.is_contiguous()
+            return [torch.nn.Parameter(x) for x in (strided, transposed, _rand(5, 6, seed=5).to(device))]
+        return f
+
+    got = _run("triton", make(DEVICE))
+    assert _same(got, _run("reference", make("cpu")))
+
+
+def test_params_with_different_step_counts():
+    tensors = lambda: [_rand(100, seed=6), _rand(60, seed=7), _rand(30, seed=8)]  # noqa: E731
+    only_first_early = lambda s, j: s >= 2 or j == 0  # noqa: E731
+    got = _run("triton", _on(DEVICE)(tensors), steps=4, grads_for=only_first_early)
+    want = _run("reference", _on("cpu")(tensors), steps=4, grads_for=only_first_early)
+    assert _same(got, want)
+
+
+def test_bad_grad_raises_before_anything_is_written():
+    p = torch.nn.Parameter(torch.randn(10, device=DEVICE))
+    q = torch.nn.Parameter(torch.randn(8, device=DEVICE))
+    opt = onepass.AdamW([p, q], backend="triton")
+    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    opt.step()
+    before = [p.detach().clone(), q.detach().clone()] + [t.clone() for st in opt.state.values() for t in st.values()]
+    p.grad = torch.randn_like(p)
+    q.grad.data = torch.randn(8, dtype=torch.float64, device=DEVICE)  # wrong dtype behind torch's back
+    with pytest.raises((RuntimeError, TypeError), match="grads\\[1\\]|grad"):
+        opt.step()
+    after = [p.detach().clone(), q.detach().clone()] + [t.clone() for st in opt.state.values() for t in st.values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    why = BACKENDS["triton"].unavailable_reason(torch.device("cpu"))
+    assert why is not None and "TRITON_INTERPRET" in why
+    with pytest.raises(RuntimeError, match="unavailable"):
+        p = torch.nn.Parameter(torch.ones(2))
+        p.grad = torch.ones(2)
+        onepass.AdamW([p], backend="triton").step()
+
+
+def test_host_path_without_the_compiled_helpers(monkeypatch):
+    # The backend's C++ helpers (pair_table, bump_steps) are optional: without the extension the
+    # same tables are built in Python, with the same checks and the same bits.
+    from onepass.backends import triton as tb
+
+    monkeypatch.setattr(tb._ops, "HAS_EXT", False)
+    tensors = lambda: [_rand(40, seed=9), _rand(3, 5, seed=10).double()]  # noqa: E731
+    assert _same(_run("triton", _on(DEVICE)(tensors)), _run("reference", _on("cpu")(tensors)))
+    p = torch.nn.Parameter(torch.randn(4, device=DEVICE))
+    opt = onepass.AdamW([p], backend="triton")
+    p.grad = torch.randn(4, device=DEVICE).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert not opt.state.get(p)
