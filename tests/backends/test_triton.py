@@ -136,3 +136,31 @@ def test_host_path_without_the_compiled_helpers(monkeypatch):
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
     assert not opt.state.get(p)
+
+
+def test_tuning_measures_every_config_and_keeps_the_fastest(monkeypatch):
+    from onepass.backends import triton as tb
+
+    if DEVICE == "cuda":
+        assert tb._tune(torch.device("cuda"), numel=1 << 20, reps=2) in tb.CONFIGS
+        return
+    # Under the interpreter the timings mean nothing: give each config a made-up time (the last
+    # config fastest) and check every one was launched and the fastest kept.
+    times = iter(range(1000, 0, -1))
+
+    class FakeEvent:
+        def __init__(self, **kw):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return float(next(times))
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    assert tb._tune(torch.device("cpu"), numel=3000, reps=2) == tb.CONFIGS[-1]
+    assert tb.config_for(torch.device("cpu")) == (tb.BLOCK, tb.NUM_WARPS)

@@ -17,10 +17,63 @@ from .. import _ops, reference
 from .base import Backend, Batch
 from .reference import _bad_pair, check_batch
 
-# Elements per program. 2048 fp32 elements is 56 KB of traffic per program: enough bytes in
-# flight per SM on an H100 with 8 warps; the interpreter runs fewer, larger programs faster.
+# (elements per program, warps). The default, 2048 fp32 elements with 8 warps, is 56 KB of
+# traffic per program; it ran the `huge` case at the copy ceiling on an H100. On a GPU the first
+# step measures CONFIGS once per device name on scratch buffers (the real update is in place, so
+# triton.autotune, which reruns the kernel on its arguments, cannot be used) and keeps the fastest.
 BLOCK = 2048
 NUM_WARPS = 8
+CONFIGS = ((1024, 4), (2048, 8), (4096, 8), (4096, 16))
+_tuned: Dict[str, Tuple[int, int]] = {}
+
+
+def config_for(device: torch.device) -> Tuple[int, int]:
+    """(BLOCK, num_warps) for ``device``: measured once per GPU model, the default elsewhere or
+    when ONEPASS_TRITON_TUNE=0."""
+    if device.type != "cuda" or os.environ.get("ONEPASS_TRITON_TUNE") == "0":
+        return BLOCK, NUM_WARPS
+    key = torch.cuda.get_device_name(device)
+    if key not in _tuned:
+        try:
+            _tuned[key] = _tune(device)
+        except Exception:  # noqa: BLE001 - tuning is an optimisation; never fail a step on it
+            _tuned[key] = (BLOCK, NUM_WARPS)
+    return _tuned[key]
+
+
+def _tune(device: torch.device, numel: int = 1 << 24, reps: int = 10) -> Tuple[int, int]:
+    kernels = _load()
+    import triton.language as tl
+
+    buf = torch.rand(4, numel, device=device)  # p, g, m, v of one fp32 tensor (256 MB)
+    best, best_ms = (BLOCK, NUM_WARPS), float("inf")
+    hpt = torch.tensor([1e-4, 0.9, 0.999, 1e-8, 0.0], dtype=torch.float64, device=device)
+    ftab = torch.tensor([[0.1, 0.03]], dtype=torch.float64, device=device)
+    itab = torch.tensor([[buf[0].data_ptr(), buf[1].data_ptr(), buf[2].data_ptr(), buf[3].data_ptr(),
+                          buf[2].data_ptr(), numel]], dtype=torch.int64, device=device)
+    for block, warps in CONFIGS:
+        grid = -(-numel // block)
+        starts = torch.tensor([0, grid], dtype=torch.int64, device=device)
+
+        def launch():
+            kernels.adam_kernel[(grid,)](
+                itab, ftab, starts, hpt, hpt, hpt, 1, N_SEARCH=1, P_DTYPE=tl.float32,
+                MATH=tl.float32, BLOCK=block, AMSGRAD=False, MAXIMIZE=False, COUPLED=False,
+                SCALED=False, LR_TENSOR=False, num_warps=warps, enable_fp_fusion=False)
+
+        launch()  # compile and warm up
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            launch()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        ms = sorted(times)[len(times) // 2]
+        if ms < best_ms:
+            best, best_ms = (block, warps), ms
+    return best
 
 
 def _interpreting() -> bool:
@@ -78,6 +131,7 @@ class _Plan:
     the block starts (already on the device)."""
 
     def __init__(self, batch: Batch):
+        self.block, self.warps = config_for(batch.device)
         self.groups = []
         by_dtype: Dict[torch.dtype, List[int]] = {}
         for i, p in enumerate(batch.params):
@@ -90,7 +144,7 @@ class _Plan:
                 m, v = batch.exp_avgs[i], batch.exp_avg_sqs[i]
                 vm = batch.max_exp_avg_sqs[i] if batch.amsgrad else m
                 rows.append([0, 0, m.data_ptr(), v.data_ptr(), vm.data_ptr(), m.numel()])
-                starts.append(starts[-1] + -(-m.numel() // BLOCK))
+                starts.append(starts[-1] + -(-m.numel() // self.block))
             static = torch.tensor(rows, dtype=torch.int64)
             self.groups.append((dtype, torch.tensor(idx, dtype=torch.int64), idx, static,
                                 torch.tensor(starts, dtype=torch.int64).to(device), starts[-1]))
@@ -127,9 +181,10 @@ class TritonBackend(Backend):
         batch.scratch["triton"] = plan
         counts = _bump_steps(batch.steps)  # the first write
         for group in plan.groups:
-            self._launch(batch, group, pairs, counts)
+            self._launch(batch, group, pairs, counts, plan.block, plan.warps)
 
-    def _launch(self, batch: Batch, group, pairs: torch.Tensor, counts: List[int]) -> None:
+    def _launch(self, batch: Batch, group, pairs: torch.Tensor, counts: List[int], block: int,
+                warps: int) -> None:
         dtype, idx_t, idx, static, starts, grid = group
         kernels = _load()
         device = batch.device
@@ -185,9 +240,9 @@ class TritonBackend(Backend):
         kernels.adam_kernel[(grid,)](
             itab, ftab_d, starts, hpt, lr_arg, gs_arg, n,
             N_SEARCH=max(1, (n - 1).bit_length()), P_DTYPE=_tl_dtype(dtype), MATH=_tl_dtype(math_dt),
-            BLOCK=BLOCK, AMSGRAD=bool(batch.amsgrad), MAXIMIZE=bool(batch.maximize),
+            BLOCK=block, AMSGRAD=bool(batch.amsgrad), MAXIMIZE=bool(batch.maximize),
             COUPLED=not batch.decoupled, SCALED=batch.grad_scale is not None, LR_TENSOR=lr_tensor,
-            num_warps=NUM_WARPS, enable_fp_fusion=False,
+            num_warps=warps, enable_fp_fusion=False,
         )
         for t, tc in write_back:
             t.copy_(tc)
