@@ -39,7 +39,9 @@ step() { echo; echo "=== $*"; }
   "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$DEST/junit.xml" || status=1
 
   step "benchmark: cuda"
-  "$PY" -m onepass --device cuda --cases gpt2,small,huge --rounds ${GPU_ROUNDS:-20} --json "$DEST/bench_cuda.json" --no-progress || status=1
+  "$PY" -m onepass --device cuda --cases gpt2,small,huge --rounds ${GPU_ROUNDS:-20} \
+    --contestants onepass,onepass-triton,torch-fused,torch-foreach,torch-forloop,optimi,bitsandbytes,torchao \
+    --json "$DEST/bench_cuda.json" --no-progress || status=1
 
   step "benchmark: host cpu"
   "$PY" -m onepass --device cpu --cases gpt2,small --json "$DEST/bench_cpu.json" --no-progress || status=1
