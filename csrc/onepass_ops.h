@@ -62,6 +62,9 @@ struct BatchArgs {
   const std::optional<at::Tensor>& found_inf;
 };
 
+// Checks a grad against its param (dense, same dtype, device and shape); i names it in the error.
+void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i);
+
 // Checks everything a kernel relies on before anything is written, so a bad batch raises a clear
 // error and changes nothing.
 void validate_batch(const BatchArgs& a, c10::DeviceType device_type);

@@ -99,14 +99,7 @@ at::Tensor pair_table(const TVec& params, const TVec& grads) {
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    ONEPASS_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
-                  "] is sparse; onepass supports dense gradients only (use torch.optim.SparseAdam)");
-    ONEPASS_CHECK(g.scalar_type() == p.scalar_type(), "onepass: grads[", i, "] is ", g.scalar_type(),
-                  " but its param is ", p.scalar_type());
-    ONEPASS_CHECK(g.device() == p.device(), "onepass: grads[", i, "] is on ", g.device(),
-                  " but its param on ", p.device());
-    ONEPASS_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
-                  " but its param has shape ", p.sizes());
+    onepass::check_grad(p, g, i);
     o[3 * i] = reinterpret_cast<int64_t>(p.data_ptr());
     o[3 * i + 1] = reinterpret_cast<int64_t>(g.data_ptr());
     o[3 * i + 2] = (p.is_contiguous() ? 1 : 0) | (g.is_contiguous() ? 2 : 0);

@@ -198,6 +198,17 @@ void add_scalars(std::vector<StepScalars<T>>& table, int64_t& last_step, int64_t
 
 }  // namespace
 
+void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i) {
+  ONEPASS_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
+                "] is sparse; onepass supports dense gradients only (use torch.optim.SparseAdam)");
+  ONEPASS_CHECK(g.scalar_type() == p.scalar_type(), "onepass: grads[", i, "] is ", g.scalar_type(),
+                " but its param is ", p.scalar_type());
+  ONEPASS_CHECK(g.device() == p.device(), "onepass: grads[", i, "] is on ", g.device(),
+                " but its param on ", p.device());
+  ONEPASS_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
+                " but its param has shape ", p.sizes());
+}
+
 void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
   const size_t n = a.params.size();
   ONEPASS_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
@@ -230,13 +241,7 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
     ONEPASS_CHECK(p.layout() == at::kStrided, "onepass: params[", i, "] is not a strided tensor");
     ONEPASS_CHECK(p.device() == dev, "onepass: all params of one group must be on one device; params[",
                 i, "] is on ", p.device(), ", params[0] on ", dev);
-    ONEPASS_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
-                "] is sparse; onepass supports dense gradients only (use torch.optim.SparseAdam)");
-    ONEPASS_CHECK(g.scalar_type() == dtype, "onepass: grads[", i, "] is ", g.scalar_type(),
-                " but its param is ", dtype);
-    ONEPASS_CHECK(g.device() == dev, "onepass: grads[", i, "] is on ", g.device(), " but its param on ", dev);
-    ONEPASS_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
-                " but its param has shape ", p.sizes());
+    check_grad(p, g, i);
     const at::ScalarType math = dtype == at::kDouble ? at::kDouble : at::kFloat;
     check_state(a.exp_avgs[i], p, math, "exp_avgs", i);
     check_state(a.exp_avg_sqs[i], p, math, "exp_avg_sqs", i);
