@@ -11,7 +11,8 @@ import warnings
 from setuptools import setup
 
 try:
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:  # pragma: no cover - reported to the user
     sys.exit("onepass: install torch first (e.g. pip install torch==2.13.0), then this package "
              "with --no-build-isolation")
@@ -28,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (double)(float)x when it packs such conversions in pairs (seen here: make_step_scalars<float>
 # returned eps and weight_decay unrounded; a 10-line file reproduces it at -O2). The loops are
 # vectorized by the loop vectorizer, which stays on.
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
              "-fno-tree-slp-vectorize", "-fvisibility=hidden"]
 
 
@@ -45,16 +46,34 @@ class OptionalBuild(BuildExtension):
                           "reference backend only")
 
 
+# CUDA kernels: built when torch has CUDA and nvcc is found (ONEPASS_CUDA=0 skips them).
+# -fmad=false keeps nvcc from contracting a*b+c anywhere (adam_math.h's device path uses the _rn
+# intrinsics anyway); never --use_fast_math. Architectures: TORCH_CUDA_ARCH_LIST, else 8.0 and 9.0.
+WITH_CUDA = (
+    os.environ.get("ONEPASS_CUDA") != "0" and torch.version.cuda is not None and CUDA_HOME is not None
+)
+NVCC_FLAGS = ["-O3", "-fmad=false", "--expt-relaxed-constexpr", "-Xcompiler",
+              "-fno-tree-slp-vectorize", "-DONEPASS_WITH_CUDA"]
+if WITH_CUDA:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
 ext_modules = []
 if os.environ.get("ONEPASS_NO_EXT") != "1":
-    ext_modules.append(
-        CppExtension(
+    sources = ["csrc/ops.cpp", "csrc/cpu/adam_cpu.cpp"]
+    if WITH_CUDA:
+        ext_modules.append(CUDAExtension(
             "onepass._C",
-            sources=["csrc/ops.cpp", "csrc/cpu/adam_cpu.cpp"],
+            sources=sources + ["csrc/cuda/adam_cuda.cu"],
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": CXX_FLAGS + ["-DONEPASS_WITH_CUDA"], "nvcc": NVCC_FLAGS},
+        ))
+    else:
+        ext_modules.append(CppExtension(
+            "onepass._C",
+            sources=sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": CXX_FLAGS},
-        )
-    )
+        ))
 
 setup(
     ext_modules=ext_modules,

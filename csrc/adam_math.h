@@ -106,14 +106,22 @@ ONEPASS_HD void adam_element(T& p, T g, T& m, T& v, T& v_max, const StepScalars<
 
 // ---- storage conversions (bitwise, round to nearest even) ---------------------------------------
 ONEPASS_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
   return u;
+#endif
 }
 ONEPASS_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
+#endif
 }
 
 ONEPASS_HD float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
@@ -131,7 +139,7 @@ ONEPASS_HD float fp16_to_float(uint16_t h) {
   if (e == 0x1f) return bits_float(sign | 0x7f800000u | (m << 13));
   if (e == 0) {
     // subnormal or zero: m * 2**-24 is exact in float
-    const float mag = static_cast<float>(m) * 5.9604644775390625e-8f;
+    const float mag = op_mul(static_cast<float>(m), 5.9604644775390625e-8f);
     return sign ? -mag : mag;
   }
   return bits_float(sign | ((e + 112u) << 23) | (m << 13));

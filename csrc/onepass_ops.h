@@ -83,6 +83,16 @@ void adam_check_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool decoupled, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf);
 
+#ifdef ONEPASS_WITH_CUDA
+// The CUDA kernel (csrc/cuda/adam_cuda.cu), registered as onepass::adam_step_ for CUDA tensors.
+void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                    double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                    double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf);
+#endif
+
 std::string cpu_isa_get();
 std::vector<std::string> cpu_isa_supported();
 void cpu_isa_set(const std::string& name);

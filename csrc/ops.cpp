@@ -117,6 +117,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
         py::arg("grad_scale"), py::arg("found_inf"));
+#ifdef ONEPASS_WITH_CUDA
+  m.def("adam_step_cuda", [](const TVec& p, const TVec& g, const TVec& m_, const TVec& v,
+                             const TVec& vmax, const TVec& steps, double lr, const OptT& lr_t,
+                             double b1, double b2, double eps, double wd, bool ams, bool maximize,
+                             bool decoupled, const OptT& gs, const OptT& fi) {
+          onepass::adam_step_cuda(p, g, m_, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams,
+                                  maximize, decoupled, gs, fi);
+        },
+        "onepass::adam_step_ on CUDA tensors (eager)", py::arg("params"), py::arg("grads"),
+        py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"),
+        py::kw_only(), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+        py::arg("decoupled"), py::arg("grad_scale"), py::arg("found_inf"));
+#endif
   m.def("adam_check_cpu", &check_direct, "onepass::adam_check on CPU tensors (eager)",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),

@@ -247,13 +247,17 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
     check_state(a.exp_avg_sqs[i], p, math, "exp_avg_sqs", i);
     if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
     const at::Tensor& st = a.steps[i];
-    ONEPASS_CHECK(st.numel() == 1 && st.device().is_cpu() &&
+    // Host step counts, or (capturable, CUDA) counts on the params' device.
+    ONEPASS_CHECK(st.numel() == 1 && (st.device().is_cpu() || st.device() == dev) &&
                     (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
-                "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
-                st.scalar_type(), " with ", st.numel(), " elements on ", st.device());
-    const double t = read_step(st);
-    ONEPASS_CHECK(t >= 0.0 && t == std::floor(t) && t < 16777216.0, "onepass: steps[", i,
-                "] holds ", t, ", not a whole number in [0, 2**24) (a float32 step count)");
+                "onepass: steps[", i, "] must be a one-element float32/float64 tensor on the CPU",
+                " or the params' device, got ", st.scalar_type(), " with ", st.numel(),
+                " elements on ", st.device());
+    if (st.device().is_cpu()) {  // a device count cannot be read here without a sync
+      const double t = read_step(st);
+      ONEPASS_CHECK(t >= 0.0 && t == std::floor(t) && t < 16777216.0, "onepass: steps[", i,
+                    "] holds ", t, ", not a whole number in [0, 2**24) (a float32 step count)");
+    }
   }
 }
 

@@ -238,6 +238,7 @@ class AdamW(Optimizer):
         if not params:
             return None
         amsgrad = bool(group["amsgrad"])
+        mode = (amsgrad, bool(group["capturable"]))
         # The state lists of a group are cached between steps: looking up 2000 params' state
         # costs ~2 ms of Python per step, a fifth of the whole `small` step. The cache is valid
         # while the same params have grads and no state dict was written (_STATE_EPOCH).
@@ -246,22 +247,22 @@ class AdamW(Optimizer):
         created: list = []
         if (
             cache is not None and cache[0] == ids and cache[1] == _STATE_EPOCH[0]
-            and cache[2] is self.state and cache[3] == amsgrad
+            and cache[2] is self.state and cache[3] == mode
         ):
             lists, scratch = cache[4], cache[5]
         else:
-            lists, tracked = self._state_lists(params, amsgrad, created)
+            lists, tracked = self._state_lists(params, amsgrad, created, bool(group["capturable"]))
             scratch = {}
             if tracked:
-                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, amsgrad, lists, scratch)
+                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, lists, scratch)
             else:  # a plain dict put in by hand: its writes are not seen, so never cache it
                 self._batch_cache.pop(id(group), None)
         device = params[0].device
         backend = resolve_backend(group["backend"], device)
-        if group["capturable"] and device.type != "cpu" and backend.name == "reference":
+        if group["capturable"] and device.type == "cuda" and backend.name != "cuda":
             raise RuntimeError(
-                "onepass: capturable=True needs a backend that keeps the step count on the "
-                "device; the 'reference' backend reads it on the host"
+                "onepass: capturable=True needs the cuda backend (it keeps the step count on the "
+                f"device); the {backend.name!r} backend reads it on the host"
             )
         beta1, beta2 = group["betas"]
         batch = Batch(
@@ -274,7 +275,7 @@ class AdamW(Optimizer):
         )
         return backend, batch, created
 
-    def _state_lists(self, params: List[Tensor], amsgrad: bool, created: list):
+    def _state_lists(self, params: List[Tensor], amsgrad: bool, created: list, capturable: bool = False):
         """((exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps), tracked) of ``params``, creating
         missing state; ``tracked`` is False when some param's state is a plain dict put there by
         hand (its writes are not seen, so the lists must not be cached)."""
@@ -290,6 +291,9 @@ class AdamW(Optimizer):
                 st["step"] = _new_step()
                 st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            if capturable and p.is_cuda and not st["step"].is_cuda:
+                # capturable: the count lives on the device so a CUDA graph can advance it
+                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
             if amsgrad and "max_exp_avg_sq" not in st:
                 if not is_new:
                     raise RuntimeError(

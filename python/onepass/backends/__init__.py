@@ -13,33 +13,17 @@ import torch
 
 from .base import Backend, Batch
 from .cpu import CpuBackend
+from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
 __all__ = ["Backend", "Batch", "get_backend", "resolve_backend", "available_backends", "BACKENDS"]
 
 
-class _Unbuilt(Backend):
-    """A backend that a later part of onepass provides; until then it says so when asked for."""
-
-    def __init__(self, name: str, why: str):
-        self.name = name
-        self._why = why
-
-    def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        return self._why
-
-    def validate(self, batch: Batch) -> None:  # pragma: no cover - never selected
-        raise RuntimeError(self._why)
-
-    def step(self, batch: Batch) -> None:  # pragma: no cover - never selected
-        raise RuntimeError(self._why)
-
-
 BACKENDS: Dict[str, Backend] = {
     "reference": ReferenceBackend(),
     "cpu": CpuBackend(),
-    "cuda": _Unbuilt("cuda", "the cuda backend is not part of this build of onepass"),
+    "cuda": CudaBackend(),
     "triton": TritonBackend(),
 }
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Compiles and links the extension with its CUDA kernels for sm_90 on a machine without a GPU,
+# so that a .cu that does not build never lands. Needs nvcc (13.0 here) and a CUDA build of torch
+# that matches it: torch 2.14.1 (CUDA 13.0), installed into its own venv (reused when present).
+# Exits non-zero on any compile or link error, or if the built library does not register the
+# CUDA kernel of onepass::adam_step_.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${ONEPASS_CUDA_VENV:-.venv-cuda}
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q torch==2.14.1 setuptools wheel ninja
+fi
+NVCC=$(command -v nvcc) || { echo "check_cuda_build: nvcc not found" >&2; exit 1; }
+# The toolkit folder: nvcc on PATH may be a wrapper script, so ask nvcc itself where it lives.
+TOP=$("$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+export CUDA_HOME=${CUDA_HOME:-$(cd "${TOP:-$(dirname "$NVCC")/..}" && pwd)}
+# The CUDA 13 wheels ship the runtime headers torch's own headers include (cuda_runtime_api.h...).
+INC=$("$VENV/bin/python" -c "import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), 'nvidia', 'cu13', 'include'))")
+export CPATH="$INC${CPATH:+:$CPATH}"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} ONEPASS_REQUIRE_EXT=1
+OUTDIR=$(mktemp -d)
+trap 'rm -rf "$OUTDIR"' EXIT
+echo "check_cuda_build: nvcc $("$NVCC" --version | tail -1) in $CUDA_HOME, torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), arch $TORCH_CUDA_ARCH_LIST"
+start=$(date +%s)
+"$VENV/bin/python" setup.py -q build_ext --build-lib "$OUTDIR/lib" --build-temp "$OUTDIR/tmp" >"$OUTDIR/build.log" 2>&1 \
+  || { grep -E "error|Error" "$OUTDIR/build.log" | head -30; echo "check_cuda_build: FAILED to build" >&2; exit 1; }
+SO=$(find "$OUTDIR/lib" -name '_C*.so' | head -1)
+[ -n "$SO" ] || { echo "check_cuda_build: no library built" >&2; exit 1; }
+"$VENV/bin/python" - "$SO" <<'PY'
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+for key in ("CPU", "CUDA"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("onepass::adam_step_", key), key
+print("check_cuda_build: onepass::adam_step_ has CPU and CUDA kernels")
+PY
+echo "check_cuda_build: ok in $(( $(date +%s) - start )) s"
