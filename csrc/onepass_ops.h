@@ -62,6 +62,15 @@ struct BatchArgs {
   const std::optional<at::Tensor>& found_inf;
 };
 
+// What a kernel walks in storage order: the param itself when it is dense (else a contiguous
+// working copy, to be copied back: copy_back), and the grad in that tensor's layout (copied into
+// it when its strides differ). Moments share the param's layout (zeros_like, preserve_format).
+struct DensePair {
+  at::Tensor p, g;
+  bool copy_back;
+};
+DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad);
+
 // Checks a grad against its param (dense, same dtype, device and shape); i names it in the error.
 void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i);
 

@@ -209,6 +209,23 @@ void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i) {
                 " but its param has shape ", p.sizes());
 }
 
+DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad) {
+  DensePair out{param, grad, false};
+  if (!param.is_non_overlapping_and_dense()) {
+    // An overlapping or gappy param (rare: a view made a Parameter) is updated through a
+    // contiguous copy; its state is contiguous (zeros_like with preserve_format).
+    out.p = param.contiguous();
+    out.copy_back = true;
+  }
+  if (grad.strides() != out.p.strides() || !grad.is_non_overlapping_and_dense()) {
+    // A transposed or strided grad is copied into the param's layout first (torch's own fused
+    // CPU AdamW reads it in the wrong order instead).
+    out.g = at::empty_like(out.p);
+    out.g.copy_(grad);
+  }
+  return out;
+}
+
 void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
   const size_t n = a.params.size();
   ONEPASS_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
@@ -289,24 +306,13 @@ void step_impl(const BatchArgs& a) {
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p0 = a.params[i];
     if (p0.numel() == 0) continue;
-    at::Tensor p = p0;
-    if (!p0.is_non_overlapping_and_dense()) {
-      // An overlapping or gappy param (rare: a view made a Parameter) is updated through a
-      // contiguous copy; its state is contiguous (zeros_like with preserve_format).
-      p = p0.contiguous();
-      write_back.emplace_back(p0, p);
-    }
-    void* g = a.grads[i].data_ptr();
-    if (a.grads[i].strides() != p.strides() || !a.grads[i].is_non_overlapping_and_dense()) {
-      // A transposed or strided grad is copied into the param's layout first (torch's own fused
-      // CPU AdamW reads it in the wrong order instead).
-      keep.push_back(at::empty_like(p));
-      keep.back().copy_(a.grads[i]);
-      g = keep.back().data_ptr();
-    }
+    const DensePair dp = dense_pair(p0, a.grads[i]);
+    if (dp.copy_back) write_back.emplace_back(p0, dp.p);
+    keep.push_back(dp.g);
+    const at::Tensor& p = dp.p;
     TensorWork w;
     w.p = p.data_ptr();
-    w.g = g;
+    w.g = dp.g.data_ptr();
     w.m = a.exp_avgs[i].data_ptr();
     w.v = a.exp_avg_sqs[i].data_ptr();
     w.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;

@@ -238,15 +238,10 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     int64_t blocks = 0;
     for (size_t i = 0; i < params.size(); ++i) {
       if (params[i].scalar_type() != dt || params[i].numel() == 0) continue;
-      at::Tensor p = params[i];
-      if (!p.is_non_overlapping_and_dense()) {
-        p = p.contiguous();
-        write_back.emplace_back(params[i], p);
-      }
-      at::Tensor g = grads[i];
-      if (g.strides() != p.strides() || !g.is_non_overlapping_and_dense()) {
-        g = at::empty_like(p).copy_(grads[i]);
-      }
+      const DensePair dp = dense_pair(params[i], grads[i]);
+      if (dp.copy_back) write_back.emplace_back(params[i], dp.p);
+      const at::Tensor& p = dp.p;
+      const at::Tensor& g = dp.g;
       keep.push_back(p);
       keep.push_back(g);
       Desc d{};
