@@ -8,7 +8,7 @@ Every backend (``cpu``, and later ``cuda``/``triton``) produces the bits of
 """
 __version__ = "0.1.0"
 
-from . import _ops, reference  # noqa: E402  (_ops loads the compiled kernels, if built)
+from . import _ops, reference  # noqa: E402,F401  (_ops loads the compiled kernels, if built)
 from .backends import available_backends  # noqa: E402
 from .optimizer import Adam, AdamW  # noqa: E402
 

@@ -25,7 +25,7 @@ if _spec_missing():
     EXT_ERROR = "not built (no onepass/_C*.so beside the package)"
 else:
     try:
-        from onepass import _C  # noqa: F811  (importing registers torch.ops.onepass.*)
+        from onepass import _C  # noqa: F401,F811  (importing registers torch.ops.onepass.*)
     except Exception as exc:  # noqa: BLE001 - ImportError, OSError (ABI mismatch), ...
         EXT_ERROR = f"{type(exc).__name__}: {exc}"
 

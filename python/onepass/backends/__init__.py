@@ -7,7 +7,7 @@ cpu, reference. Naming an unavailable backend raises an error that says why it i
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
