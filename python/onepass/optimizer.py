@@ -15,13 +15,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .backends import BACKENDS, Batch, resolve_backend
-from .reference import math_dtype
+from .reference import PARAM_DTYPES, math_dtype
 
 __all__ = ["AdamW", "Adam"]
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _as_float(x: Union[float, Tensor], what: str) -> float:
@@ -201,7 +200,7 @@ class AdamW(Optimizer):
                 raise TypeError(
                     "onepass: complex params are not supported; optimize torch.view_as_real(p) instead"
                 )
-            if p.dtype not in _PARAM_DTYPES:
+            if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"onepass: params must be float32, float64, bfloat16 or float16, got {p.dtype}")
             devices.add(p.device)
         if len(devices) > 1:

@@ -53,9 +53,13 @@ __all__ = [
     "pow_int",
     "sqrt_rn",
     "math_dtype",
+    "PARAM_DTYPES",
     "adam_step_",
     "adam_step_batch_",
 ]
+
+#: The param dtypes onepass updates (state is float32 for the 16-bit ones, float64 for float64).
+PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Veltkamp's splitting constant for float64: 2**27 + 1 splits a 53-bit significand into two
 # 26-bit halves whose products are exact.

@@ -6,9 +6,9 @@ from typing import Optional
 import torch
 
 from .. import reference
+from ..reference import PARAM_DTYPES
 from .base import Backend, Batch
 
-_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_batch(batch: Batch, check_state: bool = True) -> None:
@@ -25,7 +25,7 @@ def check_batch(batch: Batch, check_state: bool = True) -> None:
     for i, (p, g) in enumerate(zip(batch.params, batch.grads)):
         # one combined test per param on the fast path; the messages below only on failure
         if not (g.layout is strided and g.dtype == p.dtype and g.shape == p.shape
-                and g.device == p.device and p.dtype in _PARAM_DTYPES):
+                and g.device == p.device and p.dtype in PARAM_DTYPES):
             _bad_pair(i, p, g)
     if not check_state:
         return
@@ -43,7 +43,7 @@ def check_batch(batch: Batch, check_state: bool = True) -> None:
 
 
 def _bad_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
-    if p.dtype not in _PARAM_DTYPES:
+    if p.dtype not in PARAM_DTYPES:
         raise TypeError(f"onepass: params must be float32, float64, bfloat16 or float16, got {p.dtype}")
     if g.layout != torch.strided:
         raise RuntimeError(
