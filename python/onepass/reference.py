@@ -41,6 +41,7 @@ root is computed by :func:`sqrt_rn` because torch's CPU ``sqrt`` is not correctl
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -84,6 +85,19 @@ def pow_int(base: float, n: int) -> float:
     return result
 
 
+def round_scalar(x: float, dtype: torch.dtype) -> float:
+    """A Python float rounded once (to nearest even) to ``dtype``, returned as a Python float."""
+    if dtype == torch.float64:
+        return float(x)
+    if dtype == torch.float32:
+        # struct's "f" format is a C (float) cast: round to nearest even, like torch's .to().
+        try:
+            return struct.unpack("f", struct.pack("f", x))[0]
+        except OverflowError:  # |x| rounds past float32's range: inf, as torch gives
+            pass
+    return float(torch.tensor(x, dtype=torch.float64).to(dtype))
+
+
 @dataclass(frozen=True)
 class StepScalars:
     """The per-step scalars, as float64 Python floats before rounding to the math dtype."""
@@ -100,7 +114,7 @@ class StepScalars:
 
     def rounded(self, dtype: torch.dtype) -> "StepScalars":
         """Each scalar rounded once (to nearest even) to ``dtype``, still as Python floats."""
-        return StepScalars(*(float(torch.tensor(x, dtype=torch.float64).to(dtype)) for x in self.astuple()))
+        return StepScalars(*(round_scalar(x, dtype) for x in self.astuple()))
 
     def astuple(self) -> tuple:
         return (
