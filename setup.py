@@ -5,6 +5,7 @@ against it). If the extension cannot be built, the package still installs and ru
 reference backend; onepass warns once at import and says why.
 """
 import os
+import runpy
 import sys
 import warnings
 
@@ -19,18 +20,9 @@ except ImportError:  # pragma: no cover - reported to the user
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Bit-exactness (ARCHITECTURE.md section 2): no FMA contraction; -fno-math-errno only lets sqrt
-# become the IEEE vsqrtps instruction instead of a libm call with an errno check.
-# -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers, so it only runs in
-# parallel when compiled with OpenMP. We do NOT link libgomp ourselves: the GOMP symbols then
-# resolve to the OpenMP runtime torch already loaded, so there is one thread pool (sized by
-# torch.set_num_threads) instead of two competing ones.
-# -fno-tree-slp-vectorize: GCC 12.2's straight-line (SLP) vectorizer drops the rounding in
-# (double)(float)x when it packs such conversions in pairs (seen here: make_step_scalars<float>
-# returned eps and weight_decay unrounded; a 10-line file reproduces it at -O2). The loops are
-# vectorized by the loop vectorizer, which stays on.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
-             "-fno-tree-slp-vectorize", "-fvisibility=hidden"]
+# The flags and source lists, shared with the JIT build of the CUDA kernels (python/onepass/_ops.py).
+BUILD = runpy.run_path(os.path.join(HERE, "python", "onepass", "_build.py"))
+CXX_FLAGS, NVCC_FLAGS = BUILD["CXX_FLAGS"], BUILD["NVCC_FLAGS"]
 
 
 class OptionalBuild(BuildExtension):
@@ -47,23 +39,19 @@ class OptionalBuild(BuildExtension):
 
 
 # CUDA kernels: built when torch has CUDA and nvcc is found (ONEPASS_CUDA=0 skips them).
-# -fmad=false keeps nvcc from contracting a*b+c anywhere (adam_math.h's device path uses the _rn
-# intrinsics anyway); never --use_fast_math. Architectures: TORCH_CUDA_ARCH_LIST, else 8.0 and 9.0.
 WITH_CUDA = (
     os.environ.get("ONEPASS_CUDA") != "0" and torch.version.cuda is not None and CUDA_HOME is not None
 )
-NVCC_FLAGS = ["-O3", "-fmad=false", "--expt-relaxed-constexpr", "-Xcompiler",
-              "-fno-tree-slp-vectorize", "-DONEPASS_WITH_CUDA"]
 if WITH_CUDA:
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", BUILD["DEFAULT_ARCH_LIST"])
 
 ext_modules = []
 if os.environ.get("ONEPASS_NO_EXT") != "1":
-    sources = ["csrc/ops.cpp", "csrc/cpu/adam_cpu.cpp"]
+    sources = ["csrc/" + name for name in BUILD["CPU_SOURCES"]]
     if WITH_CUDA:
         ext_modules.append(CUDAExtension(
             "onepass._C",
-            sources=sources + ["csrc/cuda/adam_cuda.cu"],
+            sources=sources + ["csrc/" + name for name in BUILD["CUDA_SOURCES"]],
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": CXX_FLAGS + ["-DONEPASS_WITH_CUDA"], "nvcc": NVCC_FLAGS},
         ))

@@ -74,6 +74,9 @@ DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad);
 // Checks a grad against its param (dense, same dtype, device and shape); i names it in the error.
 void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i);
 
+// A host step-count tensor's value (float32 or float64, one element).
+double read_step(const at::Tensor& st);
+
 // Checks everything a kernel relies on before anything is written, so a bad batch raises a clear
 // error and changes nothing.
 void validate_batch(const BatchArgs& a, c10::DeviceType device_type);

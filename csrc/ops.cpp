@@ -1,5 +1,9 @@
 // Registration of the onepass custom ops (torch.library) and the Python module stub.
 //
+// Built two ways: as onepass._C (setup.py: the schema, the CPU kernels and, with nvcc, the CUDA
+// kernels), or with ONEPASS_CUDA_ADDON as a JIT-built module holding only the CUDA kernels, loaded
+// beside a CPU-only onepass._C that already defines the schema (python/onepass/_ops.py).
+//
 // The ops are registered with TORCH_LIBRARY so torch.compile and CUDA graphs can treat a whole
 // step as one opaque op; python/onepass/_ops.py adds the fake (meta) implementations.
 #include "adam_math.h"
@@ -8,6 +12,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#ifndef ONEPASS_CUDA_ADDON
 namespace onepass {
 namespace {
 
@@ -48,6 +53,8 @@ TORCH_LIBRARY(onepass, m) {
   m.def("_cpu_isa_set(str name) -> ()", &onepass::cpu_isa_set);
 }
 
+#endif  // ONEPASS_CUDA_ADDON
+
 // The extension is loaded as the Python module onepass._C; importing it runs the registrations.
 // It also binds the CPU kernel directly: calling torch.ops.onepass.adam_step_ from Python converts
 // six lists through the dispatcher's boxed IValue path, ~1.2 us per param (2.4 ms per step for
@@ -57,6 +64,7 @@ TORCH_LIBRARY(onepass, m) {
 namespace {
 using TVec = std::vector<at::Tensor>;
 using OptT = std::optional<at::Tensor>;
+#ifndef ONEPASS_CUDA_ADDON
 void step_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& v, const TVec& vmax,
                  const TVec& steps, double lr, const OptT& lr_t, double b1, double b2, double eps,
                  double wd, bool ams, bool maximize, bool decoupled, const OptT& gs, const OptT& fi) {
@@ -69,6 +77,7 @@ void check_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& v, co
   onepass::adam_check_cpu(p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize,
                           decoupled, gs, fi);
 }
+#endif  // ONEPASS_CUDA_ADDON
 // Increments CPU step-count tensors and returns the new counts: for backends whose kernels take
 // the counts from the host (triton), where 2000 Python-side add_ calls cost ~7 ms a step.
 std::vector<int64_t> bump_steps(const TVec& steps) {
@@ -111,12 +120,20 @@ at::Tensor pair_table(const TVec& params, const TVec& grads) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pair_table", &pair_table, "check (param, grad) pairs; int64 [n, 3] of addresses, flags");
   m.def("bump_steps", &bump_steps, "step += 1 for each CPU step tensor; returns the new counts");
+#ifndef ONEPASS_CUDA_ADDON
   m.def("adam_step_cpu", &step_direct, "onepass::adam_step_ on CPU tensors (eager)",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),
         py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
         py::arg("grad_scale"), py::arg("found_inf"));
+  m.def("adam_check_cpu", &check_direct, "onepass::adam_check on CPU tensors (eager)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
+        py::arg("grad_scale"), py::arg("found_inf"));
+#endif  // ONEPASS_CUDA_ADDON
 #ifdef ONEPASS_WITH_CUDA
   m.def("adam_step_cuda", [](const TVec& p, const TVec& g, const TVec& m_, const TVec& v,
                              const TVec& vmax, const TVec& steps, double lr, const OptT& lr_t,
@@ -131,10 +148,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
         py::arg("decoupled"), py::arg("grad_scale"), py::arg("found_inf"));
 #endif
-  m.def("adam_check_cpu", &check_direct, "onepass::adam_check on CPU tensors (eager)",
-        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
-        py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),
-        py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
-        py::arg("grad_scale"), py::arg("found_inf"));
 }

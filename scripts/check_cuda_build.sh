@@ -2,8 +2,8 @@
 # Compiles and links the extension with its CUDA kernels for sm_90 on a machine without a GPU,
 # so that a .cu that does not build never lands. Needs nvcc (13.0 here) and a CUDA build of torch
 # that matches it: torch 2.14.1 (CUDA 13.0), installed into its own venv (reused when present).
-# Exits non-zero on any compile or link error, or if the built library does not register the
-# CUDA kernel of onepass::adam_step_.
+# Exits non-zero on any compile or link error, if the built library does not register the CUDA
+# kernel of onepass::adam_step_, or if the JIT build of the CUDA kernels fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ONEPASS_CUDA_VENV:-.venv-cuda}
@@ -33,5 +33,14 @@ torch.ops.load_library(sys.argv[1])
 for key in ("CPU", "CUDA"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key("onepass::adam_step_", key), key
 print("check_cuda_build: onepass::adam_step_ has CPU and CUDA kernels")
+PY
+# The JIT build the cuda backend makes on first use when the installed extension lacks CUDA
+# kernels (python/onepass/_ops.py): the CUDA-only add-on, through torch.utils.cpp_extension.load
+# with the same flags, imported here (it cannot run without a GPU).
+TORCH_EXTENSIONS_DIR="$OUTDIR/jit" PYTHONPATH=python "$VENV/bin/python" -W ignore - <<'PY'
+from onepass import _ops
+mod = _ops.build_cuda_jit(addon=True)
+assert hasattr(mod, "adam_step_cuda") and not hasattr(mod, "adam_step_cpu"), dir(mod)
+print("check_cuda_build: JIT add-on built and imported:", mod.__file__)
 PY
 echo "check_cuda_build: ok in $(( $(date +%s) - start )) s"

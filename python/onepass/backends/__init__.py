@@ -47,7 +47,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             backend = BACKENDS[candidate]
-            if backend.unavailable_reason(device) is None:
+            if backend.auto_reason(device) is None:
                 return backend
         return BACKENDS["reference"]
     backend = get_backend(name)
@@ -58,6 +58,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
 
 
 def available_backends(device: torch.device | str = "cpu") -> List[str]:
-    """Names of the backends that can run tensors on ``device`` here."""
+    """Names of the backends that can run tensors on ``device`` here without building anything
+    (the cuda backend's JIT build starts only when it is named)."""
     device = torch.device(device)
-    return [n for n, b in BACKENDS.items() if b.unavailable_reason(device) is None]
+    return [n for n, b in BACKENDS.items() if b.auto_reason(device) is None]

@@ -51,6 +51,10 @@ class Backend:
         """None when this backend can run tensors on ``device``; else why it cannot."""
         raise NotImplementedError
 
+    def auto_reason(self, device: torch.device) -> Optional[str]:
+        """Like ``unavailable_reason``, for backend="auto" and listings: never starts a build."""
+        return self.unavailable_reason(device)
+
     def validate(self, batch: Batch) -> None:
         """Raise a clear error for anything ``step`` cannot do; never write anything."""
         raise NotImplementedError

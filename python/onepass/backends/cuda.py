@@ -21,13 +21,24 @@ class CudaBackend(Backend):
     checks_before_writing = True  # the kernel's host code checks the whole batch first
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        if not _ops.HAS_EXT:
-            return f"the compiled extension could not be loaded ({_ops.EXT_ERROR})"
-        if not hasattr(_ops._C, "adam_step_cuda"):
-            return ("the extension was built without CUDA kernels (torch without CUDA, or no "
-                    "nvcc / CUDA_HOME when it was built)")
+        # Naming the backend builds the CUDA kernels on first use when the installed extension
+        # lacks them (_ops.cuda_module); the reason says why that cannot work here.
         if device.type != "cuda":
             return f"the cuda backend runs CUDA tensors only, not {device.type}"
+        try:
+            _ops.cuda_module()
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+
+    def auto_reason(self, device: torch.device) -> Optional[str]:
+        # "auto" never starts a build of minutes: it takes the prebuilt kernels or moves on
+        # (triton, then the reference).
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors only, not {device.type}"
+        if _ops.cuda_module(build=False) is None:
+            return ("the installed extension has no CUDA kernels (name backend='cuda' to build "
+                    "them on first use)")
         return None
 
     def validate(self, batch: Batch) -> None:
@@ -36,7 +47,7 @@ class CudaBackend(Backend):
     def step(self, batch: Batch) -> None:
         lr = batch.lr
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-        fn = torch.ops.onepass.adam_step_ if _tracing() else _ops._C.adam_step_cuda
+        fn = torch.ops.onepass.adam_step_ if _tracing() else _ops.cuda_module().adam_step_cuda
         fn(batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs,
            batch.steps, lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
            beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps, weight_decay=batch.weight_decay,
