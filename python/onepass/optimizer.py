@@ -14,13 +14,127 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import quant, reference
 from .backends import BACKENDS, Batch, resolve_backend
 from .reference import PARAM_DTYPES, math_dtype
 
-__all__ = ["AdamW", "Adam"]
+__all__ = ["AdamW", "Adam", "torch_state_dict"]
 
-_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_absmax",
+               "exp_avg_sq_absmax", "kahan_comp")
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_STATE_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                      "int8": "int8"}
+#: Tensors with fewer elements keep fp32 state under state_dtype="int8" (their absmax overhead
+#: and kernel cost would outweigh the bytes saved: a 4096-element tensor saves 24 KB).
+MIN_INT8_NUMEL = 4096
+
+
+def _state_dtype(x) -> str:
+    key = str(x).replace("torch.", "")
+    if key not in _STATE_DTYPE_NAMES:
+        raise ValueError(f"onepass: state_dtype must be 'fp32', 'bf16' or 'int8', got {x!r}")
+    return _STATE_DTYPE_NAMES[key]
+
+
+def param_state_format(p: Tensor, state_dtype: str, min_int8_numel: int = MIN_INT8_NUMEL) -> str:
+    """The state format a param gets in a group with ``state_dtype``: float64 params always keep
+    float64 ("fp32", the math dtype) state; int8 only for tensors of >= 2 dims (blocks lie within
+    dim-0 rows, so dim-0 sharding cannot change them) with at least ``min_int8_numel`` elements."""
+    if p.dtype == torch.float64:
+        return "fp32"
+    if state_dtype == "int8" and (p.dim() < 2 or p.numel() < min_int8_numel):
+        return "fp32"
+    return state_dtype
+
+
+def _stored_format(st: Dict[str, Any]) -> str:
+    m = st.get("exp_avg")
+    if isinstance(m, Tensor) and m.dtype == torch.uint8:
+        return "int8"
+    if isinstance(m, Tensor) and m.dtype == torch.bfloat16:
+        return "bf16"
+    return "fp32"
+
+
+def decode_moments(p: Tensor, st: Dict[str, Any]) -> Dict[str, Tensor]:
+    """The moments of one param's state as math-dtype tensors (int8 dequantized, bf16 widened)."""
+    fmt = _stored_format(st)
+    dt = math_dtype(p.dtype)
+    out = {}
+    for k, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        x = st[k]
+        if fmt == "int8":
+            code = quant.code_table(quant.SIGNED_MAP if signed else quant.UNSIGNED_MAP, signed)
+            out[k] = reference.dequantize_blocks(x, st[k + "_absmax"], code)
+        else:
+            out[k] = x.to(dt)
+    if "max_exp_avg_sq" in st:
+        out["max_exp_avg_sq"] = st["max_exp_avg_sq"].to(dt)
+    return out
+
+
+def encode_moments(p: Tensor, moments: Dict[str, Tensor], fmt: str) -> Dict[str, Tensor]:
+    """Math-dtype moments in state format ``fmt`` (bf16: nearest even; int8: quantize_blocks)."""
+    out: Dict[str, Tensor] = {}
+    for k, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        x = moments[k]
+        if fmt == "int8":
+            mid = quant.midpoints(quant.SIGNED_MAP if signed else quant.UNSIGNED_MAP, signed)
+            q, a = reference.quantize_blocks(x.contiguous().to(torch.float32), mid)
+            out[k], out[k + "_absmax"] = q.contiguous(), a.contiguous()
+        elif fmt == "bf16":
+            out[k] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format).copy_(x)
+        else:
+            out[k] = torch.zeros_like(p, dtype=math_dtype(p.dtype), memory_format=torch.preserve_format).copy_(x)
+    if "max_exp_avg_sq" in moments:
+        out["max_exp_avg_sq"] = moments["max_exp_avg_sq"]
+    return out
+
+
+def _new_moments(p: Tensor, fmt: str) -> Dict[str, Tensor]:
+    if fmt == "int8":
+        rows_blocks = reference.absmax_shape(p.shape)
+        return {
+            "exp_avg": torch.zeros(p.shape, dtype=torch.uint8, device=p.device).fill_(_zero_code(True)),
+            "exp_avg_sq": torch.zeros(p.shape, dtype=torch.uint8, device=p.device).fill_(_zero_code(False)),
+            "exp_avg_absmax": torch.zeros(rows_blocks, dtype=torch.float32, device=p.device),
+            "exp_avg_sq_absmax": torch.zeros(rows_blocks, dtype=torch.float32, device=p.device),
+        }
+    dt = torch.bfloat16 if fmt == "bf16" else math_dtype(p.dtype)
+    return {"exp_avg": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)}
+
+
+def _zero_code(signed: bool) -> int:
+    code = quant.code_table(quant.SIGNED_MAP if signed else quant.UNSIGNED_MAP, signed)
+    return int((code == 0).nonzero()[0])
+
+
+def torch_state_dict(optimizer: "AdamW") -> Dict[str, Any]:
+    """``optimizer.state_dict()`` with every moment as a float32/float64 tensor of the param's
+    shape and no onepass-only keys: loadable by torch.optim.AdamW / Adam (int8 dequantized, bf16
+    widened; a Kahan compensation is dropped, so the param itself is what torch continues from)."""
+    sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    by_id = dict(zip(ids, params))
+    state = {}
+    for pid, st in sd["state"].items():
+        if not st:
+            state[pid] = st
+            continue
+        p = by_id[pid]
+        out = {"step": st["step"]}
+        out.update(decode_moments(p, st))
+        state[pid] = out
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        for k in ("state_dtype", "param_rounding", "seed", "min_int8_numel", "backend", "decoupled"):
+            g.pop(k, None)
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
 
 
 def _as_float(x: Union[float, Tensor], what: str) -> float:
@@ -56,6 +170,23 @@ def _check_group(group: Dict[str, Any]) -> None:
     _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
     if group.get("differentiable"):
         raise ValueError("onepass: differentiable=True is not supported (the update is not differentiated)")
+    fmt = _state_dtype(group.get("state_dtype", "fp32"))
+    if fmt != "fp32" and group.get("amsgrad"):
+        raise ValueError("onepass: amsgrad needs state_dtype='fp32' (the max of v is kept in full precision only)")
+    rounding = group.get("param_rounding", "nearest")
+    if rounding not in reference.PARAM_ROUNDINGS:
+        raise ValueError(f"onepass: param_rounding must be one of {reference.PARAM_ROUNDINGS}, got {rounding!r}")
+    if rounding != "nearest":
+        for p in group["params"]:
+            if isinstance(p, Tensor) and p.dtype == torch.float16:
+                raise ValueError(f"onepass: param_rounding={rounding!r} is for bfloat16 params "
+                                 "(float16 params round to nearest; keep an fp32 master copy)")
+    seed = group.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"onepass: seed must be an int in [0, 2**32), got {seed!r}")
+    mn = group.get("min_int8_numel", MIN_INT8_NUMEL)
+    if not isinstance(mn, int) or mn < 0:
+        raise ValueError(f"onepass: min_int8_numel must be an int >= 0, got {mn!r}")
     name = group["backend"]
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"onepass: unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}")
@@ -142,6 +273,13 @@ class AdamW(Optimizer):
         decoupled: True (default) shrinks params by ``1 - lr * weight_decay`` (AdamW); False adds
             ``weight_decay * p`` to the gradient (Adam with L2), as torch.optim.Adam does.
 
+        state_dtype: "fp32" (default), "bf16" (stochastically rounded bf16 moments: 4 bytes a
+            param) or "int8" (blockwise 8-bit moments: ~2.03 bytes a param; tensors of one dim
+            or fewer than ``min_int8_numel`` = 4096 elements keep fp32 state). Not with amsgrad.
+        param_rounding: how bf16 params are written: "nearest" (default), "stochastic" or
+            "kahan" (a bf16 compensation buffer in the state, key "kahan_comp").
+        seed: keys the random bits of stochastic rounding (reproducible on every backend).
+
     ``foreach`` and ``fused`` are accepted for compatibility and ignored: onepass always runs one
     fused pass. ``differentiable=True`` is rejected. State keys and the ``step`` tensor match
     torch's, so state dicts load in both directions. Every backend gives the bits of
@@ -166,6 +304,10 @@ class AdamW(Optimizer):
         fused: Optional[bool] = None,
         backend: str = "auto",
         decoupled: Optional[bool] = None,
+        state_dtype: str = "fp32",
+        param_rounding: str = "nearest",
+        seed: int = 0,
+        min_int8_numel: int = MIN_INT8_NUMEL,
     ):
         if decoupled is None:
             decoupled = self._decoupled_default
@@ -176,6 +318,8 @@ class AdamW(Optimizer):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused, backend=backend, decoupled=bool(decoupled),
+            state_dtype=state_dtype, param_rounding=param_rounding, seed=seed,
+            min_int8_numel=min_int8_numel,
         )
         self._batch_cache: Dict[int, tuple] = {}
         super().__init__(params, defaults)
@@ -226,18 +370,22 @@ class AdamW(Optimizer):
                 group.setdefault(k, v)
 
     # ---- step ----------------------------------------------------------------------------------------
-    def _group_batch(self, group: Dict[str, Any], grad_scale, found_inf) -> Optional[Tuple[Any, Batch, list]]:
-        """The batch of one group (every param with a grad), its backend, and the params whose
-        state this call created (so a failed step can take them back)."""
+    def _group_batch(self, group: Dict[str, Any], grad_scale, found_inf) -> List[Tuple[Any, Batch, list]]:
+        """The batches of one group (every param with a grad, one batch per state format and
+        param rounding), their backend, and the params whose state this call created (so a
+        failed step can take them back)."""
         params = group["params"]
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
             params = [p for p, g in zip(params, grads) if g is not None]
             grads = [g for g in grads if g is not None]
         if not params:
-            return None
+            return []
         amsgrad = bool(group["amsgrad"])
-        mode = (amsgrad, bool(group["capturable"]))
+        fmt = _state_dtype(group.get("state_dtype", "fp32"))
+        rounding = group.get("param_rounding", "nearest")
+        min_int8 = group.get("min_int8_numel", MIN_INT8_NUMEL)
+        mode = (amsgrad, bool(group["capturable"]), fmt, rounding, min_int8)
         # The state lists of a group are cached between steps: looking up 2000 params' state
         # costs ~2 ms of Python per step, a fifth of the whole `small` step. The cache is valid
         # while the same params have grads and no state dict was written (_STATE_EPOCH).
@@ -248,12 +396,12 @@ class AdamW(Optimizer):
             cache is not None and cache[0] == ids and cache[1] == _STATE_EPOCH[0]
             and cache[2] is self.state and cache[3] == mode
         ):
-            lists, scratch = cache[4], cache[5]
+            parts = cache[4]
         else:
-            lists, tracked = self._state_lists(params, amsgrad, created, bool(group["capturable"]))
-            scratch = {}
+            parts, tracked = self._state_lists(params, amsgrad, created,
+                                               bool(group["capturable"]), fmt, rounding, min_int8)
             if tracked:
-                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, lists, scratch)
+                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, parts)
             else:  # a plain dict put in by hand: its writes are not seen, so never cache it
                 self._batch_cache.pop(id(group), None)
         device = params[0].device
@@ -264,32 +412,61 @@ class AdamW(Optimizer):
                 f"device); the {backend.name!r} backend reads it on the host"
             )
         beta1, beta2 = group["betas"]
-        batch = Batch(
-            params=params, grads=grads, exp_avgs=lists[0], exp_avg_sqs=lists[1],
-            max_exp_avg_sqs=lists[2], steps=lists[3], lr=group["lr"],
-            beta1=_as_float(beta1, "beta1"), beta2=_as_float(beta2, "beta2"),
-            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
-            maximize=bool(group["maximize"]), decoupled=bool(group["decoupled"]),
-            grad_scale=grad_scale, found_inf=found_inf, device=device, scratch=scratch,
-        )
-        return backend, batch, created
+        out = []
+        for (pfmt, prnd), (ps, idx, lists, scratch) in parts.items():
+            # grads are this step's (the cache holds params and state only)
+            gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
+            batch = Batch(
+                params=ps, grads=gs, exp_avgs=lists[0], exp_avg_sqs=lists[1],
+                max_exp_avg_sqs=lists[2], steps=lists[3], lr=group["lr"],
+                beta1=_as_float(beta1, "beta1"), beta2=_as_float(beta2, "beta2"),
+                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
+                maximize=bool(group["maximize"]), decoupled=bool(group["decoupled"]),
+                grad_scale=grad_scale, found_inf=found_inf, device=device, scratch=scratch,
+                state_format=pfmt, exp_avg_absmaxs=lists[4], exp_avg_sq_absmaxs=lists[5],
+                qtables=quant.tables(device) if pfmt == "int8" else None,
+                param_rounding=prnd, kahan_comps=lists[6], seed=int(group.get("seed", 0)),
+            )
+            chosen = backend
+            why = backend.unsupported_reason(batch)
+            if why is not None:
+                if group["backend"] != "auto":
+                    raise RuntimeError(f"onepass: backend {backend.name!r} cannot run this group: {why}")
+                chosen = BACKENDS["reference"]  # auto: the reference runs every format
+            out.append((chosen, batch, created if not out else []))
+        return out
 
-    def _state_lists(self, params: List[Tensor], amsgrad: bool, created: list, capturable: bool = False):
-        """((exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps), tracked) of ``params``, creating
-        missing state; ``tracked`` is False when some param's state is a plain dict put there by
-        hand (its writes are not seen, so the lists must not be cached)."""
-        exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+    def _state_lists(self, params: List[Tensor], amsgrad: bool, created: list,
+                     capturable: bool = False, fmt: str = "fp32", rounding: str = "nearest",
+                     min_int8: int = MIN_INT8_NUMEL):
+        """({(state format, rounding): (params, their indices, lists, scratch)}, tracked) of ``params``,
+        creating missing state (and converting state stored in another format, e.g. after
+        state_dtype changed or a torch state dict was loaded); ``tracked`` is False when some
+        param's state is a plain dict put there by hand (its writes are not seen, so the lists
+        must not be cached). lists: exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, the two absmax
+        lists, kahan compensations."""
+        parts: Dict[Tuple[str, str], tuple] = {}
         tracked = True
         state_of = self.state
-        for p in params:
+        for j, p in enumerate(params):
             st = state_of[p]
             is_new = not st
+            pfmt = param_state_format(p, fmt, min_int8)
+            prnd = rounding if p.dtype == torch.bfloat16 else "nearest"
             if is_new:
                 created.append(p)
-                dt = math_dtype(p.dtype)
                 st["step"] = _new_step()
-                st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                st.update(_new_moments(p, pfmt))
+            elif _stored_format(st) != pfmt:
+                moments = decode_moments(p, st)
+                for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+                    st.pop(k, None)
+                st.update(encode_moments(p, moments, pfmt))
+            if prnd == "kahan" and "kahan_comp" not in st:
+                st["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif prnd != "kahan" and "kahan_comp" in st:
+                # leaving Kahan: fold the compensation into the param (rounded once)
+                p.add_(st.pop("kahan_comp"))
             if capturable and p.is_cuda and not st["step"].is_cuda:
                 # capturable: the count lives on the device so a CUDA graph can advance it
                 st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
@@ -301,12 +478,23 @@ class AdamW(Optimizer):
                     )
                 st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.preserve_format)
             tracked = tracked and type(st) is _ParamState
-            steps.append(st["step"])
-            exp_avgs.append(st["exp_avg"])
-            exp_avg_sqs.append(st["exp_avg_sq"])
+            key = (pfmt, prnd)
+            if key not in parts:
+                parts[key] = ([], [], ([], [], [], [], [], [], []), {})
+            ps, idx, lists, _ = parts[key]
+            ps.append(p)
+            idx.append(j)
+            lists[3].append(st["step"])
+            lists[0].append(st["exp_avg"])
+            lists[1].append(st["exp_avg_sq"])
             if amsgrad:
-                max_sqs.append(st["max_exp_avg_sq"])
-        return (exp_avgs, exp_avg_sqs, max_sqs, steps), tracked
+                lists[2].append(st["max_exp_avg_sq"])
+            if pfmt == "int8":
+                lists[4].append(st["exp_avg_absmax"])
+                lists[5].append(st["exp_avg_sq_absmax"])
+            if prnd == "kahan":
+                lists[6].append(st["kahan_comp"])
+        return parts, tracked
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -322,8 +510,7 @@ class AdamW(Optimizer):
         try:
             for group in self.param_groups:
                 _check_group(group)
-                item = self._group_batch(group, grad_scale, found_inf)
-                if item is not None:
+                for item in self._group_batch(group, grad_scale, found_inf):
                     plan.append(item[:2])
                     created.extend(item[2])
             for backend, batch in plan:
@@ -428,6 +615,13 @@ class AdamW(Optimizer):
         if not (step_value >= 0 and step_value == math.floor(step_value) and step_value < 2**24):
             raise ValueError(f"onepass: the step of param {pid!r} must be a whole number >= 0, got {step!r}")
         out: Dict[str, Any] = {"step": torch.tensor(step_value, dtype=_new_step().dtype)}
+        fmt = _stored_format(st)
+        if fmt != "fp32":
+            # A onepass bf16/int8 state: kept in its own format (a step converts it if the group
+            # asks for another), so a save/load round trip changes no bit.
+            return AdamW._load_lowp_state(p, st, pid, fmt, out)
+        if "kahan_comp" in st:
+            out["kahan_comp"] = AdamW._load_like(p, st["kahan_comp"], p.dtype, "kahan_comp", pid)
         dt = math_dtype(p.dtype)
         for k in _MOMENT_KEYS:
             if k not in st:
@@ -441,6 +635,39 @@ class AdamW(Optimizer):
                     f"has shape {tuple(p.shape)}"
                 )
             out[k] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format).copy_(v)
+        return out
+
+
+    @staticmethod
+    def _load_like(p: Tensor, v: Any, dtype: torch.dtype, k: str, pid: Any) -> Tensor:
+        if not isinstance(v, Tensor) or v.dtype != dtype or v.shape != p.shape:
+            raise ValueError(f"onepass: state {k!r} of param {pid!r} must be a {dtype} tensor of "
+                             f"shape {tuple(p.shape)}")
+        return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(v)
+
+    @staticmethod
+    def _load_lowp_state(p: Tensor, st: Dict[str, Any], pid: Any, fmt: str, out: Dict[str, Any]):
+        if "max_exp_avg_sq" in st:
+            raise ValueError(f"onepass: param {pid!r}: amsgrad state needs fp32 moments")
+        if fmt == "bf16":
+            if p.dtype == torch.float64:
+                raise ValueError(f"onepass: param {pid!r} is float64; its state must be float64")
+            for k in ("exp_avg", "exp_avg_sq"):
+                out[k] = AdamW._load_like(p, st[k], torch.bfloat16, k, pid)
+        else:
+            shape = tuple(reference.absmax_shape(p.shape))
+            for k in ("exp_avg", "exp_avg_sq"):
+                q, a = st[k], st.get(k + "_absmax")
+                if not (isinstance(q, Tensor) and q.dtype == torch.uint8 and q.shape == p.shape
+                        and isinstance(a, Tensor) and a.dtype == torch.float32
+                        and tuple(a.shape) == shape):
+                    raise ValueError(
+                        f"onepass: int8 state {k!r} of param {pid!r} needs uint8 codes of shape "
+                        f"{tuple(p.shape)} and a float32 {k}_absmax of shape {shape}")
+                out[k] = q.to(p.device).contiguous().clone()
+                out[k + "_absmax"] = a.to(p.device).contiguous().clone()
+        if "kahan_comp" in st:
+            out["kahan_comp"] = AdamW._load_like(p, st["kahan_comp"], p.dtype, "kahan_comp", pid)
         return out
 
 
@@ -470,9 +697,15 @@ class Adam(AdamW):
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
         decoupled: Optional[bool] = None,
+        state_dtype: str = "fp32",
+        param_rounding: str = "nearest",
+        seed: int = 0,
+        min_int8_numel: int = MIN_INT8_NUMEL,
     ):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable, fused=fused, backend=backend,
             decoupled=decoupled_weight_decay if decoupled is None else decoupled,
+            state_dtype=state_dtype, param_rounding=param_rounding, seed=seed,
+            min_int8_numel=min_int8_numel,
         )

@@ -28,6 +28,21 @@ operation at a time, in exactly this order::
 ``p`` is read from the param (bf16/fp16 widened exactly) and written back rounded to nearest even.
 State (m, v, v_max) is float32 for float32/bf16/fp16 params and float64 for float64 params.
 
+Storage (low precision; each rule is one function below, shared by every backend's statement):
+
+* ``state_format="bf16"``: m and v are stored as bfloat16, widened exactly on load and rounded
+  **stochastically** on store (:func:`round_bf16_stochastic`: nearest rounding would freeze v,
+  since (1 - beta2) * v = 0.001 v is below half a bf16 ulp of v).
+* ``state_format="int8"``: m and v are stored as one byte per element, the index of a code of a
+  256-value map (onepass.quant: signed for m, unsigned for v), and one float32 absmax per block of
+  ``INT8_BLOCK`` = 256 elements of a dim-0 row. Load: ``code[q] * absmax``. Store: the updated
+  block's absmax, then the nearest code of ``x / absmax`` (:func:`quantize_blocks`).
+* bf16 params: ``param_rounding="stochastic"`` rounds the new param stochastically;
+  ``"kahan"`` keeps a bf16 compensation c: the param's value is ``p + c`` (one float32 add) and,
+  after the update, ``p = nearest(p_new)``, ``c = nearest(p_new - p)``.
+* Random bits come from a counter-based hash of (seed, step, stream, element index)
+  (:func:`stream_key`, :func:`random_bits`): reproducible, and the same on every backend.
+
 When ``found_inf`` (from ``torch.amp.GradScaler``) is non-zero nothing changes: no param, no
 moment and no step count.
 
@@ -245,6 +260,126 @@ def _read_step(step: Tensor) -> int:
     return int(value)
 
 
+# ---- low-precision state and params (ARCHITECTURE.md section 2) ----------------------------------
+
+#: Optimizer-state formats: "fp32" (the math dtype: float32, float64 for float64 params), "bf16"
+#: (moments rounded stochastically to bfloat16) and "int8" (blockwise 8-bit codes + absmax).
+STATE_FORMATS = ("fp32", "bf16", "int8")
+#: How a bf16 param is written back: to nearest even, stochastically, or with a bf16 Kahan
+#: compensation buffer carrying what the rounding lost.
+PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
+#: int8 state: elements per block (one float32 absmax each), blocks never crossing a dim-0 row.
+INT8_BLOCK = 256
+#: Random-stream numbers of the counter-based hash: the param and the two bf16 moments.
+STREAM_PARAM, STREAM_M, STREAM_V = 0, 1, 2
+
+_M32 = 0xFFFFFFFF
+# Multipliers of the 32-bit mixing function (a lowbias32-style xor-shift-multiply hash; constants
+# below 2**31 so the products stay exact in int64 in the torch statement below).
+_MIX1, _MIX2 = 0x21F0AAAD, 0x735A2D97
+_GOLDEN = 0x9E3779B9   # spreads consecutive (step, stream) counters over the key space
+_HI_MULT = 0x85EBCA6B  # folds bits 32.. of an element index into the key
+
+
+def mix32(x):
+    """The 32-bit mixing function on an int (Python) or an int64 tensor of values in [0, 2**32):
+    x ^= x>>16; x *= 0x21F0AAAD; x ^= x>>15; x *= 0x735A2D97; x ^= x>>15 (all mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MIX2) & _M32
+    return x ^ (x >> 15)
+
+
+def stream_key(seed: int, step: int, stream: int) -> int:
+    """The 32-bit key of one random stream at one step (host side, once per tensor and step)."""
+    return mix32((int(seed) + _GOLDEN * (4 * int(step) + int(stream))) & _M32)
+
+
+def random_bits(key: int, index: Tensor) -> Tensor:
+    """32 random bits per element: mix32(key ^ lo32(index) ^ (hi32(index) * 0x85EBCA6B mod 2**32))
+    for int64 element indices; an int64 tensor of values in [0, 2**32)."""
+    folded = (index & _M32) ^ (((index >> 32) * _HI_MULT) & _M32)
+    return mix32(folded ^ key)
+
+
+def round_bf16_stochastic(x: Tensor, bits: Tensor) -> Tensor:
+    """float32 -> bfloat16, rounding up in magnitude with probability (dropped bits) / 2**16: the
+    low 16 random bits are added to the float32 bit pattern, then the low half is cut off.
+    Non-finite values round to nearest (NaN stays NaN, inf stays inf)."""
+    b = x.view(torch.int32).to(torch.int64) & _M32
+    hi = (torch.add(b, bits & 0xFFFF) >> 16) & 0xFFFF
+    sr = torch.sub(torch.bitwise_xor(hi, 0x8000), 0x8000).to(torch.int16).view(torch.bfloat16)
+    return torch.where(torch.isfinite(x), sr, x.to(torch.bfloat16))
+
+
+def element_index(param: Tensor, contiguous_walk: bool = False) -> Tensor:
+    """Each element's index in the order the kernels walk the param: storage order for a dense
+    param (its state has the same strides), row-major order otherwise or when ``contiguous_walk``
+    (int8 state, which is always row-major)."""
+    n = param.numel()
+    base = torch.arange(n, dtype=torch.int64, device=param.device)
+    if not contiguous_walk and _dense(param) and not param.is_contiguous():
+        return base.as_strided(param.shape, param.stride())
+    return base.view(param.shape)
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of its dims is contiguous (as at::Tensor's
+    is_non_overlapping_and_dense, which Python does not expose)."""
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+def int8_rows(shape) -> tuple[int, int]:
+    """(rows, row length) of the int8 block layout: dim 0 by the rest (a 0-/1-dim tensor is one row)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if len(shape) < 2:
+        return 1, n
+    rows = int(shape[0])
+    return rows, (n // rows if rows else 0)
+
+
+def absmax_shape(shape) -> tuple[int, int]:
+    """The shape of an int8 moment's absmax tensor: (rows, blocks per row)."""
+    rows, length = int8_rows(shape)
+    return rows, -(-length // INT8_BLOCK)
+
+
+def dequantize_blocks(q: Tensor, absmax: Tensor, code: Tensor) -> Tensor:
+    """float32 values code[q] * absmax (one multiply) of a uint8 tensor laid out as int8_rows."""
+    rows, length = int8_rows(q.shape)
+    vals = code.to(q.device)[q.reshape(rows, length).long()]
+    scale = absmax.repeat_interleave(INT8_BLOCK, dim=1)[:, :length]
+    return torch.mul(vals, scale).view(q.shape)
+
+
+def quantize_blocks(x: Tensor, mid: Tensor) -> tuple[Tensor, Tensor]:
+    """(codes uint8 of x's shape, absmax float32 [rows, blocks]) of float32 ``x``.
+
+    absmax = max |x| over the block (NaN if any element is NaN); x / absmax (one correctly rounded
+    division; 0 when absmax is 0 or NaN) picks code q = number of midpoints < x / absmax, so ties go
+    to the lower code and NaN to code 0. A non-finite block therefore dequantizes to non-finite
+    values (absmax inf or NaN): never to plausible-looking numbers."""
+    rows, length = int8_rows(x.shape)
+    x2 = x.reshape(rows, length)
+    nb = -(-length // INT8_BLOCK)
+    padded = torch.nn.functional.pad(x2, (0, nb * INT8_BLOCK - length))
+    absmax = padded.view(rows, nb, INT8_BLOCK).abs().amax(dim=-1)
+    scale = absmax.repeat_interleave(INT8_BLOCK, dim=1)[:, :length]
+    xn = torch.where(scale > 0, torch.div(x2, scale), torch.zeros((), dtype=x.dtype, device=x.device))
+    q = torch.searchsorted(mid.to(x.device), xn.contiguous())
+    q = torch.where(torch.isnan(xn), torch.zeros_like(q), q)
+    return q.to(torch.uint8).view(x.shape), absmax
+
+
 def adam_step_(
     param: Tensor,
     grad: Tensor,
@@ -263,42 +398,102 @@ def adam_step_(
     decoupled: bool,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    state_format: str = "fp32",
+    exp_avg_absmax: Optional[Tensor] = None,
+    exp_avg_sq_absmax: Optional[Tensor] = None,
+    param_rounding: str = "nearest",
+    kahan_comp: Optional[Tensor] = None,
+    seed: int = 0,
+    qtables: Optional[Tensor] = None,
 ) -> None:
     """One Adam(W) step of one tensor, in place: param, exp_avg, exp_avg_sq, max_exp_avg_sq, step.
 
     ``step`` is the 0-dim step-count tensor of the param's state; it is incremented first and the
     scalars use the new count. See the module docstring for the exact order of operations.
+
+    Low precision (module docstring, "Storage"): ``state_format`` "bf16" keeps bf16 moments,
+    "int8" uint8 codes with float32 ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` (quant.tables()
+    gives ``qtables``); ``param_rounding`` "stochastic" or "kahan" (with ``kahan_comp``, a bf16
+    tensor like the param) for bf16 params; ``seed`` keys the random streams.
     """
     if found_inf is not None and bool(found_inf.item() != 0):
         return
     step.add_(1)
-    s = step_scalars(_read_step(step), float(lr), beta1, beta2, eps, weight_decay, decoupled)
+    t = _read_step(step)
+    s = step_scalars(t, float(lr), beta1, beta2, eps, weight_decay, decoupled)
     flags = dict(amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale)
+    low = dict(fmt=state_format, absmax_m=exp_avg_absmax, absmax_v=exp_avg_sq_absmax,
+               rounding=param_rounding, comp=kahan_comp, seed=seed, t=t, qtables=qtables)
     tensors = [param, grad, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
-    if param.numel() > _CHUNK and all(t.is_contiguous() for t in tensors):
-        # The math is elementwise, so slices give the same bits; slicing bounds the temporaries
-        # (the float64 square-root check needs ~10x the tensor's bytes) for 2**30-element tensors.
-        flat = [t.view(-1) for t in tensors]
-        for i in range(0, param.numel(), _CHUNK):
-            part = [t[i:i + _CHUNK] for t in flat]
-            _update(*part[:4], part[4] if amsgrad else None, s, **flags)
+    if kahan_comp is not None:
+        tensors.append(kahan_comp)
+    if param.numel() > _CHUNK and all(t_.is_contiguous() for t_ in tensors):
+        # The math is elementwise (per block for int8), so slices of whole rows give the same
+        # bits; slicing bounds the temporaries (the float64 square-root check needs ~10x the
+        # tensor's bytes) for 2**30-element tensors.
+        rows, length = int8_rows(param.shape) if state_format == "int8" else (param.numel(), 1)
+        step_rows = max(1, _CHUNK // max(length, 1))
+        flat = [x.reshape(rows, -1) for x in tensors]
+        for r in range(0, rows, step_rows):
+            part = [x[r:r + step_rows] for x in flat]
+            extra = dict(low, base=r * length)
+            if state_format == "int8":
+                extra["absmax_m"] = exp_avg_absmax[r:r + step_rows]
+                extra["absmax_v"] = exp_avg_sq_absmax[r:r + step_rows]
+            if kahan_comp is not None:
+                extra["comp"] = part[-1]
+            _update(*part[:4], part[4] if amsgrad else None, s, **flags, **extra)
     else:
-        _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, **flags)
+        _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, **flags, **low)
 
 
 _CHUNK = 1 << 24
 
 
+def _load_moment(x: Tensor, absmax: Optional[Tensor], fmt: str, dt: torch.dtype,
+                 code: Optional[Tensor]) -> Tensor:
+    if fmt == "int8":
+        return dequantize_blocks(x, absmax, code)
+    return x.to(dt)  # fp32: as is; bf16: widened exactly
+
+
+def _store_moment(dst: Tensor, absmax: Optional[Tensor], value: Tensor, fmt: str,
+                  mid: Optional[Tensor], key: Optional[int], index: Optional[Tensor]) -> None:
+    if fmt == "int8":
+        q, a = quantize_blocks(value, mid)
+        dst.copy_(q)
+        absmax.copy_(a)
+    elif fmt == "bf16":
+        dst.copy_(round_bf16_stochastic(value, random_bits(key, index)))
+    else:
+        dst.copy_(value)
+
+
 def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: StepScalars, *, amsgrad, maximize,
-            decoupled, grad_scale) -> None:
-    """The element math of the module docstring on one tensor (or slice), in place."""
+            decoupled, grad_scale, fmt="fp32", absmax_m=None, absmax_v=None, rounding="nearest",
+            comp=None, seed=0, t=0, qtables=None, base=0) -> None:
+    """The element math of the module docstring on one tensor (or slice of whole rows), in place.
+    ``base`` is the slice's first element index (the random streams are keyed by it)."""
     dt = math_dtype(param.dtype)
     dev = param.device
 
     def c(x: float) -> Tensor:
         return _scalar(x, dt, dev)
 
+    stochastic = rounding == "stochastic" and param.dtype == torch.bfloat16
+    index = None
+    if fmt == "bf16" or stochastic:
+        index = torch.add(element_index(param, contiguous_walk=fmt == "int8"), base)
+    codes = (None,) * 4
+    if fmt == "int8":
+        from .quant import CODE_M, CODE_V, MID_M, MID_V, TABLES_LEN  # noqa: PLC0415
+
+        tab = qtables.to(dev)
+        codes = (tab[CODE_M:MID_M], tab[MID_M:CODE_V], tab[CODE_V:MID_V], tab[MID_V:TABLES_LEN])
+
     p = param.to(dt)
+    if comp is not None:
+        p = torch.add(p, comp.to(dt))  # Kahan: the param's value is p + its compensation
     g = grad.to(dt)
     if grad_scale is not None:
         g = torch.div(g, grad_scale.to(dtype=dt, device=dev))
@@ -306,17 +501,28 @@ def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: StepScalars, *,
         g = torch.neg(g)
     if not decoupled:
         g = torch.add(g, torch.mul(c(s.weight_decay), p))
-    m = torch.add(torch.mul(c(s.beta1), exp_avg), torch.mul(c(s.one_minus_beta1), g))
-    v = torch.add(torch.mul(c(s.beta2), exp_avg_sq), torch.mul(c(s.one_minus_beta2), torch.mul(g, g)))
+    m0 = _load_moment(exp_avg, absmax_m, fmt, dt, codes[0])
+    v0 = _load_moment(exp_avg_sq, absmax_v, fmt, dt, codes[2])
+    m = torch.add(torch.mul(c(s.beta1), m0), torch.mul(c(s.one_minus_beta1), g))
+    v = torch.add(torch.mul(c(s.beta2), v0), torch.mul(c(s.one_minus_beta2), torch.mul(g, g)))
     vh = v
     if amsgrad:
         vh = torch.maximum(max_exp_avg_sq, v)
         max_exp_avg_sq.copy_(vh)
     denom = torch.add(torch.div(sqrt_rn(vh), c(s.bc2_sqrt)), c(s.eps))
     p = torch.sub(torch.mul(p, c(s.decay)), torch.mul(c(s.step_size), torch.div(m, denom)))
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-    param.copy_(p)  # rounds to nearest even for bf16/fp16 params
+    key_m = stream_key(seed, t, STREAM_M) if fmt == "bf16" else None
+    key_v = stream_key(seed, t, STREAM_V) if fmt == "bf16" else None
+    _store_moment(exp_avg, absmax_m, m, fmt, codes[1], key_m, index)
+    _store_moment(exp_avg_sq, absmax_v, v, fmt, codes[3], key_v, index)
+    if stochastic:
+        param.copy_(round_bf16_stochastic(p, random_bits(stream_key(seed, t, STREAM_PARAM), index)))
+    elif comp is not None:
+        stored = p.to(param.dtype)  # nearest even
+        comp.copy_(torch.sub(p, stored.to(dt)).to(comp.dtype))
+        param.copy_(stored)
+    else:
+        param.copy_(p)  # rounds to nearest even for bf16/fp16 params
 
 
 def adam_step_batch_(
@@ -337,13 +543,27 @@ def adam_step_batch_(
     decoupled: bool,
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    state_format: str = "fp32",
+    exp_avg_absmaxs: Sequence[Tensor] = (),
+    exp_avg_sq_absmaxs: Sequence[Tensor] = (),
+    param_rounding: str = "nearest",
+    kahan_comps: Sequence[Tensor] = (),
+    seed: int = 0,
+    qtables: Optional[Tensor] = None,
 ) -> None:
     """:func:`adam_step_` over the lists of one batch (the reference backend's whole job)."""
     if found_inf is not None and bool(found_inf.item() != 0):
         return
+    int8 = state_format == "int8"
     for i, (p, g, m, v, st) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         adam_step_(
             p, g, m, v, max_exp_avg_sqs[i] if amsgrad else None, st,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad, maximize=maximize, decoupled=decoupled, grad_scale=grad_scale,
+            state_format=state_format,
+            exp_avg_absmax=exp_avg_absmaxs[i] if int8 else None,
+            exp_avg_sq_absmax=exp_avg_sq_absmaxs[i] if int8 else None,
+            param_rounding=param_rounding,
+            kahan_comp=kahan_comps[i] if param_rounding == "kahan" else None,
+            seed=seed, qtables=qtables,
         )

@@ -35,6 +35,19 @@ class Batch:
     grad_scale: Optional[Tensor] = None
     found_inf: Optional[Tensor] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: Low precision (reference.py, "Storage"). ``state_format``: "fp32" (moments in the math
+    #: dtype), "bf16" (bf16 moments, stochastic rounding) or "int8" (uint8 codes in exp_avgs /
+    #: exp_avg_sqs plus float32 absmax lists ``exp_avg_absmaxs`` / ``exp_avg_sq_absmaxs`` of
+    #: shape reference.absmax_shape(param.shape); ``qtables`` = quant.tables(device)).
+    #: ``param_rounding``: "nearest", or for bf16 params "stochastic" / "kahan" (with the bf16
+    #: ``kahan_comps``). ``seed`` keys the random streams. amsgrad only with "fp32".
+    state_format: str = "fp32"
+    exp_avg_absmaxs: List[Tensor] = field(default_factory=list)
+    exp_avg_sq_absmaxs: List[Tensor] = field(default_factory=list)
+    qtables: Optional[Tensor] = None
+    param_rounding: str = "nearest"
+    kahan_comps: List[Tensor] = field(default_factory=list)
+    seed: int = 0
     #: A dict that lives as long as the state lists above stay the same objects (the optimizer's
     #: per-group cache): a backend may keep what it derives from them here (tables, pointers).
     #: Fresh and empty whenever the lists were rebuilt.
@@ -50,6 +63,18 @@ class Backend:
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run tensors on ``device``; else why it cannot."""
         raise NotImplementedError
+
+    #: The state formats and param roundings this backend's kernels implement.
+    state_formats: tuple = ("fp32",)
+    param_roundings: tuple = ("nearest",)
+
+    def unsupported_reason(self, batch: "Batch") -> Optional[str]:
+        """None when this backend implements the batch's state format and param rounding."""
+        if batch.state_format not in self.state_formats:
+            return f"the {self.name} backend has no {batch.state_format} state yet"
+        if batch.param_rounding not in self.param_roundings:
+            return f"the {self.name} backend has no {batch.param_rounding} param rounding yet"
+        return None
 
     def auto_reason(self, device: torch.device) -> Optional[str]:
         """Like ``unavailable_reason``, for backend="auto" and listings: never starts a build."""

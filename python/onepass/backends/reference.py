@@ -29,17 +29,45 @@ def check_batch(batch: Batch, check_state: bool = True) -> None:
             _bad_pair(i, p, g)
     if not check_state:
         return
+    fmt = batch.state_format
+    if fmt not in reference.STATE_FORMATS:
+        raise ValueError(f"onepass: unknown state format {fmt!r}")
+    if fmt != "fp32" and batch.amsgrad:
+        raise ValueError("onepass: amsgrad needs state_dtype='fp32'")
+    if batch.param_rounding not in reference.PARAM_ROUNDINGS:
+        raise ValueError(f"onepass: unknown param_rounding {batch.param_rounding!r}")
+    int8 = fmt == "int8"
+    kahan = batch.param_rounding == "kahan"
+    if (int8 and (len(batch.exp_avg_absmaxs) != n or len(batch.exp_avg_sq_absmaxs) != n
+                  or batch.qtables is None)) or (kahan and len(batch.kahan_comps) != n):
+        raise ValueError("onepass: int8 state needs absmax lists and qtables, kahan rounding "
+                         "a compensation per param")
     for i, p in enumerate(batch.params):
         math = reference.math_dtype(p.dtype)
-        states = [("exp_avgs", batch.exp_avgs[i]), ("exp_avg_sqs", batch.exp_avg_sqs[i])]
+        if fmt != "fp32" and (math != torch.float32):
+            raise ValueError(f"onepass: {fmt} state is for float32/bf16/fp16 params, got {p.dtype}")
+        if batch.param_rounding != "nearest" and p.dtype != torch.bfloat16:
+            raise ValueError(f"onepass: param_rounding={batch.param_rounding!r} is for bfloat16 "
+                             f"params, got {p.dtype}")
+        sdt = {"fp32": math, "bf16": torch.bfloat16, "int8": torch.uint8}[fmt]
+        states = [("exp_avgs", batch.exp_avgs[i], sdt, p.shape),
+                  ("exp_avg_sqs", batch.exp_avg_sqs[i], sdt, p.shape)]
         if batch.amsgrad:
-            states.append(("max_exp_avg_sqs", batch.max_exp_avg_sqs[i]))
-        for name, s in states:
-            if s.dtype != math or s.shape != p.shape or s.device != p.device:
+            states.append(("max_exp_avg_sqs", batch.max_exp_avg_sqs[i], sdt, p.shape))
+        if int8:
+            shape = torch.Size(reference.absmax_shape(p.shape))
+            states += [("exp_avg_absmaxs", batch.exp_avg_absmaxs[i], torch.float32, shape),
+                       ("exp_avg_sq_absmaxs", batch.exp_avg_sq_absmaxs[i], torch.float32, shape)]
+        if kahan:
+            states.append(("kahan_comps", batch.kahan_comps[i], p.dtype, p.shape))
+        for name, s, dtype, shape in states:
+            if s.dtype != dtype or s.shape != shape or s.device != p.device:
                 raise RuntimeError(
-                    f"onepass: {name}[{i}] must be a {math} tensor of shape {tuple(p.shape)} on "
+                    f"onepass: {name}[{i}] must be a {dtype} tensor of shape {tuple(shape)} on "
                     f"{p.device}, got {s.dtype} {tuple(s.shape)} on {s.device}"
                 )
+            if int8 and not s.is_contiguous():
+                raise RuntimeError(f"onepass: {name}[{i}] of int8 state must be contiguous")
 
 
 def _bad_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
@@ -61,6 +89,8 @@ def _bad_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    state_formats = reference.STATE_FORMATS
+    param_roundings = reference.PARAM_ROUNDINGS
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         return None
@@ -74,4 +104,7 @@ class ReferenceBackend(Backend):
             batch.steps, lr=batch.lr, beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps,
             weight_decay=batch.weight_decay, amsgrad=batch.amsgrad, maximize=batch.maximize,
             decoupled=batch.decoupled, grad_scale=batch.grad_scale, found_inf=batch.found_inf,
+            state_format=batch.state_format, exp_avg_absmaxs=batch.exp_avg_absmaxs,
+            exp_avg_sq_absmaxs=batch.exp_avg_sq_absmaxs, param_rounding=batch.param_rounding,
+            kahan_comps=batch.kahan_comps, seed=batch.seed, qtables=batch.qtables,
         )
