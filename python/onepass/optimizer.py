@@ -583,6 +583,21 @@ class AdamW(Optimizer):
                 merged.setdefault(k, v)
             _check_group(merged)
 
+        # State saved in another format than its group asks for (e.g. torch.optim.AdamW's fp32
+        # moments into a state_dtype="int8" optimizer) is converted now, so state_dict() and the
+        # memory held reflect the group's format right after loading.
+        for group in param_groups:
+            fmt = _state_dtype(group.get("state_dtype", self.defaults["state_dtype"]))
+            mn = group.get("min_int8_numel", self.defaults["min_int8_numel"])
+            for p in group["params"]:
+                st = new_state.get(p)
+                if st and "exp_avg" in st and "max_exp_avg_sq" not in st:
+                    want = param_state_format(p, fmt, mn)
+                    if _stored_format(st) != want:
+                        moments = decode_moments(p, st)
+                        for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+                            st.pop(k, None)
+                        st.update(encode_moments(p, moments, want))
         state = _State()
         for p, st in new_state.items():
             state[p] = _ParamState(st)

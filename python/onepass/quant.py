@@ -90,11 +90,13 @@ def midpoints(name: str, signed: bool) -> torch.Tensor:
     return mid
 
 
-def tables(device: torch.device | str = "cpu", signed_map: str = SIGNED_MAP,
-           unsigned_map: str = UNSIGNED_MAP) -> torch.Tensor:
+def tables(device: torch.device | str = "cpu", signed_map: str | None = None,
+           unsigned_map: str | None = None) -> torch.Tensor:
     """The four tables a kernel needs, packed in one float32 tensor of 1022 values on ``device``:
-    signed codes (256), signed midpoints (255), unsigned codes (256), unsigned midpoints (255)."""
-    return _tables(str(torch.device(device)), signed_map, unsigned_map)
+    signed codes (256), signed midpoints (255), unsigned codes (256), unsigned midpoints (255).
+    The maps default to SIGNED_MAP / UNSIGNED_MAP as they are at the call (the map comparison
+    in bench/quant_maps.py sets them)."""
+    return _tables(str(torch.device(device)), signed_map or SIGNED_MAP, unsigned_map or UNSIGNED_MAP)
 
 
 @lru_cache(maxsize=None)
