@@ -1,12 +1,22 @@
-"""The Triton AdamW kernel: every tensor of a batch in one launch, bit-exact with onepass.reference.
+"""The Triton AdamW kernels: every tensor of a batch in one launch, bit-exact with onepass.reference.
 
-One program updates one BLOCK of one tensor. The tensors are described by device tables, not by
-kernel arguments (so 2000 tensors are still one launch, with no cap like torch's 36-tensor /
-320-block multi_tensor_apply chunks):
+``adam_kernel`` (fp32 or bf16 state): one program updates one BLOCK of one tensor.
+``adam_int8_kernel`` (int8 state): one program updates QB whole quantization blocks of one
+tensor. Both state the element math once, in ``adam_element``, and share the other jit helpers
+(table search, per-step scalars, param load/store with stochastic or Kahan rounding, the hash).
+The tensors are described by device tables, not by kernel arguments (so 2000 tensors are still
+one launch, with no cap like torch's 36-tensor / 320-block multi_tensor_apply chunks):
 
     itab[t] = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq addresses, numel)   int64
+              + for low precision (ITAB_W = 13): Kahan compensation, exp_avg absmax and
+              exp_avg_sq absmax addresses, the stream keys of the param, m and v
+              (reference.stream_key of the tensor's step), the int8 row length
     ftab[t] = (bias correction 1 - beta1**t, sqrt(1 - beta2**t) rounded)            float64
-    starts[t] = first program of tensor t (cumulative block counts, starts[T] = grid size)
+    starts[t] = first program of tensor t (cumulative program counts, starts[T] = grid size)
+
+Random bits (stochastic rounding) are reference.random_bits of the element's index in the walk:
+storage order of a dense tensor (the host passes a dense non-contiguous param as a permuted,
+contiguous view), row-major for int8 state.
 
 A program finds its tensor by binary search over ``starts``. The per-step scalars that depend on
 the learning rate are computed here in float64 from the lr (a float, or a Tensor read on the
@@ -18,6 +28,21 @@ approximate on NVIDIA GPUs).
 """
 import triton
 import triton.language as tl
+
+# Columns of itab. The first six are always there; the rest (ITAB_W = 13) only for bf16/int8
+# state or stochastic/Kahan param rounding. Keys are the uint32 reference.stream_key of the
+# tensor's step for the param, m and v streams. (jit code reads the tl.constexpr copies.)
+COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "numel",
+           "comp", "absmax_m", "absmax_v", "key_p", "key_m", "key_v", "row_len")
+ITAB_NARROW, ITAB_WIDE = 6, len(COLUMNS)
+COL_COMP = tl.constexpr(6)
+COL_ABSMAX_M = tl.constexpr(7)
+COL_ABSMAX_V = tl.constexpr(8)
+COL_KEY_P = tl.constexpr(9)
+COL_KEY_M = tl.constexpr(10)
+COL_KEY_V = tl.constexpr(11)
+COL_ROW_LEN = tl.constexpr(12)
+
 
 
 @triton.jit
@@ -75,12 +100,61 @@ def adam_element(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_bet
 
 
 @triton.jit
-def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
-                N_SEARCH: tl.constexpr, P_DTYPE: tl.constexpr, MATH: tl.constexpr,
-                BLOCK: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                COUPLED: tl.constexpr, SCALED: tl.constexpr, LR_TENSOR: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    # Binary search: the last tensor t with starts[t] <= pid.
+def mix32(x):
+    """reference.mix32 on uint32 (logical shifts, multiplications mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def random_bits(key, index):
+    """reference.random_bits: 32 random bits (uint32) per int64 element index, uint32 key."""
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    hi = hi * 0x85EBCA6B
+    return mix32((lo ^ hi) ^ key)
+
+
+@triton.jit
+def round_bf16_stochastic(x, bits):
+    """reference.round_bf16_stochastic: add the low 16 random bits to the float32 bit pattern and
+    keep the high half; non-finite values round to nearest."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = ((u + (bits & 0xFFFF)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    finite = (u & 0x7FFFFFFF) < 0x7F800000
+    return tl.where(finite, r, to_storage(x, tl.bfloat16))
+
+
+@triton.jit
+def load_param(p_ptr, c_ptr, offs, mask, MATH: tl.constexpr, KAHAN: tl.constexpr):
+    """The param's value in the math dtype (Kahan: p + its bf16 compensation, one add)."""
+    p = tl.load(p_ptr + offs, mask=mask).to(MATH)
+    if KAHAN:
+        p = p + tl.load(c_ptr + offs, mask=mask).to(MATH)
+    return p
+
+
+@triton.jit
+def store_param(p_ptr, c_ptr, offs, mask, p, key, P_DTYPE: tl.constexpr, MATH: tl.constexpr,
+                SR: tl.constexpr, KAHAN: tl.constexpr):
+    """Writes the new param: nearest even, stochastic (bf16, keyed by the element index ``offs``)
+    or nearest plus a nearest-rounded bf16 compensation (Kahan)."""
+    if SR:
+        tl.store(p_ptr + offs, round_bf16_stochastic(p, random_bits(key, offs)), mask=mask)
+    elif KAHAN:
+        stored = to_storage(p, P_DTYPE)
+        tl.store(p_ptr + offs, stored, mask=mask)
+        tl.store(c_ptr + offs, to_storage(p - stored.to(MATH), P_DTYPE), mask=mask)
+    else:
+        tl.store(p_ptr + offs, to_storage(p, P_DTYPE), mask=mask)
+
+
+@triton.jit
+def find_tensor(starts, pid, n_tensors, N_SEARCH: tl.constexpr):
+    """The last tensor t with starts[t] <= pid (binary search)."""
     lo = pid * 0
     hi = lo + n_tensors - 1
     for _ in tl.static_range(N_SEARCH):
@@ -88,15 +162,13 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
         ok = tl.load(starts + mid) <= pid
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
-    t = lo
-    row = itab + t * 6
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(MATH))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(MATH))
-    n = tl.load(row + 5)
+    return lo
 
-    # Per-step scalars: float64, IEEE operations, rounded once to the math dtype.
+
+@triton.jit
+def step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, MATH: tl.constexpr, COUPLED: tl.constexpr,
+                 SCALED: tl.constexpr, LR_TENSOR: tl.constexpr):
+    """Per-step scalars: float64, IEEE operations, rounded once to the math dtype."""
     if LR_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float64)
     else:
@@ -109,31 +181,151 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
     bc2_sqrt = tl.load(ftab + t * 2 + 1).to(MATH)
     step_size = (lr / bc1).to(MATH)  # float64 division: IEEE
     if COUPLED:
-        decay = 1.0  # p * 1.0 is exact: the reference multiplies by 1 too
+        decay = tl.full((), 1.0, MATH)  # p * 1.0 is exact: the reference multiplies by 1 too
     else:
         decay = (1.0 - lr * wd64).to(MATH)
     if SCALED:
         grad_scale = tl.load(grad_scale_ptr).to(MATH)
     else:
         grad_scale = eps  # unused
+    return (beta1.to(MATH), (1.0 - beta1).to(MATH), beta2.to(MATH), (1.0 - beta2).to(MATH), eps,
+            wd64.to(MATH), decay, step_size, bc2_sqrt, grad_scale)
+
+
+@triton.jit
+def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
+                N_SEARCH: tl.constexpr, P_DTYPE: tl.constexpr, MATH: tl.constexpr,
+                BLOCK: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                COUPLED: tl.constexpr, SCALED: tl.constexpr, LR_TENSOR: tl.constexpr,
+                ITAB_W: tl.constexpr = 6, STATE_BF16: tl.constexpr = False,
+                SR: tl.constexpr = False, KAHAN: tl.constexpr = False):
+    """fp32 (math dtype) or bf16 (STATE_BF16) moments, one BLOCK of one dense tensor a program,
+    walked in storage order (the element index of the random streams)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = find_tensor(starts, pid, n_tensors, N_SEARCH)
+    row = itab + t * ITAB_W
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
+    if STATE_BF16:
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.bfloat16))
+        v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.bfloat16))
+    else:
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(MATH))
+        v_ptr = tl.load(row + 3).to(tl.pointer_type(MATH))
+    n = tl.load(row + 5)
+    if KAHAN:
+        c_ptr = tl.load(row + COL_COMP).to(tl.pointer_type(P_DTYPE))
+    else:
+        c_ptr = p_ptr
+    (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, step_size, bc2_sqrt,
+     grad_scale) = step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, MATH, COUPLED, SCALED, LR_TENSOR)
 
     offs = (pid - tl.load(starts + t)) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask).to(MATH)
+    p = load_param(p_ptr, c_ptr, offs, mask, MATH, KAHAN)
     g = tl.load(g_ptr + offs, mask=mask).to(MATH)
-    m = tl.load(m_ptr + offs, mask=mask)
-    v = tl.load(v_ptr + offs, mask=mask)
+    m = tl.load(m_ptr + offs, mask=mask).to(MATH)
+    v = tl.load(v_ptr + offs, mask=mask).to(MATH)
     if AMSGRAD:
         vm_ptr = tl.load(row + 4).to(tl.pointer_type(MATH))
         v_max = tl.load(vm_ptr + offs, mask=mask)
     else:
         v_max = v
     p, m, v, vh = adam_element(
-        p, g, m, v, v_max, beta1.to(MATH), (1.0 - beta1).to(MATH), beta2.to(MATH),
-        (1.0 - beta2).to(MATH), eps, wd64.to(MATH), decay, step_size, bc2_sqrt, grad_scale,
-        AMSGRAD, MAXIMIZE, COUPLED, SCALED, MATH == tl.float64)
-    tl.store(p_ptr + offs, to_storage(p, P_DTYPE), mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+        p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay,
+        step_size, bc2_sqrt, grad_scale, AMSGRAD, MAXIMIZE, COUPLED, SCALED, MATH == tl.float64)
+    if SR:
+        key_p = tl.load(row + COL_KEY_P).to(tl.uint32)
+    else:
+        key_p = 0
+    store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, MATH, SR, KAHAN)
+    if STATE_BF16:
+        key_m = tl.load(row + COL_KEY_M).to(tl.uint32)
+        key_v = tl.load(row + COL_KEY_V).to(tl.uint32)
+        tl.store(m_ptr + offs, round_bf16_stochastic(m, random_bits(key_m, offs)), mask=mask)
+        tl.store(v_ptr + offs, round_bf16_stochastic(v, random_bits(key_v, offs)), mask=mask)
+    else:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
     if AMSGRAD:
         tl.store(vm_ptr + offs, vh, mask=mask)
+
+
+@triton.jit
+def dequantize(q_ptr, offs, mask, absmax, code_ptr):
+    """reference.dequantize_blocks on a [QB, QBLOCK] tile: code[q] * absmax of its block."""
+    q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+    return tl.where(mask, tl.load(code_ptr + q) * absmax[:, None], 0.0)  # masked lanes: 0
+
+
+@triton.jit
+def quantize(x, mask, mid_ptr):
+    """reference.quantize_blocks on a [QB, QBLOCK] tile whose rows are blocks: (codes uint8,
+    absmax [QB]). absmax propagates NaN by a separate flag (tl.max's NaN handling differs between
+    the interpreter and GPUs); the code is the number of the 255 midpoints below x / absmax, by a
+    branchless binary search of 8 gathers."""
+    isnan = (x != x) & mask
+    absmax = tl.max(tl.where(mask & (x == x), tl.abs(x), 0.0), axis=1)
+    absmax = tl.where(tl.max(isnan.to(tl.int32), axis=1) > 0, float("nan"), absmax)
+    pos = absmax > 0
+    xn = div_ieee(x, tl.where(pos, absmax, 1.0)[:, None], False)
+    xn = tl.where(pos[:, None], xn, 0.0)
+    q = tl.zeros(x.shape, dtype=tl.int32)
+    for s in tl.static_range(8):
+        q = tl.where(tl.load(mid_ptr + q + ((128 >> s) - 1)) < xn, q + (128 >> s), q)
+    q = tl.where(xn != xn, 0, q)
+    return q.to(tl.uint8), absmax
+
+
+@triton.jit
+def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_tensors,
+                     N_SEARCH: tl.constexpr, P_DTYPE: tl.constexpr, QB: tl.constexpr,
+                     QBLOCK: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr,
+                     SCALED: tl.constexpr, LR_TENSOR: tl.constexpr, ITAB_W: tl.constexpr,
+                     SR: tl.constexpr, KAHAN: tl.constexpr, CODE_M: tl.constexpr,
+                     MID_M: tl.constexpr, CODE_V: tl.constexpr, MID_V: tl.constexpr):
+    """int8 moments: a program updates QB whole blocks (QBLOCK elements of one dim-0 row each;
+    the tensor is contiguous, walked row-major) as a [QB, QBLOCK] tile."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = find_tensor(starts, pid, n_tensors, N_SEARCH)
+    row = itab + t * ITAB_W
+    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
+    n = tl.load(row + 5)
+    am_ptr = tl.load(row + COL_ABSMAX_M).to(tl.pointer_type(tl.float32))
+    av_ptr = tl.load(row + COL_ABSMAX_V).to(tl.pointer_type(tl.float32))
+    length = tl.load(row + COL_ROW_LEN)
+    if KAHAN:
+        c_ptr = tl.load(row + COL_COMP).to(tl.pointer_type(P_DTYPE))
+    else:
+        c_ptr = p_ptr
+    (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, step_size, bc2_sqrt,
+     grad_scale) = step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, tl.float32, COUPLED, SCALED,
+                                LR_TENSOR)
+
+    per_row = (length + QBLOCK - 1) // QBLOCK
+    blk = (pid - tl.load(starts + t)) * QB + tl.arange(0, QB)  # block index = absmax index
+    bmask = blk < (n // length) * per_row
+    in_row = (blk % per_row)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    offs = (blk // per_row)[:, None] * length + in_row  # row-major element index
+    mask = bmask[:, None] & (in_row < length)
+    p = load_param(p_ptr, c_ptr, offs, mask, tl.float32, KAHAN)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    m = dequantize(m_ptr, offs, mask, tl.load(am_ptr + blk, mask=bmask, other=0.0), qtab + CODE_M)
+    v = dequantize(v_ptr, offs, mask, tl.load(av_ptr + blk, mask=bmask, other=0.0), qtab + CODE_V)
+    p, m, v, vh = adam_element(
+        p, g, m, v, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay,
+        step_size, bc2_sqrt, grad_scale, False, MAXIMIZE, COUPLED, SCALED, False)
+    if SR:
+        key_p = tl.load(row + COL_KEY_P).to(tl.uint32)
+    else:
+        key_p = 0
+    store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, tl.float32, SR, KAHAN)
+    qm, am = quantize(m, mask, qtab + MID_M)
+    qv, av = quantize(v, mask, qtab + MID_V)
+    tl.store(m_ptr + offs, qm, mask=mask)
+    tl.store(v_ptr + offs, qv, mask=mask)
+    tl.store(am_ptr + blk, am, mask=bmask)
+    tl.store(av_ptr + blk, av, mask=bmask)

@@ -1,5 +1,8 @@
 """The "triton" backend: triton_kernels/adam.py, one launch per batch and param dtype.
 
+State formats fp32, bf16 (adam_kernel) and int8 (adam_int8_kernel); bf16 params may be rounded
+to nearest, stochastically or with a Kahan compensation (reference.py, "Storage").
+
 Runs CUDA tensors on a GPU, and CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
 how CI tests the kernel without a GPU). The host builds three small tables per launch (addresses,
 bias corrections, block starts) and copies them to the device in one transfer; the learning rate,
@@ -125,13 +128,24 @@ def _pair_table(params: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
 
 
+# int8 state: blocks (reference.INT8_BLOCK elements of one dim-0 row) per program, and warps.
+INT8_BLOCKS = 4
+INT8_WARPS = 4
+
+
 class _Plan:
     """What a launch needs that does not change while the batch's state lists stay the same:
-    per param dtype, the indices of the non-empty params, the moments' addresses and numels, and
-    the block starts (already on the device)."""
+    per param dtype, the indices of the non-empty params, the static table columns (moment,
+    absmax and compensation addresses, numels, int8 row lengths), the block starts (already on
+    the device), and the rows whose state is not contiguous (run on copies every step)."""
 
     def __init__(self, batch: Batch):
         self.block, self.warps = config_for(batch.device)
+        self.int8 = batch.state_format == "int8"
+        self.sr = batch.param_rounding == "stochastic"
+        self.kahan = batch.param_rounding == "kahan"
+        self.wide = batch.state_format != "fp32" or batch.param_rounding != "nearest"
+        unit = INT8_BLOCKS if self.int8 else self.block
         self.groups = []
         by_dtype: Dict[torch.dtype, List[int]] = {}
         for i, p in enumerate(batch.params):
@@ -139,19 +153,47 @@ class _Plan:
                 by_dtype.setdefault(p.dtype, []).append(i)
         device = batch.device
         for dtype, idx in by_dtype.items():
-            rows, starts = [], [0]
-            for i in idx:
+            rows, starts, odd_state = [], [0], []
+            for r, i in enumerate(idx):
                 m, v = batch.exp_avgs[i], batch.exp_avg_sqs[i]
                 vm = batch.max_exp_avg_sqs[i] if batch.amsgrad else m
-                rows.append([0, 0, m.data_ptr(), v.data_ptr(), vm.data_ptr(), m.numel()])
-                starts.append(starts[-1] + -(-m.numel() // self.block))
+                row = [0, 0, m.data_ptr(), v.data_ptr(), vm.data_ptr(), m.numel()]
+                states = [m, v, vm]
+                units = m.numel()
+                if self.wide:
+                    comp = batch.kahan_comps[i] if self.kahan else m
+                    states.append(comp)
+                    length = reference.int8_rows(m.shape)[1]
+                    row += [comp.data_ptr(), 0, 0, 0, 0, 0, length]
+                    if self.int8:
+                        am, av = batch.exp_avg_absmaxs[i], batch.exp_avg_sq_absmaxs[i]
+                        row[7], row[8] = am.data_ptr(), av.data_ptr()
+                        rows_, per_row = reference.absmax_shape(m.shape)
+                        units = rows_ * per_row  # blocks
+                rows.append(row)
+                starts.append(starts[-1] + -(-units // unit))
+                if not all(x.is_contiguous() for x in states):
+                    odd_state.append(r)
             static = torch.tensor(rows, dtype=torch.int64)
             self.groups.append((dtype, torch.tensor(idx, dtype=torch.int64), idx, static,
-                                torch.tensor(starts, dtype=torch.int64).to(device), starts[-1]))
+                                torch.tensor(starts, dtype=torch.int64).to(device), starts[-1],
+                                odd_state))
+
+
+def _walk_view(p: torch.Tensor, int8: bool):
+    """The permutation of dims that walks a dense non-contiguous param in storage order (the
+    element order of reference.element_index), or None: row-major (contiguous params, params with
+    gaps, int8 state, whose blocks are always row-major)."""
+    if int8 or p.is_contiguous() or not reference._dense(p):
+        return None
+    perm = sorted(range(p.dim()), key=lambda d: -p.stride(d))
+    return perm if p.permute(perm).is_contiguous() else None
 
 
 class TritonBackend(Backend):
     name = "triton"
+    state_formats = ("fp32", "bf16", "int8")
+    param_roundings = ("nearest", "stochastic", "kahan")
     checks_before_writing = True  # step() checks its batch before the first write
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
@@ -181,11 +223,10 @@ class TritonBackend(Backend):
         batch.scratch["triton"] = plan
         counts = _bump_steps(batch.steps)  # the first write
         for group in plan.groups:
-            self._launch(batch, group, pairs, counts, plan.block, plan.warps)
+            self._launch(batch, plan, group, pairs, counts)
 
-    def _launch(self, batch: Batch, group, pairs: torch.Tensor, counts: List[int], block: int,
-                warps: int) -> None:
-        dtype, idx_t, idx, static, starts, grid = group
+    def _launch(self, batch: Batch, plan: _Plan, group, pairs: torch.Tensor, counts: List[int]) -> None:
+        dtype, idx_t, idx, static, starts, grid, odd_state = group
         kernels = _load()
         device = batch.device
         math_dt = reference.math_dtype(dtype)
@@ -195,18 +236,10 @@ class TritonBackend(Backend):
         keep = []         # temporaries that must live until the launch is queued
         write_back = []   # (tensor, contiguous working copy)
         odd = (mine[:, 2] != 3).nonzero().flatten().tolist()
-        for row in odd:  # rare: a non-contiguous param or grad
-            i = idx[row]
-            if not batch.params[i].is_contiguous():
-                # Run on contiguous copies of param, grad and moments (one element order for
-                # all of them, whatever the layouts), then copy back.
-                p, g = self._contiguous_copies(batch, i, table, row, write_back)
-            else:
-                g = batch.grads[i].contiguous()
-                p = batch.params[i]
-            keep += [p, g]
-            table[row, 0] = p.data_ptr()
-            table[row, 1] = g.data_ptr()
+        if odd_state:
+            odd = sorted(set(odd) | set(odd_state))
+        for row in odd:  # rare: a non-contiguous param, grad or state tensor
+            keep += self._contiguous_copies(batch, plan, idx[row], table, row, write_back)
         # Bias corrections per param from its own step count (usually one value for all).
         bc: Dict[int, Tuple[float, float]] = {}
 
@@ -219,10 +252,22 @@ class TritonBackend(Backend):
                 bc[t] = (bc1, reference.round_scalar(bc2.bc2_sqrt, math_dt))
             return bc[t]
 
-        if counts.count(counts[0]) == len(counts):
+        same = counts.count(counts[0]) == len(counts)
+        if same:
             ftab = torch.tensor([corrections(counts[0])], dtype=torch.float64).expand(len(idx), 2)
         else:
             ftab = torch.tensor([corrections(counts[i]) for i in idx], dtype=torch.float64)
+        if plan.wide:  # the random streams' keys of each tensor's step
+            seed = batch.seed
+
+            def keys(t: int) -> List[int]:
+                return [reference.stream_key(seed, t, s) for s in
+                        (reference.STREAM_PARAM, reference.STREAM_M, reference.STREAM_V)]
+
+            if same:
+                table[:, 9:12] = torch.tensor(keys(counts[0]), dtype=torch.int64)
+            else:
+                table[:, 9:12] = torch.tensor([keys(counts[i]) for i in idx], dtype=torch.int64)
         lr = batch.lr
         lr_tensor = isinstance(lr, torch.Tensor)
         hp = [0.0 if lr_tensor else float(lr), batch.beta1, batch.beta2, batch.eps, batch.weight_decay]
@@ -234,34 +279,58 @@ class TritonBackend(Backend):
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
         n = len(idx)
-        itab = packed[: 6 * n].view(torch.int64)
-        ftab_d = packed[6 * n: 8 * n]
-        hpt = packed[8 * n:]
+        w = table.shape[1]
+        itab = packed[: w * n].view(torch.int64)
+        ftab_d = packed[w * n: (w + 2) * n]
+        hpt = packed[(w + 2) * n:]
         lr_arg = lr.to(device) if lr_tensor else hpt
         gs_arg = batch.grad_scale.to(device) if batch.grad_scale is not None else hpt
-        kernels.adam_kernel[(grid,)](
-            itab, ftab_d, starts, hpt, lr_arg, gs_arg, n,
-            N_SEARCH=max(1, (n - 1).bit_length()), P_DTYPE=_tl_dtype(dtype), MATH=_tl_dtype(math_dt),
-            BLOCK=block, AMSGRAD=bool(batch.amsgrad), MAXIMIZE=bool(batch.maximize),
-            COUPLED=not batch.decoupled, SCALED=batch.grad_scale is not None, LR_TENSOR=lr_tensor,
-            num_warps=warps, enable_fp_fusion=False,
-        )
+        common = dict(N_SEARCH=max(1, (n - 1).bit_length()), P_DTYPE=_tl_dtype(dtype),
+                      MAXIMIZE=bool(batch.maximize), COUPLED=not batch.decoupled,
+                      SCALED=batch.grad_scale is not None, LR_TENSOR=lr_tensor, ITAB_W=w,
+                      SR=plan.sr, KAHAN=plan.kahan, enable_fp_fusion=False)
+        if plan.int8:
+            from .. import quant
+
+            qtab = batch.qtables.to(device=device, dtype=torch.float32).contiguous()
+            kernels.adam_int8_kernel[(grid,)](
+                itab, ftab_d, starts, hpt, lr_arg, gs_arg, qtab, n, QB=INT8_BLOCKS,
+                QBLOCK=reference.INT8_BLOCK, CODE_M=quant.CODE_M, MID_M=quant.MID_M,
+                CODE_V=quant.CODE_V, MID_V=quant.MID_V, num_warps=INT8_WARPS, **common)
+        else:
+            kernels.adam_kernel[(grid,)](
+                itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, MATH=_tl_dtype(math_dt),
+                BLOCK=plan.block, AMSGRAD=bool(batch.amsgrad),
+                STATE_BF16=batch.state_format == "bf16", num_warps=plan.warps, **common)
         for t, tc in write_back:
             t.copy_(tc)
         del keep
 
     @staticmethod
-    def _contiguous_copies(batch: Batch, i: int, table: torch.Tensor, row: int, write_back: list):
-        p = batch.params[i].contiguous()
-        g = batch.grads[i].contiguous()
-        write_back.append((batch.params[i], p))
-        moments = [batch.exp_avgs, batch.exp_avg_sqs] + ([batch.max_exp_avg_sqs] if batch.amsgrad else [])
-        for col, lst in zip((2, 3, 4), moments):
-            s = lst[i]
-            sc = s.contiguous()
-            if sc.data_ptr() != s.data_ptr():
-                write_back.append((s, sc))
-            table[row, col] = sc.data_ptr()
+    def _contiguous_copies(batch: Batch, plan: _Plan, i: int, table: torch.Tensor, row: int,
+                           write_back: list) -> list:
+        """Points ``row`` of the table at contiguous tensors walked in the order the kernel
+        must use (_walk_view): views where the layout allows, else copies (written back after
+        the launch). Returns the working tensors, which must live until the launch is queued."""
+        perm = _walk_view(batch.params[i], plan.int8)
+
+        def walk(x: torch.Tensor) -> torch.Tensor:
+            return x.permute(perm) if perm is not None else x
+
+        cols = [(0, batch.params[i], True), (1, batch.grads[i], False),
+                (2, batch.exp_avgs[i], True), (3, batch.exp_avg_sqs[i], True)]
+        if batch.amsgrad:
+            cols.append((4, batch.max_exp_avg_sqs[i], True))
+        if plan.kahan:
+            cols.append((6, batch.kahan_comps[i], True))
+        out = []
+        for col, x, written in cols:
+            xw = walk(x)
+            xc = xw.contiguous()
+            if written and xc is not xw:
+                write_back.append((xw, xc))
+            table[row, col] = xc.data_ptr()
+            out.append(xc)
         if not batch.amsgrad:
             table[row, 4] = table[row, 2]
-        return p, g
+        return out
