@@ -222,7 +222,7 @@ class Contestant:
     default: bool = True
 
 
-def _onepass(backend: str):
+def _onepass(backend: str, **extra):
     def build(params, lr, weight_decay):
         # Imported here, not at module level: the benchmark must run (and report onepass as skipped)
         # while the optimizer is missing or broken, and `import onepass.benchmark` must stay cheap.
@@ -231,7 +231,7 @@ def _onepass(backend: str):
             cls = onepass.AdamW
         except Exception as e:  # ImportError, AttributeError, or whatever a half-written package raises
             raise ImportError(f"onepass.AdamW not importable ({type(e).__name__}: {e})") from e
-        return cls(params, lr=lr, weight_decay=weight_decay, backend=backend)
+        return cls(params, lr=lr, weight_decay=weight_decay, backend=backend, **extra)
     return build
 
 
@@ -249,6 +249,11 @@ def _optimi(params, lr, weight_decay):
 def _bitsandbytes(params, lr, weight_decay):
     import bitsandbytes as bnb
     return bnb.optim.AdamW(params, lr=lr, weight_decay=weight_decay, optim_bits=32)
+
+
+def _bitsandbytes_8bit(params, lr, weight_decay):
+    import bitsandbytes as bnb
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
 def _torchao(params, lr, weight_decay):
@@ -272,6 +277,13 @@ CONTESTANTS: dict[str, Contestant] = {
         Contestant("optimi", _optimi, "optimi.AdamW (torch-optimi)"),
         Contestant("bitsandbytes", _bitsandbytes, "bitsandbytes.optim.AdamW(optim_bits=32)"),
         Contestant("torchao", _torchao, "torchao.optim._AdamW", cuda_only=True),
+        # Low-precision state: bf16 moments (4 B/param) and blockwise 8-bit moments (~2.03 B/param).
+        Contestant("onepass-bf16", _onepass("auto", state_dtype="bf16"),
+                   'onepass.AdamW(state_dtype="bf16")'),
+        Contestant("onepass-int8", _onepass("auto", state_dtype="int8"),
+                   'onepass.AdamW(state_dtype="int8")'),
+        Contestant("bitsandbytes-8bit", _bitsandbytes_8bit, "bitsandbytes.optim.AdamW8bit",
+                   slow=True, default=False),
         # Not run by default: a named backend, to compare onepass's own backends side by side.
         *[Contestant(f"onepass-{b}", _onepass(b), f'onepass.AdamW(backend="{b}")', default=False)
           for b in ("reference", "cpu", "cuda", "triton")],
@@ -608,7 +620,8 @@ def run_case(name: str, shapes: Sequence[Shape], factories: dict[str, Factory],
                 "state_bytes_source": "measured" if sb > 0 else "assumed",
                 "bytes_per_step": bytes_moved(params, sb if sb > 0 else None),
             }
-            backend = _onepass_backend(n, device)
+            used = getattr(opt, "last_backends", None)  # what onepass's last step ran on
+            backend = "+".join(used) if used else _onepass_backend(n, device)
             if backend is not None:
                 entry["backend"] = backend
             contestants.append(entry)
@@ -646,6 +659,8 @@ def derive(case: dict[str, Any]) -> dict[str, Any]:
     ref = next((c for c in case["contestants"] if c["name"] == REFERENCE_CONTESTANT), None)
     for c in case["contestants"]:
         c["bytes_per_param"] = c["bytes_per_step"] / case["n_params"] if case["n_params"] else None
+        c["state_bytes_per_param"] = (c["state_bytes"] / case["n_params"]
+                                      if case["n_params"] and c.get("state_bytes") else None)
         c["gbps"] = _gbps(c["bytes_per_step"], c["ms"])
         c["frac_ceiling"] = (c["gbps"] / ceil["gbps"]
                              if c["gbps"] is not None and ceil["gbps"] else None)
@@ -840,18 +855,20 @@ def format_table(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
         header = _header(results)
     else:
         cases, header = list(results), []
-    cols = ["case", "contestant", "ms/step", "GB/s", "B/param", "of ceiling", "x torch-fused"]
+    cols = ["case", "contestant", "ms/step", "GB/s", "B/param", "state B/p", "of ceiling",
+            "x torch-fused"]
     rows: list[list[str]] = []
     notes: list[tuple[str, str]] = []  # (case, "name skipped: why" / "name ERROR: why")
     for case in cases:
         for c in case["contestants"]:
             label = c["name"] + (f" [{c['backend']}]" if c.get("backend") else "")
             rows.append([case["case"], label, _fmt(c["ms"], ".3f"), _fmt(c.get("gbps"), ".1f"),
-                         _fmt(c.get("bytes_per_param"), ".1f"), _fmt(c.get("frac_ceiling"), ".2f"),
-                         _fmt(c.get("x_torch_fused"), ".2f")])
+                         _fmt(c.get("bytes_per_param"), ".1f"),
+                         _fmt(c.get("state_bytes_per_param"), ".2f"),
+                         _fmt(c.get("frac_ceiling"), ".2f"), _fmt(c.get("x_torch_fused"), ".2f")])
         ceil = case["ceiling"]
         rows.append([case["case"], f"(ceiling {ceil['kind']})", _fmt(ceil["ms"], ".3f"),
-                     _fmt(ceil.get("gbps"), ".1f"), "", "1.00", ""])
+                     _fmt(ceil.get("gbps"), ".1f"), "", "", "1.00", ""])
         notes += [(case["case"], f"{n} skipped: {why}") for n, why in case.get("skipped", {}).items()]
         notes += [(case["case"], f"{n} ERROR: {why}") for n, why in case.get("errors", {}).items()]
     widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]

@@ -520,6 +520,8 @@ class AdamW(Optimizer):
                     backend.validate(batch)
             for backend, batch in plan:
                 backend.step(batch)
+            # For logs and the benchmark: which backends ran, in order of first use.
+            self.last_backends = list(dict.fromkeys(b.name for b, _ in plan))
         except Exception:
             # A failed step leaves no new state behind. (Checks run before any batch is written,
             # so no batch has been written when one of them raises.)
