@@ -11,6 +11,7 @@
 //    without depending on a library's conversion routine.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -191,5 +192,98 @@ template <> struct Storage<Fp16> {
   static ONEPASS_HD float load(const Fp16* p) { return fp16_to_float(p->x); }
   static ONEPASS_HD void store(Fp16* p, float v) { p->x = float_to_fp16(v); }
 };
+
+// ---- low-precision storage: random bits, stochastic rounding, 8-bit codes ------------------------
+// The twins of reference.mix32 / stream_key / random_bits / round_bf16_stochastic /
+// quantize_blocks / dequantize_blocks (module docstring "Storage"). Integer arithmetic is uint32
+// (mod 2**32, as the reference masks it), so host and device give the same bits.
+constexpr uint32_t kMix1 = 0x21F0AAADu;
+constexpr uint32_t kMix2 = 0x735A2D97u;
+constexpr uint32_t kGolden = 0x9E3779B9u;
+constexpr uint32_t kHiMult = 0x85EBCA6Bu;
+constexpr uint32_t kStreamParam = 0, kStreamM = 1, kStreamV = 2;
+constexpr int kInt8Block = 256;  // reference.INT8_BLOCK
+// Offsets into quant.tables(): signed codes, signed midpoints, unsigned codes, unsigned midpoints.
+constexpr int kCodeM = 0, kMidM = 256, kCodeV = 511, kMidV = 767, kTablesLen = 1022;
+
+ONEPASS_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kMix1;
+  x ^= x >> 15;
+  x *= kMix2;
+  x ^= x >> 15;
+  return x;
+}
+
+// The key of one random stream at one step (host side, once per tensor and step); `step` is the
+// count after the increment.
+ONEPASS_HD uint32_t stream_key(uint32_t seed, int64_t step, uint32_t stream) {
+  return mix32(seed + kGolden * (static_cast<uint32_t>(step) * 4u + stream));
+}
+
+// 32 random bits for element `index` of a stream.
+ONEPASS_HD uint32_t random_bits(uint32_t key, uint64_t index) {
+  const uint32_t folded = static_cast<uint32_t>(index) ^ (static_cast<uint32_t>(index >> 32) * kHiMult);
+  return mix32(folded ^ key);
+}
+
+// float -> bf16 bits, rounding up in magnitude with probability (dropped bits) / 2**16: the low
+// 16 random bits are added to the float's bit pattern and the low half is cut off (no carry out of
+// 32 bits for finite values). Non-finite values round to nearest (float_to_bf16).
+ONEPASS_HD uint16_t float_to_bf16_stochastic(float f, uint32_t bits) {
+  const uint32_t u = float_bits(f);
+  const uint16_t sr = static_cast<uint16_t>((u + (bits & 0xffffu)) >> 16);
+  return (u & 0x7f800000u) == 0x7f800000u ? float_to_bf16(f) : sr;
+}
+
+// The code of a value already divided by its absmax: the number of the 255 sorted midpoints
+// below x (branchless binary search; NaN compares false everywhere and gets code 0).
+ONEPASS_HD uint32_t code_search(float x, const float* mid) {
+  // Comparisons turned into integers (no branches, no selects): the loop around this vectorizes
+  // into gathers and compares, and mispredicted branches would cost far more than the search.
+  uint32_t q = static_cast<uint32_t>(mid[127] < x) << 7;
+  q += static_cast<uint32_t>(mid[q + 63] < x) << 6;
+  q += static_cast<uint32_t>(mid[q + 31] < x) << 5;
+  q += static_cast<uint32_t>(mid[q + 15] < x) << 4;
+  q += static_cast<uint32_t>(mid[q + 7] < x) << 3;
+  q += static_cast<uint32_t>(mid[q + 3] < x) << 2;
+  q += static_cast<uint32_t>(mid[q + 1] < x) << 1;
+  q += static_cast<uint32_t>(mid[q] < x);
+  return q;
+}
+
+// The code of x in a block whose absmax is `absmax`: x / absmax (one correctly rounded division;
+// 0 when absmax is not > 0, i.e. 0 or NaN), then code_search. The division is made either way
+// (no trap: a quiet inf or NaN), so the choice is a select, not a branch.
+ONEPASS_HD uint32_t quantize_code(float x, float absmax, const float* mid) {
+  const float xd = op_div(x, absmax);
+  const float xn = absmax > 0.0f ? xd : 0.0f;
+  return code_search(xn, mid);
+}
+
+// A float's order-preserving integer key: a < b (floats, neither NaN) <=> key(a) < key(b) (signed
+// integers), with -0 and +0 both 0 and NaN below everything (INT32_MIN), so that counting the
+// midpoints whose key is below key(x) is code_search(x, mid), NaN -> 0 included. Integer
+// comparisons let the CPU kernel's search loops vectorize (float compares may trap).
+ONEPASS_HD int32_t order_key(float x) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(x);
+#else
+  const uint32_t u = __builtin_bit_cast(uint32_t, x);  // vectorizes where memcpy of a value may not
+#endif
+  const int32_t a = static_cast<int32_t>(u & 0x7fffffffu);
+  const int32_t k = (u >> 31) ? -a : a;
+  return a > 0x7f800000 ? INT32_MIN : k;
+}
+
+// code[q] * absmax (one multiply).
+ONEPASS_HD float dequantize_code(uint32_t q, float absmax, const float* code) {
+  return op_mul(code[q], absmax);
+}
+
+// |x|'s bit pattern: the running maximum of these over a block (as unsigned integers) is the
+// block's absmax with NaN winning over everything (NaN patterns lie above inf's), as torch's
+// abs().amax() gives it; an integer max also vectorizes where a NaN-aware float max does not.
+ONEPASS_HD uint32_t abs_bits(float x) { return float_bits(x) & 0x7fffffffu; }
 
 }  // namespace onepass

@@ -19,16 +19,34 @@ bool same_strides_as_param_layout(const at::Tensor& state, const at::Tensor& par
 }
 
 void check_state(const at::Tensor& s, const at::Tensor& p, at::ScalarType math, const char* name,
-                 size_t i) {
+                 size_t i, bool contiguous = false) {
   ONEPASS_CHECK(s.device() == p.device(), "onepass: ", name, "[", i, "] is on ", s.device(),
               " but its param is on ", p.device());
   ONEPASS_CHECK(s.scalar_type() == math, "onepass: ", name, "[", i, "] must be ", math,
               " for a ", p.scalar_type(), " param, got ", s.scalar_type());
   ONEPASS_CHECK(s.sizes() == p.sizes(), "onepass: ", name, "[", i, "] has shape ", s.sizes(),
               " but its param has shape ", p.sizes());
+  if (contiguous) {
+    ONEPASS_CHECK(s.is_contiguous(), "onepass: ", name, "[", i,
+                  "] of int8 state must be contiguous (strides ", s.strides(), ")");
+    return;
+  }
   ONEPASS_CHECK(same_strides_as_param_layout(s, p), "onepass: ", name, "[", i,
               "] does not have its param's memory layout (strides ", s.strides(), " vs ",
               p.strides(), ")");
+}
+
+// An int8 moment's absmax: contiguous float32 [rows, blocks per row] (reference.absmax_shape).
+void check_absmax(const at::Tensor& s, const at::Tensor& p, const char* name, size_t i) {
+  const int64_t n = p.numel();
+  const int64_t rows = p.dim() < 2 ? 1 : p.size(0);
+  const int64_t len = p.dim() < 2 ? n : (rows ? n / rows : 0);
+  const int64_t blocks = (len + 255) / 256;
+  ONEPASS_CHECK(s.device() == p.device() && s.scalar_type() == at::kFloat && s.dim() == 2 &&
+                    s.size(0) == rows && s.size(1) == blocks && s.is_contiguous(),
+                "onepass: ", name, "[", i, "] must be a contiguous float32 tensor of shape [",
+                rows, ", ", blocks, "] on ", p.device(), ", got ", s.scalar_type(), " ",
+                s.sizes(), " on ", s.device());
 }
 
 }  // namespace
@@ -66,6 +84,22 @@ DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad) {
   return out;
 }
 
+int parse_state_format(const std::string& s) {
+  if (s == "fp32") return 0;
+  if (s == "bf16") return 1;
+  if (s == "int8") return 2;
+  ONEPASS_CHECK(false, "onepass: unknown state format '", s, "' (fp32, bf16 or int8)");
+  return 0;
+}
+
+int parse_param_rounding(const std::string& s) {
+  if (s == "nearest") return 0;
+  if (s == "stochastic") return 1;
+  if (s == "kahan") return 2;
+  ONEPASS_CHECK(false, "onepass: unknown param_rounding '", s, "' (nearest, stochastic or kahan)");
+  return 0;
+}
+
 void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
   const size_t n = a.params.size();
   ONEPASS_CHECK(a.grads.size() == n && a.exp_avgs.size() == n && a.exp_avg_sqs.size() == n &&
@@ -83,6 +117,30 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
     ONEPASS_CHECK(a.grad_scale->numel() == 1, "onepass: grad_scale must have one element");
   if (a.found_inf.has_value())
     ONEPASS_CHECK(a.found_inf->numel() == 1, "onepass: found_inf must have one element");
+  const int fmt = a.state_format;
+  const int rnd = a.param_rounding;
+  ONEPASS_CHECK(fmt >= 0 && fmt <= 2, "onepass: unknown state format ", fmt);
+  ONEPASS_CHECK(rnd >= 0 && rnd <= 2, "onepass: unknown param_rounding ", rnd);
+  ONEPASS_CHECK(fmt == 0 || !a.amsgrad, "onepass: amsgrad needs state_dtype='fp32'");
+  ONEPASS_CHECK(a.seed >= 0 && a.seed < (int64_t(1) << 32), "onepass: seed must be in [0, 2**32), got ",
+                static_cast<long long>(a.seed));
+  if (fmt == 2) {
+    ONEPASS_CHECK(a.exp_avg_absmaxs.size() == n && a.exp_avg_sq_absmaxs.size() == n,
+                  "onepass: int8 state needs one exp_avg_absmax and exp_avg_sq_absmax per param, got ",
+                  a.exp_avg_absmaxs.size(), " and ", a.exp_avg_sq_absmaxs.size(), " for ", n,
+                  " params");
+    ONEPASS_CHECK(a.qtables != nullptr && a.qtables->defined(),
+                  "onepass: int8 state needs qtables (onepass.quant.tables())");
+    const at::Tensor& q = *a.qtables;
+    ONEPASS_CHECK(q.scalar_type() == at::kFloat && q.dim() == 1 && q.numel() == 1022 &&
+                      q.is_contiguous() && (n == 0 || q.device() == a.params[0].device()),
+                  "onepass: qtables must be a contiguous float32 tensor of 1022 values on the "
+                  "params' device (onepass.quant.tables()), got ", q.scalar_type(), " ",
+                  q.sizes(), " on ", q.device());
+  }
+  if (rnd == 2)
+    ONEPASS_CHECK(a.kahan_comps.size() == n, "onepass: kahan rounding needs one compensation per "
+                  "param, got ", a.kahan_comps.size(), " for ", n, " params");
   if (n == 0) return;
   const c10::Device dev = a.params[0].device();
   ONEPASS_CHECK(dev.type() == device_type, "onepass: this kernel runs on ", device_type,
@@ -100,8 +158,25 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
                 i, "] is on ", p.device(), ", params[0] on ", dev);
     check_grad(p, g, i);
     const at::ScalarType math = dtype == at::kDouble ? at::kDouble : at::kFloat;
-    check_state(a.exp_avgs[i], p, math, "exp_avgs", i);
-    check_state(a.exp_avg_sqs[i], p, math, "exp_avg_sqs", i);
+    ONEPASS_CHECK(fmt == 0 || math == at::kFloat, "onepass: ", fmt == 1 ? "bf16" : "int8",
+                  " state is for float32/bf16/fp16 params, got ", dtype);
+    ONEPASS_CHECK(rnd == 0 || dtype == at::kBFloat16, "onepass: param_rounding=",
+                  rnd == 1 ? "'stochastic'" : "'kahan'", " is for bfloat16 params, got ", dtype);
+    const at::ScalarType sdt = fmt == 0 ? math : fmt == 1 ? at::kBFloat16 : at::kByte;
+    check_state(a.exp_avgs[i], p, sdt, "exp_avgs", i, fmt == 2);
+    check_state(a.exp_avg_sqs[i], p, sdt, "exp_avg_sqs", i, fmt == 2);
+    if (fmt == 2) {
+      check_absmax(a.exp_avg_absmaxs[i], p, "exp_avg_absmaxs", i);
+      check_absmax(a.exp_avg_sq_absmaxs[i], p, "exp_avg_sq_absmaxs", i);
+    }
+    if (rnd == 2) {
+      const at::Tensor& c = a.kahan_comps[i];
+      ONEPASS_CHECK(c.device() == p.device() && c.scalar_type() == at::kBFloat16 &&
+                        c.sizes() == p.sizes() && c.layout() == at::kStrided,
+                    "onepass: kahan_comps[", i, "] must be a bfloat16 tensor of shape ", p.sizes(),
+                    " on ", p.device(), ", got ", c.scalar_type(), " ", c.sizes(), " on ",
+                    c.device());
+    }
     if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
     const at::Tensor& st = a.steps[i];
     // Host step counts, or (capturable, CUDA) counts on the params' device.

@@ -60,7 +60,20 @@ struct BatchArgs {
   bool amsgrad, maximize, decoupled;
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
+  // Low precision (onepass::adam_step_lowp_; reference.py "Storage"). The defaults are fp32 state
+  // and nearest rounding, what onepass::adam_step_ does.
+  int state_format = 0;    // 0 fp32, 1 bf16, 2 int8 (parse_state_format)
+  int param_rounding = 0;  // 0 nearest, 1 stochastic, 2 kahan (parse_param_rounding)
+  at::TensorList exp_avg_absmaxs = {};
+  at::TensorList exp_avg_sq_absmaxs = {};
+  const at::Tensor* qtables = nullptr;
+  at::TensorList kahan_comps = {};
+  int64_t seed = 0;
 };
+
+// "fp32"/"bf16"/"int8" -> 0/1/2 and "nearest"/"stochastic"/"kahan" -> 0/1/2 (errors otherwise).
+int parse_state_format(const std::string& s);
+int parse_param_rounding(const std::string& s);
 
 // What a kernel walks in storage order: the param itself when it is dense (else a contiguous
 // working copy, to be copied back: copy_back), and the grad in that tensor's layout (copied into
@@ -94,6 +107,30 @@ void adam_check_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
                     bool decoupled, const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf);
+
+// The low-precision step (bf16/int8 state, stochastic/Kahan bf16 params; fp32 too), registered as
+// onepass::adam_step_lowp_ / adam_check_lowp for CPU tensors.
+void adam_step_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                        at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                        double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                        bool maximize, bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf, const std::string& state_format,
+                        at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                        const std::optional<at::Tensor>& qtables, const std::string& param_rounding,
+                        at::TensorList kahan_comps, int64_t seed);
+void adam_check_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList steps, double lr,
+                         const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                         double eps, double weight_decay, bool amsgrad, bool maximize,
+                         bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf,
+                         const std::string& state_format, at::TensorList exp_avg_absmaxs,
+                         at::TensorList exp_avg_sq_absmaxs,
+                         const std::optional<at::Tensor>& qtables,
+                         const std::string& param_rounding, at::TensorList kahan_comps,
+                         int64_t seed);
 
 #ifdef ONEPASS_WITH_CUDA
 // The CUDA kernel (csrc/cuda/adam_cuda.cu), registered as onepass::adam_step_ for CUDA tensors.

@@ -45,6 +45,26 @@ TORCH_LIBRARY(onepass, m) {
       "Tensor[] max_exp_avg_sqs, Tensor[] steps, *, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, bool decoupled, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // adam_step_ with low-precision storage (python/onepass/reference.py, "Storage"): state_format
+  // "fp32" | "bf16" | "int8" (uint8 codes in exp_avgs / exp_avg_sqs, float32 absmax lists of shape
+  // reference.absmax_shape, qtables = onepass.quant.tables()), param_rounding "nearest" |
+  // "stochastic" | "kahan" (bf16 compensations in kahan_comps) for bf16 params, and the seed of
+  // the random streams. CPU only for now.
+  m.def(
+      "adam_step_lowp_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, float lr, "
+      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+      "bool maximize, bool decoupled, Tensor? grad_scale, Tensor? found_inf, str state_format, "
+      "Tensor(f!)[] exp_avg_absmaxs, Tensor(g!)[] exp_avg_sq_absmaxs, Tensor? qtables, "
+      "str param_rounding, Tensor(h!)[] kahan_comps, int seed) -> ()");
+  // The checks of adam_step_lowp_, writing nothing (same arguments).
+  m.def(
+      "adam_check_lowp(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor[] max_exp_avg_sqs, Tensor[] steps, *, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, bool decoupled, "
+      "Tensor? grad_scale, Tensor? found_inf, str state_format, Tensor[] exp_avg_absmaxs, "
+      "Tensor[] exp_avg_sq_absmaxs, Tensor? qtables, str param_rounding, Tensor[] kahan_comps, "
+      "int seed) -> ()");
   m.def("_step_scalars(int step, float lr, float beta1, float beta2, float eps, float weight_decay, "
         "bool decoupled, bool f64) -> float[]",
         &onepass::step_scalars_op);
@@ -76,6 +96,24 @@ void check_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& v, co
                   double wd, bool ams, bool maximize, bool decoupled, const OptT& gs, const OptT& fi) {
   onepass::adam_check_cpu(p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize,
                           decoupled, gs, fi);
+}
+void step_lowp_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& v,
+                      const TVec& vmax, const TVec& steps, double lr, const OptT& lr_t, double b1,
+                      double b2, double eps, double wd, bool ams, bool maximize, bool decoupled,
+                      const OptT& gs, const OptT& fi, const std::string& fmt, const TVec& am,
+                      const TVec& av, const OptT& qt, const std::string& rnd, const TVec& comps,
+                      int64_t seed) {
+  onepass::adam_step_lowp_cpu(p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize,
+                              decoupled, gs, fi, fmt, am, av, qt, rnd, comps, seed);
+}
+void check_lowp_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& v,
+                       const TVec& vmax, const TVec& steps, double lr, const OptT& lr_t, double b1,
+                       double b2, double eps, double wd, bool ams, bool maximize, bool decoupled,
+                       const OptT& gs, const OptT& fi, const std::string& fmt, const TVec& am,
+                       const TVec& av, const OptT& qt, const std::string& rnd, const TVec& comps,
+                       int64_t seed) {
+  onepass::adam_check_lowp_cpu(p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize,
+                               decoupled, gs, fi, fmt, am, av, qt, rnd, comps, seed);
 }
 #endif  // ONEPASS_CUDA_ADDON
 // Increments CPU step-count tensors and returns the new counts: for backends whose kernels take
@@ -133,6 +171,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
         py::arg("grad_scale"), py::arg("found_inf"));
+  m.def("adam_step_lowp_cpu", &step_lowp_direct, "onepass::adam_step_lowp_ on CPU tensors (eager)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("state_format"),
+        py::arg("exp_avg_absmaxs"), py::arg("exp_avg_sq_absmaxs"), py::arg("qtables"),
+        py::arg("param_rounding"), py::arg("kahan_comps"), py::arg("seed"));
+  m.def("adam_check_lowp_cpu", &check_lowp_direct, "onepass::adam_check_lowp on CPU tensors (eager)",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("state_format"),
+        py::arg("exp_avg_absmaxs"), py::arg("exp_avg_sq_absmaxs"), py::arg("qtables"),
+        py::arg("param_rounding"), py::arg("kahan_comps"), py::arg("seed"));
 #endif  // ONEPASS_CUDA_ADDON
 #ifdef ONEPASS_WITH_CUDA
   m.def("adam_step_cuda", [](const TVec& p, const TVec& g, const TVec& m_, const TVec& v,

@@ -297,3 +297,17 @@ def test_switching_state_dtype_converts_the_state():
     _run(params, opt, 1, start=2)
     assert opt.state[params[0]]["exp_avg"].dtype == torch.bfloat16
     assert (opt.state[params[0]]["exp_avg"].float() - m).abs().max() < m.abs().max()
+
+
+def test_auto_moves_on_to_a_backend_that_runs_the_format(monkeypatch):
+    from onepass.backends import BACKENDS
+
+    monkeypatch.setattr(type(BACKENDS["cpu"]), "state_formats", ("fp32",))
+    params = _params()[:1]
+    opt = onepass.AdamW(params, state_dtype="int8")
+    _run(params, opt, 1)
+    assert opt.last_backends == ["reference"]
+    named = onepass.AdamW(params, state_dtype="int8", backend="cpu")
+    if "cpu" in onepass.available_backends("cpu"):
+        with pytest.raises(RuntimeError, match="cannot run this group"):
+            _run(params, named, 1)

@@ -36,6 +36,7 @@ constexpr int64_t kUnit = 16;        // elements per work unit: 64 bytes of fp32
 constexpr int64_t kGrainUnits = 2048;  // 32K elements (~0.9 MB of traffic) per thread at least
 
 struct TensorWork;
+struct CodeIndex;
 using RangeFn = void (*)(const TensorWork&, int64_t, int64_t);
 
 struct TensorWork {
@@ -48,6 +49,59 @@ struct TensorWork {
   RangeFn fn;           // the loop for this param's dtype and the batch's flags
   int64_t n;
   int64_t unit_begin;   // first global unit of this tensor
+  int64_t units;        // global units of this tensor: ceil(n / kUnit), or kUnit per int8 block
+  // Low precision (state_format "bf16"/"int8", param_rounding "stochastic"/"kahan"):
+  bool blocks = false;      // int8: fn takes a range of blocks instead of elements
+  void* comp = nullptr;     // Kahan compensation (bf16, the walk's layout)
+  float* absmax_m = nullptr;  // int8: [rows, blocks per row], contiguous
+  float* absmax_v = nullptr;
+  const float* tables = nullptr;  // quant.tables(): codes and midpoints
+  int64_t row_len = 0;          // int8: elements per dim-0 row
+  int64_t blocks_per_row = 0;
+  uint32_t key_p = 0, key_m = 0, key_v = 0;  // stream keys of this tensor at this step
+  const CodeIndex* index_m = nullptr;  // int8: the code search tables (null: fallback)
+  const CodeIndex* index_v = nullptr;
+};
+
+// The int8 code search on the CPU: the same count of midpoints below x / absmax as code_search
+// (csrc/adam_math.h), found with one table look-up and two comparisons instead of eight steps
+// of a binary search. Keys are order_key values (integers ordered as the floats); the key range
+// of |x| <= 1 is cut into buckets of 2**shift keys, each holding at most two midpoints, and
+// lo[bucket] counts the midpoints below the bucket's first key. Then
+// count(mid < x) = lo + (mk[lo] < key) + (mk[lo + 1] < key), mk padded with INT32_MAX.
+// Built once per batch from qtables (~16K buckets for the maps of onepass.quant); a map that no
+// shift in [12, 20] fits is searched with code_search.
+constexpr int32_t kKeyMin = -0x3f800001;  // just below order_key(-1.0f)
+constexpr int32_t kKeyMax = 0x3f800000;   // order_key(1.0f)
+struct CodeIndex {
+  int shift = 0;
+  std::vector<int32_t> lo;
+  int32_t mk[257];
+  bool build(const float* mid) {
+    for (int i = 0; i < 255; ++i) mk[i] = order_key(mid[i]);
+    mk[255] = mk[256] = INT32_MAX;
+    for (int i = 1; i < 255; ++i)
+      if (!(mk[i - 1] < mk[i]) || mk[i - 1] < kKeyMin || mk[i] > kKeyMax) return false;
+    for (int sh = 20; sh >= 12; --sh) {
+      const int64_t nb = ((int64_t(kKeyMax) - kKeyMin) >> sh) + 1;
+      std::vector<int32_t> t(nb + 1);
+      int c = 0;
+      bool ok = true;
+      for (int64_t b = 0; b <= nb && ok; ++b) {
+        const int64_t start = int64_t(kKeyMin) + (b << sh);
+        while (c < 255 && mk[c] < start) ++c;
+        t[b] = c;
+        ok = b == 0 || t[b] - t[b - 1] <= 2;
+      }
+      if (ok) {
+        t.pop_back();
+        lo = std::move(t);
+        shift = sh;
+        return true;
+      }
+    }
+    return false;
+  }
 };
 
 // ---- the loop, instantiated per (storage, flags) and per ISA ------------------------------------
@@ -139,13 +193,231 @@ RangeFn pick(bool amsgrad, bool maximize, bool coupled, bool scaled) {
   return pick_flags<P>(g_isa.load(std::memory_order_relaxed), flags, 4);
 }
 
+// ---- low precision: bf16 state, stochastic / Kahan bf16 params, int8 state ----------------------
+// Same element math (adam_element); only the loads and stores around it differ. SF: how the
+// moments are stored; PR: how the param is written. Element index (random streams) = the
+// element's position in the walk: storage order of a dense param, row-major for a working copy
+// and for int8 (reference.element_index).
+enum StateFmt : int { kF32 = 0, kBF16 = 1, kInt8 = 2 };
+enum ParamRnd : int { kNearest = 0, kStochastic = 1, kKahan = 2 };
+
+// Writes the new param value `pv` of element `idx` (and its Kahan compensation).
+template <typename P, int PR>
+inline __attribute__((always_inline)) void store_param(P* p, Bf16* comp, float pv, uint32_t key,
+                                                       uint64_t idx) {
+  if constexpr (PR == kStochastic) {
+    p->x = float_to_bf16_stochastic(pv, random_bits(key, idx));
+  } else if constexpr (PR == kKahan) {
+    const uint16_t stored = float_to_bf16(pv);
+    p->x = stored;
+    comp->x = float_to_bf16(op_sub(pv, bf16_to_float(stored)));
+  } else {
+    Storage<P>::store(p, pv);
+  }
+}
+
+template <typename P, int PR>
+inline __attribute__((always_inline)) float load_param(const P* p, const Bf16* comp) {
+  float pv = Storage<P>::load(p);
+  if constexpr (PR == kKahan) pv = op_add(pv, bf16_to_float(comp->x));
+  return pv;
+}
+
+// Element-wise formats (fp32 or bf16 moments) over elements [begin, end).
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
+inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
+                                                      const StepScalars<float>& s, int64_t begin,
+                                                      int64_t end) {
+  using M = std::conditional_t<SF == kBF16, Bf16, float>;
+  P* __restrict p = static_cast<P*>(w.p);
+  const P* __restrict g = static_cast<const P*>(w.g);
+  M* __restrict m = static_cast<M*>(w.m);
+  M* __restrict v = static_cast<M*>(w.v);
+  float* __restrict vm = static_cast<float*>(w.v_max);
+  Bf16* __restrict comp = static_cast<Bf16*>(w.comp);
+  const uint32_t key_p = w.key_p, key_m = w.key_m, key_v = w.key_v;
+  const StepScalars<float> sc = s;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float pi = load_param<P, PR>(p + i, comp + i);
+    float mi = Storage<M>::load(m + i);
+    float vi = Storage<M>::load(v + i);
+    float vmi = AMS ? vm[i] : 0.0f;
+    adam_element<float, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, sc);
+    store_param<P, PR>(p + i, comp + i, pi, key_p, static_cast<uint64_t>(i));
+    if constexpr (SF == kBF16) {
+      m[i].x = float_to_bf16_stochastic(mi, random_bits(key_m, static_cast<uint64_t>(i)));
+      v[i].x = float_to_bf16_stochastic(vi, random_bits(key_v, static_cast<uint64_t>(i)));
+    } else {
+      m[i] = mi;
+      v[i] = vi;
+    }
+    if (AMS) vm[i] = vmi;
+  }
+}
+
+// int8 state over blocks [kb, ke): dequantize, update (param written in the same pass), new
+// absmax of the block's m and v, quantize. The block's values wait in two small local buffers.
+template <typename P, bool MAX, bool COUPLED, bool SCALED, int PR>
+inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
+                                                       const StepScalars<float>& s, int64_t kb,
+                                                       int64_t ke) {
+  const float* __restrict code_m = w.tables + kCodeM;
+  const float* __restrict mid_m = w.tables + kMidM;
+  const float* __restrict code_v = w.tables + kCodeV;
+  const float* __restrict mid_v = w.tables + kMidV;
+  const StepScalars<float> sc = s;
+  const uint32_t key_p = w.key_p;
+  alignas(64) float mb[kInt8Block];
+  alignas(64) float vb[kInt8Block];
+  for (int64_t k = kb; k < ke; ++k) {
+    const int64_t row = k / w.blocks_per_row;
+    const int64_t col = (k - row * w.blocks_per_row) * kInt8Block;
+    const int64_t start = row * w.row_len + col;
+    const int len = static_cast<int>(std::min<int64_t>(kInt8Block, w.row_len - col));
+    P* __restrict p = static_cast<P*>(w.p) + start;
+    const P* __restrict g = static_cast<const P*>(w.g) + start;
+    uint8_t* __restrict qm = static_cast<uint8_t*>(w.m) + start;
+    uint8_t* __restrict qv = static_cast<uint8_t*>(w.v) + start;
+    Bf16* __restrict comp = static_cast<Bf16*>(w.comp) + (w.comp ? start : 0);
+    const float am = w.absmax_m[k];
+    const float av = w.absmax_v[k];
+#pragma omp simd
+    for (int i = 0; i < len; ++i) {
+      float pi = load_param<P, PR>(p + i, comp + i);
+      float mi = dequantize_code(qm[i], am, code_m);
+      float vi = dequantize_code(qv[i], av, code_v);
+      float unused = 0.0f;
+      adam_element<float, false, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, unused, sc);
+      store_param<P, PR>(p + i, comp + i, pi, key_p, static_cast<uint64_t>(start + i));
+      mb[i] = mi;
+      vb[i] = vi;
+    }
+    uint32_t bm = 0, bv = 0;
+#pragma omp simd reduction(max : bm, bv)
+    for (int i = 0; i < len; ++i) {
+      bm = std::max(bm, abs_bits(mb[i]));
+      bv = std::max(bv, abs_bits(vb[i]));
+    }
+    const float nam = bits_float(bm);
+    const float nav = bits_float(bv);
+    if (w.index_m != nullptr) {
+      // keys of x / absmax (vectorized), then the table look-ups
+      const bool pm = nam > 0.0f, pv = nav > 0.0f;  // else x / absmax counts as 0 (key 0)
+      alignas(64) int32_t km[kInt8Block];
+      alignas(64) int32_t kv[kInt8Block];
+#pragma omp simd
+      for (int i = 0; i < len; ++i) {
+        const int32_t a = std::min(std::max(order_key(op_div(mb[i], nam)), kKeyMin), kKeyMax);
+        const int32_t b = std::min(std::max(order_key(op_div(vb[i], nav)), kKeyMin), kKeyMax);
+        km[i] = pm ? a : 0;
+        kv[i] = pv ? b : 0;
+      }
+      const int32_t* __restrict lo_m = w.index_m->lo.data();
+      const int32_t* __restrict mk_m = w.index_m->mk;
+      const int32_t* __restrict lo_v = w.index_v->lo.data();
+      const int32_t* __restrict mk_v = w.index_v->mk;
+      const int sh_m = w.index_m->shift, sh_v = w.index_v->shift;
+#pragma omp simd
+      for (int i = 0; i < len; ++i) {
+        const int32_t a = km[i];
+        const int32_t la = lo_m[(a - kKeyMin) >> sh_m];
+        qm[i] = static_cast<uint8_t>(la + (mk_m[la] < a) + (mk_m[la + 1] < a));
+        const int32_t b = kv[i];
+        const int32_t lb = lo_v[(b - kKeyMin) >> sh_v];
+        qv[i] = static_cast<uint8_t>(lb + (mk_v[lb] < b) + (mk_v[lb + 1] < b));
+      }
+    } else {
+      for (int i = 0; i < len; ++i) {
+        qm[i] = static_cast<uint8_t>(quantize_code(mb[i], nam, mid_m));
+        qv[i] = static_cast<uint8_t>(quantize_code(vb[i], nav, mid_v));
+      }
+    }
+    w.absmax_m[k] = nam;
+    w.absmax_v[k] = nav;
+  }
+}
+
+#define ONEPASS_DEFINE_LOWP_ISA(NAME, TARGET)                                                     \
+  template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>            \
+  __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e) {        \
+    const auto& s = *static_cast<const StepScalars<float>*>(w.scalars);                           \
+    if constexpr (SF == kInt8)                                                                    \
+      int8_blocks<P, MAX, COUPLED, SCALED, PR>(w, s, b, e);                                       \
+    else                                                                                          \
+      lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR>(w, s, b, e);                               \
+  }
+ONEPASS_DEFINE_LOWP_ISA(lowp_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+ONEPASS_DEFINE_LOWP_ISA(lowp_avx2, "avx2,bmi2")
+ONEPASS_DEFINE_LOWP_ISA(lowp_base, "default")
+#undef ONEPASS_DEFINE_LOWP_ISA
+
+template <typename P, int SF, int PR>
+struct LowpKernel {
+  template <bool AMS, bool MAX, bool COUPLED, bool SCALED>
+  static RangeFn get(int isa) {
+    if constexpr (AMS && SF != kF32) {
+      return nullptr;  // amsgrad only with fp32 state (validate_batch)
+    } else {
+      switch (isa) {
+        case kAvx512: return &lowp_avx512<P, AMS, MAX, COUPLED, SCALED, SF, PR>;
+        case kAvx2: return &lowp_avx2<P, AMS, MAX, COUPLED, SCALED, SF, PR>;
+        default: return &lowp_base<P, AMS, MAX, COUPLED, SCALED, SF, PR>;
+      }
+    }
+  }
+};
+
+template <typename K, bool... B>
+RangeFn pick_kernel(int isa, const bool* flags) {
+  if constexpr (sizeof...(B) == 4) {
+    return K::template get<B...>(isa);
+  } else {
+    return flags[0] ? pick_kernel<K, B..., true>(isa, flags + 1)
+                    : pick_kernel<K, B..., false>(isa, flags + 1);
+  }
+}
+
+// The loop for a low-precision param: dtype x state format x param rounding x flags x ISA.
+RangeFn pick_lowp(at::ScalarType dtype, int sf, int pr, const bool* flags) {
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  if (dtype == at::kBFloat16) {
+    if (pr == kStochastic) {
+      if (sf == kF32) return pick_kernel<LowpKernel<Bf16, kF32, kStochastic>>(isa, flags);
+      if (sf == kBF16) return pick_kernel<LowpKernel<Bf16, kBF16, kStochastic>>(isa, flags);
+      return pick_kernel<LowpKernel<Bf16, kInt8, kStochastic>>(isa, flags);
+    }
+    if (pr == kKahan) {
+      if (sf == kF32) return pick_kernel<LowpKernel<Bf16, kF32, kKahan>>(isa, flags);
+      if (sf == kBF16) return pick_kernel<LowpKernel<Bf16, kBF16, kKahan>>(isa, flags);
+      return pick_kernel<LowpKernel<Bf16, kInt8, kKahan>>(isa, flags);
+    }
+    if (sf == kBF16) return pick_kernel<LowpKernel<Bf16, kBF16, kNearest>>(isa, flags);
+    return pick_kernel<LowpKernel<Bf16, kInt8, kNearest>>(isa, flags);
+  }
+  if (dtype == at::kHalf) {
+    if (sf == kBF16) return pick_kernel<LowpKernel<Fp16, kBF16, kNearest>>(isa, flags);
+    return pick_kernel<LowpKernel<Fp16, kInt8, kNearest>>(isa, flags);
+  }
+  if (sf == kBF16) return pick_kernel<LowpKernel<float, kBF16, kNearest>>(isa, flags);
+  return pick_kernel<LowpKernel<float, kInt8, kNearest>>(isa, flags);
+}
+
 void run(const std::vector<TensorWork>& ts, int64_t total_units) {
   at::parallel_for(0, total_units, kGrainUnits, [&](int64_t ub, int64_t ue) {
     // first tensor whose units end after ub
     auto it = std::upper_bound(ts.begin(), ts.end(), ub, [](int64_t u, const TensorWork& w) {
-      return u < w.unit_begin + (w.n + kUnit - 1) / kUnit;
+      return u < w.unit_begin + w.units;
     });
     for (; it != ts.end() && it->unit_begin < ue; ++it) {
+      if (it->blocks) {
+        // int8: kUnit units per block; a block belongs to the range holding its first unit
+        const int64_t nb = it->units / kUnit;
+        const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin + kUnit - 1) / kUnit);
+        const int64_t e = std::min<int64_t>(nb, (ue - it->unit_begin + kUnit - 1) / kUnit);
+        if (b < e) it->fn(*it, b, e);
+        continue;
+      }
       const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin) * kUnit);
       const int64_t e = std::min<int64_t>(it->n, (ue - it->unit_begin) * kUnit);
       if (b < e) it->fn(*it, b, e);
@@ -223,7 +495,98 @@ void step_impl(const BatchArgs& a) {
     }
     w.n = p.numel();
     w.unit_begin = units;
-    units += (w.n + kUnit - 1) / kUnit;
+    w.units = (w.n + kUnit - 1) / kUnit;
+    units += w.units;
+    work.push_back(w);
+  }
+  run(work, units);
+  for (auto& pw : write_back) pw.first.copy_(pw.second);
+  for (size_t i = 0; i < n; ++i) bump_step(a.steps[i]);
+}
+
+// The low-precision batch: every tensor in one parallel region, as step_impl.
+void step_impl_lowp(const BatchArgs& a) {
+  const size_t n = a.params.size();
+  const double lr = a.lr_tensor.has_value() ? a.lr_tensor->item<double>() : a.lr;
+  ONEPASS_CHECK(lr >= 0.0, "onepass: invalid learning rate ", lr);
+  const double grad_scale = a.grad_scale.has_value() ? a.grad_scale->item<double>() : 1.0;
+  const bool flags[4] = {a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()};
+  const int sf = a.state_format;
+  const int pr = a.param_rounding;
+  const bool int8 = sf == kInt8;
+  const uint32_t seed = static_cast<uint32_t>(a.seed);
+  const float* tables = int8 ? a.qtables->data_ptr<float>() : nullptr;
+  CodeIndex index_m, index_v;
+  const bool indexed = int8 && index_m.build(tables + kMidM) && index_v.build(tables + kMidV);
+
+  std::vector<StepScalars<float>> scalars_f;
+  scalars_f.reserve(n);
+  int64_t last_f = -1;
+  std::vector<TensorWork> work;
+  work.reserve(n);
+  std::vector<at::Tensor> keep;
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, working copy)
+  RangeFn fns[3] = {nullptr, nullptr, nullptr};  // by param dtype: float, bf16, fp16
+  int64_t units = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p0 = a.params[i];
+    if (p0.numel() == 0) continue;
+    at::Tensor p, g;
+    if (int8) {
+      // int8 blocks are rows of the row-major order: walk contiguous working copies
+      p = p0.is_contiguous() ? p0 : p0.contiguous();
+      if (!p0.is_contiguous()) write_back.emplace_back(p0, p);
+      g = a.grads[i].is_contiguous() ? a.grads[i] : a.grads[i].contiguous();
+    } else {
+      const DensePair dp = dense_pair(p0, a.grads[i]);
+      if (dp.copy_back) write_back.emplace_back(p0, dp.p);
+      p = dp.p;
+      g = dp.g;
+    }
+    keep.push_back(g);
+    TensorWork w;
+    w.p = p.data_ptr();
+    w.g = g.data_ptr();
+    w.m = a.exp_avgs[i].data_ptr();
+    w.v = a.exp_avg_sqs[i].data_ptr();
+    w.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
+    if (pr == kKahan) {
+      const at::Tensor& c0 = a.kahan_comps[i];
+      at::Tensor c = c0;
+      if (c0.strides() != p.strides() || !c0.is_non_overlapping_and_dense()) {
+        c = at::empty_like(p, c0.options());
+        c.copy_(c0);
+        write_back.emplace_back(c0, c);
+      }
+      w.comp = c.data_ptr();
+    }
+    const int64_t step = static_cast<int64_t>(read_step(a.steps[i])) + 1;
+    add_scalars(scalars_f, last_f, step, a, lr, grad_scale);
+    w.scalars = &scalars_f.back();
+    w.key_p = stream_key(seed, step, kStreamParam);
+    w.key_m = stream_key(seed, step, kStreamM);
+    w.key_v = stream_key(seed, step, kStreamV);
+    const at::ScalarType dt = p.scalar_type();
+    const int slot = dt == at::kFloat ? 0 : dt == at::kBFloat16 ? 1 : 2;
+    if (fns[slot] == nullptr) fns[slot] = pick_lowp(dt, sf, pr, flags);
+    w.fn = fns[slot];
+    w.n = p.numel();
+    w.unit_begin = units;
+    if (int8) {
+      const int64_t rows = p.dim() < 2 ? 1 : p.size(0);
+      w.blocks = true;
+      w.row_len = w.n / rows;
+      w.blocks_per_row = (w.row_len + kInt8Block - 1) / kInt8Block;
+      w.units = rows * w.blocks_per_row * kUnit;
+      w.absmax_m = a.exp_avg_absmaxs[i].data_ptr<float>();
+      w.absmax_v = a.exp_avg_sq_absmaxs[i].data_ptr<float>();
+      w.tables = tables;
+      w.index_m = indexed ? &index_m : nullptr;
+      w.index_v = indexed ? &index_v : nullptr;
+    } else {
+      w.units = (w.n + kUnit - 1) / kUnit;
+    }
+    units += w.units;
     work.push_back(w);
   }
   run(work, units);
@@ -262,6 +625,49 @@ void adam_check_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   validate_batch(a, c10::DeviceType::CPU);
 }
 
+void adam_step_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                        at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                        double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                        bool maximize, bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf, const std::string& state_format,
+                        at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                        const std::optional<at::Tensor>& qtables, const std::string& param_rounding,
+                        at::TensorList kahan_comps, int64_t seed) {
+  const BatchArgs a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                    lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled,
+                    grad_scale, found_inf, parse_state_format(state_format),
+                    parse_param_rounding(param_rounding), exp_avg_absmaxs, exp_avg_sq_absmaxs,
+                    qtables.has_value() ? &*qtables : nullptr, kahan_comps, seed};
+  validate_batch(a, c10::DeviceType::CPU);
+  if (params.empty()) return;
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // AMP overflow: skip
+  if (a.state_format == kF32 && a.param_rounding == kNearest)
+    step_impl(a);  // what adam_step_ does
+  else
+    step_impl_lowp(a);
+}
+
+void adam_check_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList steps, double lr,
+                         const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                         double eps, double weight_decay, bool amsgrad, bool maximize,
+                         bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf,
+                         const std::string& state_format, at::TensorList exp_avg_absmaxs,
+                         at::TensorList exp_avg_sq_absmaxs,
+                         const std::optional<at::Tensor>& qtables,
+                         const std::string& param_rounding, at::TensorList kahan_comps,
+                         int64_t seed) {
+  const BatchArgs a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                    lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled,
+                    grad_scale, found_inf, parse_state_format(state_format),
+                    parse_param_rounding(param_rounding), exp_avg_absmaxs, exp_avg_sq_absmaxs,
+                    qtables.has_value() ? &*qtables : nullptr, kahan_comps, seed};
+  validate_batch(a, c10::DeviceType::CPU);
+}
+
 std::string cpu_isa_get() { return kIsaNames[g_isa.load()]; }
 
 std::vector<std::string> cpu_isa_supported() {
@@ -285,6 +691,8 @@ void cpu_isa_set(const std::string& name) {
 TORCH_LIBRARY_IMPL(onepass, CPU, m) {
   m.impl("adam_step_", &adam_step_cpu);
   m.impl("adam_check", &adam_check_cpu);
+  m.impl("adam_step_lowp_", &adam_step_lowp_cpu);
+  m.impl("adam_check_lowp", &adam_check_lowp_cpu);
 }
 
 }  // namespace onepass

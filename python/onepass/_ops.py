@@ -50,6 +50,14 @@ def _register_fakes() -> None:
         # In-place update of its inputs: nothing new to describe for tracing.
         return None
 
+    @torch.library.register_fake("onepass::adam_step_lowp_")
+    def _adam_step_lowp_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr,
+                             lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                             decoupled, grad_scale, found_inf, state_format, exp_avg_absmaxs,
+                             exp_avg_sq_absmaxs, qtables, param_rounding, kahan_comps,
+                             seed) -> None:
+        return None
+
 
 if HAS_EXT:
     _register_fakes()

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import quant, reference
-from .backends import BACKENDS, Batch, resolve_backend
+from .backends import BACKENDS, Batch, auto_candidates, resolve_backend
 from .reference import PARAM_DTYPES, math_dtype
 
 __all__ = ["AdamW", "Adam", "torch_state_dict"]
@@ -432,7 +432,11 @@ class AdamW(Optimizer):
             if why is not None:
                 if group["backend"] != "auto":
                     raise RuntimeError(f"onepass: backend {backend.name!r} cannot run this group: {why}")
-                chosen = BACKENDS["reference"]  # auto: the reference runs every format
+                # auto: the next backend in auto's order that runs this format (the reference
+                # runs every one)
+                chosen = next((b for b in auto_candidates(device)
+                               if b.auto_reason(device) is None and b.unsupported_reason(batch) is None),
+                              BACKENDS["reference"])
             out.append((chosen, batch, created if not out else []))
         return out
 

@@ -17,7 +17,7 @@ from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-__all__ = ["Backend", "Batch", "get_backend", "resolve_backend", "available_backends", "BACKENDS"]
+__all__ = ["Backend", "Batch", "auto_candidates", "get_backend", "resolve_backend", "available_backends", "BACKENDS"]
 
 
 BACKENDS: Dict[str, Backend] = {
@@ -31,6 +31,11 @@ _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),  # triton on CPU tensors (interpreter) only when named
 }
+
+
+def auto_candidates(device: torch.device) -> List[Backend]:
+    """The backends "auto" tries for ``device``, in order."""
+    return [BACKENDS[n] for n in _AUTO_ORDER.get(device.type, ("reference",))]
 
 
 def get_backend(name: str) -> Backend:

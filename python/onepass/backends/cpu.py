@@ -1,4 +1,6 @@
-"""The "cpu" backend: csrc/cpu/adam_cpu.cpp through torch.ops.onepass.adam_step_.
+"""The "cpu" backend: csrc/cpu/adam_cpu.cpp through torch.ops.onepass.adam_step_ (fp32 state,
+nearest rounding) and torch.ops.onepass.adam_step_lowp_ (bf16/int8 state, stochastic/Kahan bf16
+params).
 
 One op call per batch updates every tensor of the batch in one parallel region.
 """
@@ -20,6 +22,8 @@ def _tracing() -> bool:
 class CpuBackend(Backend):
     name = "cpu"
     checks_before_writing = True
+    state_formats = ("fp32", "bf16", "int8")
+    param_roundings = ("nearest", "stochastic", "kahan")
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if not _ops.HAS_EXT:
@@ -29,21 +33,42 @@ class CpuBackend(Backend):
         return None
 
     def validate(self, batch: Batch) -> None:
-        self._call(torch.ops.onepass.adam_check if _tracing() else _ops._C.adam_check_cpu, batch)
+        if _lowp(batch):
+            op = torch.ops.onepass.adam_check_lowp if _tracing() else _ops._C.adam_check_lowp_cpu
+        else:
+            op = torch.ops.onepass.adam_check if _tracing() else _ops._C.adam_check_cpu
+        self._call(op, batch)
 
     def step(self, batch: Batch) -> None:
         # Eager: the direct binding (cheaper list conversion); traced: the registered custom op,
         # which torch.compile sees as one opaque in-place op. Same C++ function either way.
-        self._call(torch.ops.onepass.adam_step_ if _tracing() else _ops._C.adam_step_cpu, batch)
+        if _lowp(batch):
+            op = torch.ops.onepass.adam_step_lowp_ if _tracing() else _ops._C.adam_step_lowp_cpu
+        else:
+            op = torch.ops.onepass.adam_step_ if _tracing() else _ops._C.adam_step_cpu
+        self._call(op, batch)
 
     @staticmethod
     def _call(op, batch: Batch) -> None:
         lr = batch.lr
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+        extra = {}
+        if _lowp(batch):
+            extra = dict(
+                state_format=batch.state_format, exp_avg_absmaxs=batch.exp_avg_absmaxs,
+                exp_avg_sq_absmaxs=batch.exp_avg_sq_absmaxs, qtables=batch.qtables,
+                param_rounding=batch.param_rounding, kahan_comps=batch.kahan_comps,
+                seed=int(batch.seed),
+            )
         op(
             batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs,
             batch.steps, lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
             beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps, weight_decay=batch.weight_decay,
             amsgrad=batch.amsgrad, maximize=batch.maximize, decoupled=batch.decoupled,
-            grad_scale=batch.grad_scale, found_inf=batch.found_inf,
+            grad_scale=batch.grad_scale, found_inf=batch.found_inf, **extra,
         )
+
+
+def _lowp(batch: Batch) -> bool:
+    """Whether the batch needs adam_step_lowp_ (anything but fp32 state with nearest rounding)."""
+    return batch.state_format != "fp32" or batch.param_rounding != "nearest"
