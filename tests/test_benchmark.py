@@ -141,12 +141,12 @@ def test_format_table():
     case = b.derive(_synthetic_case())
     text = b.format_table([case])
     lines = text.splitlines()
-    assert lines[0].split() == ["case", "contestant", "ms/step", "GB/s", "B/param", "of", "ceiling",
-                                "x", "torch-fused"]
+    assert lines[0].split() == ["case", "contestant", "ms/step", "GB/s", "B/param", "state", "B/p",
+                                "of", "ceiling", "x", "torch-fused"]
     row = next(line for line in lines if "onepass" in line)
-    assert row.split() == ["synthetic", "onepass", "5.000", "20.0", "28.0", "1.00", "2.00"]
+    assert row.split() == ["synthetic", "onepass", "5.000", "20.0", "28.0", "-", "1.00", "2.00"]
     forloop = next(line for line in lines if "torch-forloop" in line)
-    assert forloop.split() == ["torch-forloop", "40.000", "2.5", "28.0", "0.12", "0.25"]
+    assert forloop.split() == ["torch-forloop", "40.000", "2.5", "28.0", "-", "0.12", "0.25"]
     assert any("ceiling mul_" in line and "20.0" in line for line in lines)
     assert "synthetic: optimi skipped: not installed" in text
     assert "synthetic: bitsandbytes ERROR: RuntimeError: boom" in text
