@@ -92,6 +92,14 @@ def encode_moments(p: Tensor, moments: Dict[str, Tensor], fmt: str) -> Dict[str,
     return out
 
 
+def _convert_state(p: Tensor, st: Dict[str, Any], fmt: str) -> None:
+    """Re-encodes one param's moments (in place in ``st``) from their stored format into ``fmt``."""
+    moments = decode_moments(p, st)
+    for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        st.pop(k, None)
+    st.update(encode_moments(p, moments, fmt))
+
+
 def _new_moments(p: Tensor, fmt: str) -> Dict[str, Tensor]:
     if fmt == "int8":
         rows_blocks = reference.absmax_shape(p.shape)
@@ -462,10 +470,7 @@ class AdamW(Optimizer):
                 st["step"] = _new_step()
                 st.update(_new_moments(p, pfmt))
             elif _stored_format(st) != pfmt:
-                moments = decode_moments(p, st)
-                for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
-                    st.pop(k, None)
-                st.update(encode_moments(p, moments, pfmt))
+                _convert_state(p, st, pfmt)
             if prnd == "kahan" and "kahan_comp" not in st:
                 st["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif prnd != "kahan" and "kahan_comp" in st:
@@ -600,10 +605,7 @@ class AdamW(Optimizer):
                 if st and "exp_avg" in st and "max_exp_avg_sq" not in st:
                     want = param_state_format(p, fmt, mn)
                     if _stored_format(st) != want:
-                        moments = decode_moments(p, st)
-                        for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
-                            st.pop(k, None)
-                        st.update(encode_moments(p, moments, want))
+                        _convert_state(p, st, want)
         state = _State()
         for p, st in new_state.items():
             state[p] = _ParamState(st)
