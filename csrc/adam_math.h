@@ -62,7 +62,7 @@ ONEPASS_HD double pow_int(double base, int64_t n) {
 
 template <typename T>
 struct StepScalars {
-  T beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, bc2_sqrt;
+  T beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay, step_size, inv_bc2_sqrt;
   T grad_scale;  // divides the gradient when a GradScaler hands one over (else unused)
 };
 
@@ -82,7 +82,7 @@ ONEPASS_HD StepScalars<T> make_step_scalars(int64_t step, double lr, double beta
   s.weight_decay = static_cast<T>(weight_decay);
   s.decay = decoupled ? static_cast<T>(op_sub(1.0, op_mul(lr, weight_decay))) : static_cast<T>(1.0);
   s.step_size = static_cast<T>(op_div(lr, bc1));
-  s.bc2_sqrt = static_cast<T>(op_sqrt(bc2));
+  s.inv_bc2_sqrt = static_cast<T>(op_div(1.0, op_sqrt(bc2)));
   s.grad_scale = static_cast<T>(grad_scale);
   return s;
 }
@@ -101,7 +101,7 @@ ONEPASS_HD void adam_element(T& p, T g, T& m, T& v, T& v_max, const StepScalars<
     vh = op_max(v_max, v);
     v_max = vh;
   }
-  const T denom = op_add(op_div(op_sqrt(vh), s.bc2_sqrt), s.eps);
+  const T denom = op_add(op_mul(op_sqrt(vh), s.inv_bc2_sqrt), s.eps);
   p = op_sub(op_mul(p, s.decay), op_mul(s.step_size, op_div(m, denom)));
 }
 
@@ -252,13 +252,10 @@ ONEPASS_HD uint32_t code_search(float x, const float* mid) {
   return q;
 }
 
-// The code of x in a block whose absmax is `absmax`: x / absmax (one correctly rounded division;
-// 0 when absmax is not > 0, i.e. 0 or NaN), then code_search. The division is made either way
-// (no trap: a quiet inf or NaN), so the choice is a select, not a branch.
-ONEPASS_HD uint32_t quantize_code(float x, float absmax, const float* mid) {
-  const float xd = op_div(x, absmax);
-  const float xn = absmax > 0.0f ? xd : 0.0f;
-  return code_search(xn, mid);
+// The code of x in a block whose scale (block_scale) is `inv`: x * inv (one multiply), then
+// code_search.
+ONEPASS_HD uint32_t quantize_code(float x, float inv, const float* mid) {
+  return code_search(op_mul(x, inv), mid);
 }
 
 // A float's order-preserving integer key: a < b (floats, neither NaN) <=> key(a) < key(b) (signed
@@ -279,6 +276,68 @@ ONEPASS_HD int32_t order_key(float x) {
 // code[q] * absmax (one multiply).
 ONEPASS_HD float dequantize_code(uint32_t q, float absmax, const float* code) {
   return op_mul(code[q], absmax);
+}
+
+// ---- the "float3" maps of onepass.quant (quant._float(signed, 3)), decoded and searched by bits --
+// Their codes are the float32 numbers with 3 fraction bits (low 20 bits zero) counted down from
+// 1.0 in bit-pattern steps of 2**20: unsigned code q > 0 is pattern kFmTop - (255 - q), code 0 is
+// 0; signed code q > 128 is pattern kFmTop - (255 - q), q < 128 is minus pattern kFmTop - q, and
+// 128 is 0. Within a binade the values are evenly spaced and the step into the next binade is
+// the same pattern step, so the midpoint of two neighbouring codes is their patterns' midpoint:
+// the nearest code of a float is its bit pattern rounded at bit 20, with the reference's tie
+// rule (ties to the lower code: down in magnitude for x > 0, up for x < 0). Below the smallest
+// code the choice is between it and 0, at half its value. NaN gets code 0 (its count of
+// midpoints below), +-inf and values above 1 the extreme codes. These equal quantize_code's
+// table search bit for bit (verified on all 2**32 floats, and by tests/backends/test_lowp_cpu.py
+// on every midpoint and its neighbours), with integer operations only: no table loads.
+constexpr uint32_t kFmOne = 0x3F800000u;              // 1.0f
+constexpr int kFmShift = 20;                           // 23 - 3 fraction bits
+constexpr int32_t kFmTop = int32_t(kFmOne >> kFmShift);  // pattern of 1.0
+constexpr int32_t kFmLowV = kFmTop - 254;              // smallest unsigned code's pattern
+constexpr int32_t kFmLowP = kFmTop - 126;              // smallest positive signed code's pattern
+constexpr int32_t kFmLowN = kFmTop - 127;              // smallest negative signed code's pattern
+// half the smallest code of each kind, as bits: the rounding threshold to 0
+constexpr int32_t kFmHalfV = int32_t(uint32_t(kFmLowV) << kFmShift) - 0x00800000;
+constexpr int32_t kFmHalfP = int32_t(uint32_t(kFmLowP) << kFmShift) - 0x00800000;
+constexpr int32_t kFmHalfN = int32_t(uint32_t(kFmLowN) << kFmShift) - 0x00800000;
+
+ONEPASS_HD float float_map_value_v(uint32_t q) {
+  const uint32_t b = kFmOne - ((255u - q) << kFmShift);
+  return bits_float(q != 0u ? b : 0u);
+}
+
+ONEPASS_HD float float_map_value_m(uint32_t q) {
+  const uint32_t d = q > 128u ? 255u - q : q;
+  const uint32_t b = (kFmOne - (d << kFmShift)) | (q < 128u ? 0x80000000u : 0u);
+  return bits_float(q != 128u ? b : 0u);
+}
+
+ONEPASS_HD int32_t fm_clamp(int32_t r, int32_t lo) { return r < lo ? lo : (r > kFmTop ? kFmTop : r); }
+
+ONEPASS_HD uint32_t float_map_code_v(float y) {
+  const int32_t u = static_cast<int32_t>(float_bits(y));  // negative (sign set) -> below everything
+  const int32_t r = static_cast<int32_t>((static_cast<uint32_t>(u) + 0x7ffffu) >> kFmShift);
+  const bool nonzero = u > kFmHalfV && u <= 0x7f800000;    // not NaN
+  return nonzero ? static_cast<uint32_t>(fm_clamp(r, kFmLowV) - kFmLowV + 1) : 0u;
+}
+
+ONEPASS_HD uint32_t float_map_code_m(float x) {
+  const uint32_t u = float_bits(x);
+  const int32_t a = static_cast<int32_t>(u & 0x7fffffffu);
+  const bool neg = (u >> 31) != 0u;
+  // ties: up in magnitude if x < 0; unsigned, so a NaN's pattern cannot overflow (its code is 0)
+  const int32_t r = static_cast<int32_t>((static_cast<uint32_t>(a) + (neg ? 0x80000u : 0x7ffffu)) >> kFmShift);
+  const uint32_t qp = a > kFmHalfP ? static_cast<uint32_t>(128 + fm_clamp(r, kFmLowP) - kFmLowP + 1) : 128u;
+  const uint32_t qn = a >= kFmHalfN ? static_cast<uint32_t>(kFmTop - fm_clamp(r, kFmLowN)) : 128u;
+  const uint32_t q = neg ? qn : qp;
+  return a > 0x7f800000 ? 0u : q;
+}
+
+// The block scale of reference.quantize_blocks: 1 / absmax, or 0 unless absmax is a normal,
+// finite float (then 1 / absmax cannot overflow).
+ONEPASS_HD float block_scale(float absmax) {
+  const float inv = op_div(1.0f, absmax);
+  return (absmax >= 1.17549435e-38f && absmax <= 3.40282347e+38f) ? inv : 0.0f;
 }
 
 // |x|'s bit pattern: the running maximum of these over a block (as unsigned integers) is the

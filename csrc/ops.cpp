@@ -21,10 +21,31 @@ std::vector<double> step_scalars_op(int64_t step, double lr, double beta1, doubl
                                     double weight_decay, bool decoupled, bool f64) {
   auto pack = [](const auto& s) {
     return std::vector<double>{s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps,
-                               s.weight_decay, s.decay, s.step_size, s.bc2_sqrt};
+                               s.weight_decay, s.decay, s.step_size, s.inv_bc2_sqrt};
   };
   if (f64) return pack(make_step_scalars<double>(step, lr, beta1, beta2, eps, weight_decay, decoupled, 1.0));
   return pack(make_step_scalars<float>(step, lr, beta1, beta2, eps, weight_decay, decoupled, 1.0));
+}
+
+// The float3 maps' bit-level code search and decoding (adam_math.h), exposed so the tests can
+// hold them against quant's tables and reference.quantize_blocks' search.
+at::Tensor float_map_codes_op(const at::Tensor& x, bool is_signed) {
+  ONEPASS_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+                "onepass._float_map_codes: a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kByte));
+  const float* src = xc.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < xc.numel(); ++i)
+    dst[i] = static_cast<uint8_t>(is_signed ? float_map_code_m(src[i]) : float_map_code_v(src[i]));
+  return out;
+}
+
+at::Tensor float_map_values_op(bool is_signed) {
+  at::Tensor out = at::empty({256}, at::TensorOptions().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  for (uint32_t q = 0; q < 256; ++q) dst[q] = is_signed ? float_map_value_m(q) : float_map_value_v(q);
+  return out;
 }
 
 }  // namespace
@@ -68,6 +89,8 @@ TORCH_LIBRARY(onepass, m) {
   m.def("_step_scalars(int step, float lr, float beta1, float beta2, float eps, float weight_decay, "
         "bool decoupled, bool f64) -> float[]",
         &onepass::step_scalars_op);
+  m.def("_float_map_codes(Tensor x, bool signed) -> Tensor", &onepass::float_map_codes_op);
+  m.def("_float_map_values(bool signed) -> Tensor", &onepass::float_map_values_op);
   m.def("_cpu_isa() -> str", &onepass::cpu_isa_get);
   m.def("_cpu_isa_supported() -> str[]", &onepass::cpu_isa_supported);
   m.def("_cpu_isa_set(str name) -> ()", &onepass::cpu_isa_set);

@@ -206,7 +206,9 @@ def test_torch_fp32_state_loads_into_int8_and_exports_back():
     m_torch = theirs.state[params[0]]["exp_avg"]
     m_back = back.state[params[0]]["exp_avg"]
     assert m_back.dtype == torch.float32
-    assert (m_back - m_torch).abs().max() <= 0.02 * m_torch.abs().max()
+    # float3 codes are 2**-4 of a binade apart: the error is at most half that, 2**-5 of the
+    # block's absmax (the top binade), which the tensor's absmax bounds
+    assert (m_back - m_torch).abs().max() <= 2 ** -5 * m_torch.abs().max()
     _run(params, back, 1)  # torch continues from it
 
 

@@ -53,7 +53,7 @@ def test_pow_int_is_binary_exponentiation():
 def test_step_scalars_follow_the_documented_formulas():
     s = reference.step_scalars(3, 1e-3, 0.9, 0.999, 1e-8, 0.1, decoupled=True)
     assert s.step_size == 1e-3 / (1.0 - reference.pow_int(0.9, 3))
-    assert s.bc2_sqrt == math.sqrt(1.0 - reference.pow_int(0.999, 3))
+    assert s.inv_bc2_sqrt == 1.0 / math.sqrt(1.0 - reference.pow_int(0.999, 3))
     assert s.decay == 1.0 - 1e-3 * 0.1
     assert reference.step_scalars(3, 1e-3, 0.9, 0.999, 1e-8, 0.1, decoupled=False).decay == 1.0
 
@@ -73,7 +73,7 @@ def _numpy_adam(p, g, m, v, vmax, t, lr, b1, b2, eps, wd, amsgrad, maximize, dec
     m = c["beta1"] * m + c["one_minus_beta1"] * g
     v = c["beta2"] * v + c["one_minus_beta2"] * (g * g)
     vh = np.maximum(vmax, v) if amsgrad else v
-    p = p * c["decay"] - c["step_size"] * (m / (np.sqrt(vh) / c["bc2_sqrt"] + c["eps"]))
+    p = p * c["decay"] - c["step_size"] * (m / (np.sqrt(vh) * c["inv_bc2_sqrt"] + c["eps"]))
     return p, m, v, vh
 
 

@@ -79,7 +79,7 @@ def to_storage(x, P_DTYPE: tl.constexpr):
 
 @triton.jit
 def adam_element(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 weight_decay, decay, step_size, bc2_sqrt, grad_scale,
+                 weight_decay, decay, step_size, inv_bc2_sqrt, grad_scale,
                  AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr,
                  SCALED: tl.constexpr, F64: tl.constexpr):
     """The element math of reference.py, in its order (the Triton statement of it)."""
@@ -94,7 +94,7 @@ def adam_element(p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_bet
     vh = v
     if AMSGRAD:
         vh = tl.maximum(v_max, v, propagate_nan=tl.PropagateNan.ALL)
-    denom = div_ieee(sqrt_ieee(vh, F64), bc2_sqrt, F64) + eps
+    denom = sqrt_ieee(vh, F64) * inv_bc2_sqrt + eps
     p = p * decay - step_size * div_ieee(m, denom, F64)
     return p, m, v, vh
 
@@ -178,7 +178,7 @@ def step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, MATH: tl.constexpr, COUPLE
     eps = tl.load(hp + 3).to(MATH)
     wd64 = tl.load(hp + 4)
     bc1 = tl.load(ftab + t * 2)
-    bc2_sqrt = tl.load(ftab + t * 2 + 1).to(MATH)
+    inv_bc2_sqrt = tl.load(ftab + t * 2 + 1).to(MATH)
     step_size = (lr / bc1).to(MATH)  # float64 division: IEEE
     if COUPLED:
         decay = tl.full((), 1.0, MATH)  # p * 1.0 is exact: the reference multiplies by 1 too
@@ -189,7 +189,7 @@ def step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, MATH: tl.constexpr, COUPLE
     else:
         grad_scale = eps  # unused
     return (beta1.to(MATH), (1.0 - beta1).to(MATH), beta2.to(MATH), (1.0 - beta2).to(MATH), eps,
-            wd64.to(MATH), decay, step_size, bc2_sqrt, grad_scale)
+            wd64.to(MATH), decay, step_size, inv_bc2_sqrt, grad_scale)
 
 
 @triton.jit
@@ -217,7 +217,7 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
         c_ptr = tl.load(row + COL_COMP).to(tl.pointer_type(P_DTYPE))
     else:
         c_ptr = p_ptr
-    (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, step_size, bc2_sqrt,
+    (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, step_size, inv_bc2_sqrt,
      grad_scale) = step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, MATH, COUPLED, SCALED, LR_TENSOR)
 
     offs = (pid - tl.load(starts + t)) * BLOCK + tl.arange(0, BLOCK)
@@ -233,7 +233,7 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
         v_max = v
     p, m, v, vh = adam_element(
         p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay,
-        step_size, bc2_sqrt, grad_scale, AMSGRAD, MAXIMIZE, COUPLED, SCALED, MATH == tl.float64)
+        step_size, inv_bc2_sqrt, grad_scale, AMSGRAD, MAXIMIZE, COUPLED, SCALED, MATH == tl.float64)
     if SR:
         key_p = tl.load(row + COL_KEY_P).to(tl.uint32)
     else:
@@ -251,29 +251,82 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
         tl.store(vm_ptr + offs, vh, mask=mask)
 
 
+# quant's "float3" maps by bits (csrc/adam_math.h float_map_*, where the rule is explained): codes
+# are float32 patterns 2**20 apart counted down from 1.0.
+_FM_TOP = 0x3F800000 >> 20
+FM_ONE = tl.constexpr(0x3F800000)
+FM_TOP = tl.constexpr(_FM_TOP)
+FM_LOW_V = tl.constexpr(_FM_TOP - 254)
+FM_LOW_P = tl.constexpr(_FM_TOP - 126)
+FM_LOW_N = tl.constexpr(_FM_TOP - 127)
+FM_HALF_V = tl.constexpr(((_FM_TOP - 254) << 20) - 0x00800000)
+FM_HALF_P = tl.constexpr(((_FM_TOP - 126) << 20) - 0x00800000)
+FM_HALF_N = tl.constexpr(((_FM_TOP - 127) << 20) - 0x00800000)
+
+
 @triton.jit
-def dequantize(q_ptr, offs, mask, absmax, code_ptr):
+def float_map_value(q, SIGNED: tl.constexpr):
+    """The float3 map's code q (int32 0..255) as float32, with integer operations."""
+    if SIGNED:
+        d = tl.where(q > 128, 255 - q, q)
+        b = (FM_ONE - (d << 20)) | tl.where(q < 128, -2147483648, 0)  # sign bit
+        b = tl.where(q == 128, 0, b)
+    else:
+        b = tl.where(q == 0, 0, FM_ONE - ((255 - q) << 20))
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def float_map_code(y, SIGNED: tl.constexpr):
+    """The float3 map's nearest code (int32) of float32 y: its bit pattern rounded at bit 20."""
+    u = y.to(tl.int32, bitcast=True)
+    if SIGNED:
+        a = u & 0x7FFFFFFF
+        neg = u < 0
+        # a NaN's pattern may wrap here: its code is overwritten with 0 below
+        r = (a + tl.where(neg, 0x80000, 0x7FFFF)) >> 20
+        qp = tl.where(a > FM_HALF_P, 129 + tl.minimum(tl.maximum(r, FM_LOW_P), FM_TOP) - FM_LOW_P, 128)
+        qn = tl.where(a >= FM_HALF_N, FM_TOP - tl.minimum(tl.maximum(r, FM_LOW_N), FM_TOP), 128)
+        q = tl.where(a > 0x7F800000, 0, tl.where(neg, qn, qp))
+    else:
+        r = (u + 0x7FFFF) >> 20
+        q = tl.where((u > FM_HALF_V) & (u <= 0x7F800000),
+                     tl.minimum(tl.maximum(r, FM_LOW_V), FM_TOP) - FM_LOW_V + 1, 0)
+    return q
+
+
+@triton.jit
+def dequantize(q_ptr, offs, mask, absmax, code_ptr, FMAP: tl.constexpr, SIGNED: tl.constexpr):
     """reference.dequantize_blocks on a [QB, QBLOCK] tile: code[q] * absmax of its block."""
     q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
-    return tl.where(mask, tl.load(code_ptr + q) * absmax[:, None], 0.0)  # masked lanes: 0
+    if FMAP:
+        code = float_map_value(q, SIGNED)
+    else:
+        code = tl.load(code_ptr + q)
+    return tl.where(mask, code * absmax[:, None], 0.0)  # masked lanes: 0
 
 
 @triton.jit
-def quantize(x, mask, mid_ptr):
+def quantize(x, mask, mid_ptr, FMAP: tl.constexpr, SIGNED: tl.constexpr):
     """reference.quantize_blocks on a [QB, QBLOCK] tile whose rows are blocks: (codes uint8,
     absmax [QB]). absmax propagates NaN by a separate flag (tl.max's NaN handling differs between
-    the interpreter and GPUs); the code is the number of the 255 midpoints below x / absmax, by a
-    branchless binary search of 8 gathers."""
+    the interpreter and GPUs); the code is the number of the 255 midpoints below x * (1 / absmax):
+    by rounding bits for the float3 maps (FMAP), else by a branchless binary search of 8 gathers."""
     isnan = (x != x) & mask
     absmax = tl.max(tl.where(mask & (x == x), tl.abs(x), 0.0), axis=1)
     absmax = tl.where(tl.max(isnan.to(tl.int32), axis=1) > 0, float("nan"), absmax)
-    pos = absmax > 0
-    xn = div_ieee(x, tl.where(pos, absmax, 1.0)[:, None], False)
-    xn = tl.where(pos[:, None], xn, 0.0)
-    q = tl.zeros(x.shape, dtype=tl.int32)
-    for s in tl.static_range(8):
-        q = tl.where(tl.load(mid_ptr + q + ((128 >> s) - 1)) < xn, q + (128 >> s), q)
-    q = tl.where(xn != xn, 0, q)
+    # the block's scale 1 / absmax: 0 unless absmax is a normal finite float (reference)
+    usable = (absmax >= 1.1754943508222875e-38) & (absmax < float("inf"))
+    inv = tl.where(usable, div_ieee(tl.full(absmax.shape, 1.0, tl.float32),
+                                    tl.where(usable, absmax, 1.0), False), 0.0)
+    xn = x * inv[:, None]
+    if FMAP:
+        q = float_map_code(xn, SIGNED)
+    else:
+        q = tl.zeros(x.shape, dtype=tl.int32)
+        for s in tl.static_range(8):
+            q = tl.where(tl.load(mid_ptr + q + ((128 >> s) - 1)) < xn, q + (128 >> s), q)
+        q = tl.where(xn != xn, 0, q)
     return q.to(tl.uint8), absmax
 
 
@@ -283,7 +336,8 @@ def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_ten
                      QBLOCK: tl.constexpr, MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr,
                      SCALED: tl.constexpr, LR_TENSOR: tl.constexpr, ITAB_W: tl.constexpr,
                      SR: tl.constexpr, KAHAN: tl.constexpr, CODE_M: tl.constexpr,
-                     MID_M: tl.constexpr, CODE_V: tl.constexpr, MID_V: tl.constexpr):
+                     MID_M: tl.constexpr, CODE_V: tl.constexpr, MID_V: tl.constexpr,
+                     FMAP: tl.constexpr):
     """int8 moments: a program updates QB whole blocks (QBLOCK elements of one dim-0 row each;
     the tensor is contiguous, walked row-major) as a [QB, QBLOCK] tile."""
     pid = tl.program_id(0).to(tl.int64)
@@ -301,7 +355,7 @@ def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_ten
         c_ptr = tl.load(row + COL_COMP).to(tl.pointer_type(P_DTYPE))
     else:
         c_ptr = p_ptr
-    (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, step_size, bc2_sqrt,
+    (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, step_size, inv_bc2_sqrt,
      grad_scale) = step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, tl.float32, COUPLED, SCALED,
                                 LR_TENSOR)
 
@@ -313,18 +367,20 @@ def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_ten
     mask = bmask[:, None] & (in_row < length)
     p = load_param(p_ptr, c_ptr, offs, mask, tl.float32, KAHAN)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    m = dequantize(m_ptr, offs, mask, tl.load(am_ptr + blk, mask=bmask, other=0.0), qtab + CODE_M)
-    v = dequantize(v_ptr, offs, mask, tl.load(av_ptr + blk, mask=bmask, other=0.0), qtab + CODE_V)
+    m = dequantize(m_ptr, offs, mask, tl.load(am_ptr + blk, mask=bmask, other=0.0), qtab + CODE_M,
+                   FMAP, True)
+    v = dequantize(v_ptr, offs, mask, tl.load(av_ptr + blk, mask=bmask, other=0.0), qtab + CODE_V,
+                   FMAP, False)
     p, m, v, vh = adam_element(
         p, g, m, v, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay,
-        step_size, bc2_sqrt, grad_scale, False, MAXIMIZE, COUPLED, SCALED, False)
+        step_size, inv_bc2_sqrt, grad_scale, False, MAXIMIZE, COUPLED, SCALED, False)
     if SR:
         key_p = tl.load(row + COL_KEY_P).to(tl.uint32)
     else:
         key_p = 0
     store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, tl.float32, SR, KAHAN)
-    qm, am = quantize(m, mask, qtab + MID_M)
-    qv, av = quantize(v, mask, qtab + MID_V)
+    qm, am = quantize(m, mask, qtab + MID_M, FMAP, True)
+    qv, av = quantize(v, mask, qtab + MID_V, FMAP, False)
     tl.store(m_ptr + offs, qm, mask=mask)
     tl.store(v_ptr + offs, qv, mask=mask)
     tl.store(am_ptr + blk, am, mask=bmask)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import onepass
-from onepass import _ops
+from onepass import _ops, quant
 
 pytestmark = [
     pytest.mark.cpu_kernel,
@@ -234,3 +234,53 @@ def test_stream_key_matches_reference():
                           seed=seed).step()
         assert torch.equal(p.view(torch.int16), q.view(torch.int16)), seed
     assert reference.stream_key(5, 7, 1) == reference.mix32((5 + 0x9E3779B9 * 29) & 0xFFFFFFFF)
+
+
+# ---- the float3 maps' bit-level search (adam_math.h float_map_*) ---------------------------------
+
+def _search(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """reference.quantize_blocks' rule on already scaled values: midpoints below x, NaN -> 0."""
+    q = torch.searchsorted(quant.midpoints("float3", signed), x)
+    return torch.where(torch.isnan(x), torch.zeros_like(q), q).to(torch.uint8)
+
+
+def _neighbours(x: torch.Tensor) -> torch.Tensor:
+    """x and the float32 just below and just above each value."""
+    return torch.cat([x, torch.nextafter(x, torch.tensor(-float("inf"))),
+                      torch.nextafter(x, torch.tensor(float("inf")))])
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_float_map_decoding_is_quants_table(signed):
+    assert torch.equal(torch.ops.onepass._float_map_values(signed).view(torch.int32),
+                       quant.code_table("float3", signed).view(torch.int32))
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_float_map_search_equals_the_midpoint_search(signed):
+    # every tie and its neighbours, every code, the specials, values past 1 (x * (1 / absmax)
+    # may exceed 1 by an ulp), subnormals, and a wide random spread of both signs
+    mid, code = quant.midpoints("float3", signed), quant.code_table("float3", signed)
+    gen = torch.Generator().manual_seed(3)
+    spread = torch.randn(200_000, generator=gen) * torch.exp2(torch.randint(-140, 4, (200_000,), generator=gen).float())
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0, -1.0, 2.0, -2.0,
+                            1e-45, -1e-45, 1e-40, -1e-40, torch.finfo(torch.float32).tiny,
+                            torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max])
+    x = torch.cat([_neighbours(mid), _neighbours(code), _neighbours(mid / 2), _neighbours(-mid),
+                   special, _neighbours(special[5:]), spread])
+    got = torch.ops.onepass._float_map_codes(x, signed)
+    want = _search(x, signed)
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, [(x[i].item(), got[i].item(), want[i].item()) for i in bad[:5]]
+
+
+@pytest.mark.parametrize("maps", [("dynamic", "dynamic"), ("power4", "float3"), ("float3", "power4")],
+                         ids=lambda m: "/".join(m))
+def test_table_search_maps_match_reference(maps, monkeypatch):
+    # the kernel's general path (table loads and a search) for maps other than float3 on both sides
+    monkeypatch.setattr(quant, "SIGNED_MAP", maps[0])
+    monkeypatch.setattr(quant, "UNSIGNED_MAP", maps[1])
+    for dtype, rnd in ((torch.float32, "nearest"), (torch.bfloat16, "kahan")):
+        got = _run("cpu", dtype, "int8", rnd, {}, steps=3)[0]
+        want = _run("reference", dtype, "int8", rnd, {}, steps=3)[0]
+        assert all(_equal(a, b) for a, b in zip(got, want)), (maps, dtype)

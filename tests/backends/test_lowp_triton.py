@@ -207,3 +207,64 @@ def test_hash_and_stochastic_rounding_match_the_reference():
         nan = torch.isnan(want)
         assert torch.equal(torch.isnan(got), nan)
         assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def _float_map_kernel():
+    """A kernel running the backend's float3-map search and decoding (built on first use, as
+    _probe_kernel)."""
+    global adam, tl
+    import triton
+    import triton.language as tl
+
+    from onepass.triton_kernels import adam
+
+    @triton.jit
+    def fmap(x_ptr, q_ptr, v_ptr, n, SIGNED: tl.constexpr, B: tl.constexpr):
+        offs = tl.program_id(0) * B + tl.arange(0, B)
+        mask = offs < n
+        tl.store(q_ptr + offs, adam.float_map_code(tl.load(x_ptr + offs, mask=mask, other=0.0), SIGNED),
+                 mask=mask)
+        tl.store(v_ptr + offs, adam.float_map_value(offs.to(tl.int32) % 256, SIGNED), mask=mask)
+
+    return fmap
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_float_map_bits_equal_the_tables_and_the_search(signed):
+    # every midpoint and code with their float32 neighbours, specials and a wide random spread:
+    # the bit-level search must give the midpoint search's code, the decoding quant's table
+    import triton
+
+    from onepass import quant
+
+    mid, code = quant.midpoints("float3", signed), quant.code_table("float3", signed)
+    gen = torch.Generator().manual_seed(1)
+    spread = torch.randn(4096, generator=gen) * torch.exp2(
+        torch.randint(-140, 4, (4096,), generator=gen).float())
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0, -1.0, 2.0,
+                            1e-45, -1e-45, 3.4028234663852886e38])
+
+    def near(t):
+        return torch.cat([t, torch.nextafter(t, torch.tensor(-float("inf"))),
+                          torch.nextafter(t, torch.tensor(float("inf")))])
+
+    x = torch.cat([near(mid), near(code), near(-mid), special, spread]).contiguous()
+    q = torch.empty(x.numel(), dtype=torch.int32, device=DEVICE)
+    v = torch.empty(x.numel(), dtype=torch.float32, device=DEVICE)
+    _float_map_kernel()[(triton.cdiv(x.numel(), 1024),)](x.to(DEVICE), q, v, x.numel(),
+                                                          SIGNED=signed, B=1024)
+    want = torch.searchsorted(mid, x)
+    want = torch.where(torch.isnan(x), torch.zeros_like(want), want)
+    assert torch.equal(q.cpu().long(), want)
+    assert torch.equal(v[:256].cpu().view(torch.int32), code.view(torch.int32))
+
+
+@pytest.mark.parametrize("maps", [("dynamic", "dynamic"), ("float3", "power4")], ids=lambda m: "/".join(m))
+def test_int8_table_search_path_matches_reference(maps, monkeypatch):
+    # maps other than float3 on both sides take the kernel's table-search path (FMAP=False)
+    from onepass import quant
+
+    monkeypatch.setattr(quant, "SIGNED_MAP", maps[0])
+    monkeypatch.setattr(quant, "UNSIGNED_MAP", maps[1])
+    assert not quant.is_float3(quant.tables(DEVICE))
+    _pair(_tensors(torch.float32), state_dtype="int8")

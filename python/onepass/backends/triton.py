@@ -247,9 +247,9 @@ class TritonBackend(Backend):
             if t not in bc:
                 bc1 = 1.0 - reference.pow_int(batch.beta1, t)  # the kernel computes lr / bc1
                 bc2 = reference.step_scalars(t, 1.0, batch.beta1, batch.beta2, 0.0, 0.0, True)
-                # Only bc2_sqrt is needed rounded (StepScalars.rounded would round all nine:
+                # Only inv_bc2_sqrt is needed rounded (StepScalars.rounded would round all nine:
                 # ~12 us of the ~40 us host path of a gpt2 step).
-                bc[t] = (bc1, reference.round_scalar(bc2.bc2_sqrt, math_dt))
+                bc[t] = (bc1, reference.round_scalar(bc2.inv_bc2_sqrt, math_dt))
             return bc[t]
 
         same = counts.count(counts[0]) == len(counts)
@@ -296,7 +296,8 @@ class TritonBackend(Backend):
             kernels.adam_int8_kernel[(grid,)](
                 itab, ftab_d, starts, hpt, lr_arg, gs_arg, qtab, n, QB=INT8_BLOCKS,
                 QBLOCK=reference.INT8_BLOCK, CODE_M=quant.CODE_M, MID_M=quant.MID_M,
-                CODE_V=quant.CODE_V, MID_V=quant.MID_V, num_warps=INT8_WARPS, **common)
+                CODE_V=quant.CODE_V, MID_V=quant.MID_V, FMAP=quant.is_float3(qtab),
+                num_warps=INT8_WARPS, **common)
         else:
             kernels.adam_kernel[(grid,)](
                 itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, MATH=_tl_dtype(math_dt),
