@@ -306,9 +306,11 @@ ONEPASS_HD float float_map_value_v(uint32_t q) {
   return bits_float(q != 0u ? b : 0u);
 }
 
+// Signed: code q > 128 is pattern kFmTop - 255 + q, q < 128 is minus pattern kFmTop - q (the sign
+// bit plus kFmOne minus q steps), 128 is 0. Written as one add or subtract of q << 20 each.
 ONEPASS_HD float float_map_value_m(uint32_t q) {
-  const uint32_t d = q > 128u ? 255u - q : q;
-  const uint32_t b = (kFmOne - (d << kFmShift)) | (q < 128u ? 0x80000000u : 0u);
+  const uint32_t t = q << kFmShift;
+  const uint32_t b = q > 128u ? (kFmOne - (255u << kFmShift)) + t : (0x80000000u + kFmOne) - t;
   return bits_float(q != 128u ? b : 0u);
 }
 
@@ -321,16 +323,21 @@ ONEPASS_HD uint32_t float_map_code_v(float y) {
   return nonzero ? static_cast<uint32_t>(fm_clamp(r, kFmLowV) - kFmLowV + 1) : 0u;
 }
 
+// Signed: the magnitude's rank k (1 = smallest nonzero code on its side: the negative side has one
+// more code, kFmLowN = kFmLowP - 1) rounded with ties up in magnitude when x < 0, then
+// q = 128 + k or 128 - k (k ^ s - s with s = 0 or -1), 128 below the side's zero threshold, 0 for
+// NaN. Unsigned arithmetic where a NaN's pattern could overflow (its code is 0 anyway).
 ONEPASS_HD uint32_t float_map_code_m(float x) {
   const uint32_t u = float_bits(x);
+  const int32_t s = static_cast<int32_t>(u) >> 31;  // 0, or -1 when x < 0
+  const uint32_t neg = u >> 31;
   const int32_t a = static_cast<int32_t>(u & 0x7fffffffu);
-  const bool neg = (u >> 31) != 0u;
-  // ties: up in magnitude if x < 0; unsigned, so a NaN's pattern cannot overflow (its code is 0)
-  const int32_t r = static_cast<int32_t>((static_cast<uint32_t>(a) + (neg ? 0x80000u : 0x7ffffu)) >> kFmShift);
-  const uint32_t qp = a > kFmHalfP ? static_cast<uint32_t>(128 + fm_clamp(r, kFmLowP) - kFmLowP + 1) : 128u;
-  const uint32_t qn = a >= kFmHalfN ? static_cast<uint32_t>(kFmTop - fm_clamp(r, kFmLowN)) : 128u;
-  const uint32_t q = neg ? qn : qp;
-  return a > 0x7f800000 ? 0u : q;
+  const int32_t r = static_cast<int32_t>((static_cast<uint32_t>(a) + 0x7ffffu + neg) >> kFmShift);
+  const int32_t lo = kFmLowP - static_cast<int32_t>(neg);
+  const int32_t k = fm_clamp(r, lo) - lo + 1;
+  const int32_t thr = kFmHalfP - (s & (kFmHalfP - kFmHalfN + 1));  // x < 0: a >= kFmHalfN
+  const int32_t q = a > thr ? 128 + ((k ^ s) - s) : 128;
+  return a > 0x7f800000 ? 0u : static_cast<uint32_t>(q);
 }
 
 // The block scale of reference.quantize_blocks: 1 / absmax, or 0 unless absmax is a normal,

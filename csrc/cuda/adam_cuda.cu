@@ -15,6 +15,17 @@
 // Step counts: host counts (CPU step tensors) are incremented on the host and passed in the table;
 // with capturable=True the step tensors live on the device, the kernel reads them and a second,
 // tiny kernel increments them afterwards (unless found_inf is set), so a CUDA graph replays it.
+//
+// Low precision (onepass::adam_step_lowp_; reference.py "Storage"): bf16 moments (stochastic
+// rounding) and stochastic / Kahan bf16 params run in lowp_kernel, element-wise like adam_kernel;
+// int8 moments in int8_kernel, one warp per quantization block (256 elements of a dim-0 row,
+// 8 a lane): dequantize, update (param written in the same pass), the block's new absmax as a
+// warp max of abs_bits, block_scale, quantize. Random bits are random_bits(stream_key(seed,
+// step, stream), element index) with the element's index in the walk (storage order of a dense
+// param, row-major for int8 and for working copies), the keys computed in the kernel from the
+// step count (host or device) so CUDA graphs replay them too. The int8 code search is
+// float_map_code_* (integer ops) when qtables hold quant's "float3" maps, else code_search over
+// the midpoints copied to shared memory; decoding likewise. Both are adam_math.h, as on the CPU.
 #include "../adam_math.h"
 #include "../onepass_ops.h"
 
@@ -25,6 +36,8 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace onepass {
@@ -53,6 +66,7 @@ struct Hyper {
   const float* grad_scale;    // device, or nullptr
   const float* found_inf;     // device, or nullptr
   bool decoupled;
+  uint32_t seed;              // low precision: the key of the random streams
 };
 
 template <typename P> struct Vec;  // elements per 16 bytes of param
@@ -66,6 +80,27 @@ struct alignas(sizeof(T) * N) Pack {
   T x[N];
 };
 
+// Binary search: the last tensor whose first block is <= block b.
+template <typename D>
+__device__ __forceinline__ int find_tensor(const D* __restrict__ descs, int n_tensors, int64_t b) {
+  int lo = 0, hi = n_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (descs[mid].block_start <= b) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// The tensor's step count after the increment (host, or read on the device) and its scalars.
+template <typename T, typename D>
+__device__ __forceinline__ StepScalars<T> device_scalars(const D& d, const Hyper& h, int64_t& step) {
+  step = d.step_dev != nullptr ? static_cast<int64_t>(*d.step_dev) + 1 : d.step_host;
+  const double lr = h.lr_dev != nullptr ? static_cast<double>(*h.lr_dev)
+                    : h.lr_dev64 != nullptr ? *h.lr_dev64 : h.lr;
+  const double gs = h.grad_scale != nullptr ? static_cast<double>(*h.grad_scale) : 1.0;
+  return make_step_scalars<T>(step, lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled, gs);
+}
+
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
 __global__ void __launch_bounds__(kThreads)
 adam_kernel(const Desc* __restrict__ descs, int n_tensors, Hyper h) {
@@ -73,21 +108,10 @@ adam_kernel(const Desc* __restrict__ descs, int n_tensors, Hyper h) {
   constexpr int VEC = Vec<P>::n;
   if (h.found_inf != nullptr && *h.found_inf != 0.0f) return;
 
-  // Binary search: the last tensor whose first block is <= this block.
   const int64_t b = blockIdx.x;
-  int lo = 0, hi = n_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (descs[mid].block_start <= b) lo = mid; else hi = mid - 1;
-  }
-  const Desc d = descs[lo];
-
-  const int64_t step = d.step_dev != nullptr ? static_cast<int64_t>(*d.step_dev) + 1 : d.step_host;
-  const double lr = h.lr_dev != nullptr ? static_cast<double>(*h.lr_dev)
-                    : h.lr_dev64 != nullptr ? *h.lr_dev64 : h.lr;
-  const double gs = h.grad_scale != nullptr ? static_cast<double>(*h.grad_scale) : 1.0;
-  const StepScalars<T> s = make_step_scalars<T>(step, lr, h.beta1, h.beta2, h.eps, h.weight_decay,
-                                                h.decoupled, gs);
+  const Desc d = descs[find_tensor(descs, n_tensors, b)];
+  int64_t step;
+  const StepScalars<T> s = device_scalars<T>(d, h, step);
 
   P* __restrict__ p = static_cast<P*>(d.p);
   const P* __restrict__ g = static_cast<const P*>(d.g);
