@@ -133,13 +133,39 @@ void adam_check_lowp_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                          int64_t seed);
 
 #ifdef ONEPASS_WITH_CUDA
-// The CUDA kernel (csrc/cuda/adam_cuda.cu), registered as onepass::adam_step_ for CUDA tensors.
+// The CUDA kernels (csrc/cuda/adam_cuda.cu), registered as onepass::adam_step_ for CUDA tensors.
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                     double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
                     double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf);
+// The low-precision step and its checks for CUDA tensors (onepass::adam_step_lowp_ /
+// adam_check_lowp); same arguments as adam_step_lowp_cpu / adam_check_lowp_cpu.
+void adam_step_lowp_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList steps, double lr,
+                         const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                         double eps, double weight_decay, bool amsgrad, bool maximize,
+                         bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf,
+                         const std::string& state_format, at::TensorList exp_avg_absmaxs,
+                         at::TensorList exp_avg_sq_absmaxs,
+                         const std::optional<at::Tensor>& qtables,
+                         const std::string& param_rounding, at::TensorList kahan_comps,
+                         int64_t seed);
+void adam_check_lowp_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                          at::TensorList steps, double lr,
+                          const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+                          double eps, double weight_decay, bool amsgrad, bool maximize,
+                          bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf,
+                          const std::string& state_format, at::TensorList exp_avg_absmaxs,
+                          at::TensorList exp_avg_sq_absmaxs,
+                          const std::optional<at::Tensor>& qtables,
+                          const std::string& param_rounding, at::TensorList kahan_comps,
+                          int64_t seed);
 #endif
 
 std::string cpu_isa_get();

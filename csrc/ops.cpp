@@ -70,7 +70,7 @@ TORCH_LIBRARY(onepass, m) {
   // "fp32" | "bf16" | "int8" (uint8 codes in exp_avgs / exp_avg_sqs, float32 absmax lists of shape
   // reference.absmax_shape, qtables = onepass.quant.tables()), param_rounding "nearest" |
   // "stochastic" | "kahan" (bf16 compensations in kahan_comps) for bf16 params, and the seed of
-  // the random streams. CPU only for now.
+  // the random streams. CPU and CUDA kernels.
   m.def(
       "adam_step_lowp_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, float lr, "

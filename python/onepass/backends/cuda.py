@@ -1,8 +1,11 @@
 """The "cuda" backend: csrc/cuda/adam_cuda.cu, one launch per batch and param dtype.
 
-Eager steps call the kernel through the extension's direct binding (cheaper list conversion);
-traced code (torch.compile) calls the registered op onepass::adam_step_. With capturable=True
-the step counts live on the device and the update can be captured in a CUDA graph.
+fp32 state with nearest rounding: eager steps call the kernel through the extension's direct
+binding (cheaper list conversion); traced code (torch.compile) calls the registered op
+onepass::adam_step_. Low precision (bf16 / int8 state, stochastic / Kahan bf16 params;
+reference.py "Storage") goes through the registered op onepass::adam_step_lowp_ in both cases.
+With capturable=True the step counts live on the device and the update can be captured in a
+CUDA graph.
 """
 from __future__ import annotations
 
@@ -12,13 +15,15 @@ import torch
 
 from .. import _ops
 from .base import Backend, Batch
-from .cpu import _tracing
+from .cpu import CpuBackend, _lowp, _tracing
 from .reference import check_batch
 
 
 class CudaBackend(Backend):
     name = "cuda"
     checks_before_writing = True  # the kernel's host code checks the whole batch first
+    state_formats = ("fp32", "bf16", "int8")
+    param_roundings = ("nearest", "stochastic", "kahan")
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         # Naming the backend builds the CUDA kernels on first use when the installed extension
@@ -45,6 +50,11 @@ class CudaBackend(Backend):
         check_batch(batch)
 
     def step(self, batch: Batch) -> None:
+        if _lowp(batch):
+            if not _tracing():
+                _ops.cuda_module()  # registers the CUDA kernels of the op (a JIT add-on, maybe)
+            CpuBackend._call(torch.ops.onepass.adam_step_lowp_, batch)  # same arguments
+            return
         lr = batch.lr
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
         fn = torch.ops.onepass.adam_step_ if _tracing() else _ops.cuda_module().adam_step_cuda
