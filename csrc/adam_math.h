@@ -340,6 +340,23 @@ ONEPASS_HD uint32_t float_map_code_m(float x) {
   return a > 0x7f800000 ? 0u : static_cast<uint32_t>(q);
 }
 
+// Whether packed tables (quant.tables(), on the host) hold the float3 maps, codes and midpoints
+// exactly as float_map_value_* gives them (midpoints as quant.midpoints computes them: float64
+// mean, rounded once); then a kernel may search by bits. 1022 compares; host code only.
+inline bool is_float_map(const float* t) {
+  for (uint32_t q = 0; q < 256; ++q)
+    if (float_bits(t[kCodeM + q]) != float_bits(float_map_value_m(q)) ||
+        float_bits(t[kCodeV + q]) != float_bits(float_map_value_v(q)))
+      return false;
+  for (int i = 0; i < 255; ++i) {
+    const float mm = static_cast<float>((double(t[kCodeM + i]) + double(t[kCodeM + i + 1])) * 0.5);
+    const float mv = static_cast<float>((double(t[kCodeV + i]) + double(t[kCodeV + i + 1])) * 0.5);
+    if (float_bits(t[kMidM + i]) != float_bits(mm) || float_bits(t[kMidV + i]) != float_bits(mv))
+      return false;
+  }
+  return true;
+}
+
 // The block scale of reference.quantize_blocks: 1 / absmax, or 0 unless absmax is a normal,
 // finite float (then 1 / absmax cannot overflow).
 ONEPASS_HD float block_scale(float absmax) {

@@ -105,23 +105,6 @@ struct CodeIndex {
   }
 };
 
-// Whether qtables (quant.tables()) hold the "float3" maps, codes and midpoints exactly as
-// float_map_value_* gives them (midpoints as quant.midpoints computes them: float64 mean,
-// rounded once); then the kernel searches by bits. Checked every step: 1022 compares.
-bool is_float_map(const float* t) {
-  for (uint32_t q = 0; q < 256; ++q)
-    if (float_bits(t[kCodeM + q]) != float_bits(float_map_value_m(q)) ||
-        float_bits(t[kCodeV + q]) != float_bits(float_map_value_v(q)))
-      return false;
-  for (int i = 0; i < 255; ++i) {
-    const float mm = static_cast<float>((double(t[kCodeM + i]) + double(t[kCodeM + i + 1])) * 0.5);
-    const float mv = static_cast<float>((double(t[kCodeV + i]) + double(t[kCodeV + i + 1])) * 0.5);
-    if (float_bits(t[kMidM + i]) != float_bits(mm) || float_bits(t[kMidV + i]) != float_bits(mv))
-      return false;
-  }
-  return true;
-}
-
 // ---- the loop, instantiated per (storage, flags) and per ISA ------------------------------------
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline)) void update_range(const TensorWork& w,

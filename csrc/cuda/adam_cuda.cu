@@ -514,23 +514,6 @@ LowpLauncher pick_lowp(at::ScalarType dtype, int sf, int pr, bool fmap, const bo
   return pick_state<float, kNearest>(sf, fmap, f);
 }
 
-// Whether qtables (quant.tables()) hold the "float3" maps, codes and midpoints exactly as
-// float_map_value_* gives them (midpoints as quant.midpoints computes them: float64 mean,
-// rounded once): the same test as the CPU kernel's, on a host copy of the tables.
-bool is_float_map(const float* t) {
-  for (uint32_t q = 0; q < 256; ++q)
-    if (float_bits(t[kCodeM + q]) != float_bits(float_map_value_m(q)) ||
-        float_bits(t[kCodeV + q]) != float_bits(float_map_value_v(q)))
-      return false;
-  for (int i = 0; i < 255; ++i) {
-    const float mm = static_cast<float>((double(t[kCodeM + i]) + double(t[kCodeM + i + 1])) * 0.5);
-    const float mv = static_cast<float>((double(t[kCodeV + i]) + double(t[kCodeV + i + 1])) * 0.5);
-    if (float_bits(t[kMidM + i]) != float_bits(mm) || float_bits(t[kMidV + i]) != float_bits(mv))
-      return false;
-  }
-  return true;
-}
-
 // is_float_map of device tables without a sync every step: the answer is remembered per tensor
 // (held, so its address cannot be reused by another) and version counter (bumped by any in-place
 // write). The first look at a tensor copies it to the host (one sync); during CUDA graph capture,
