@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from . import _ops, reference  # noqa: E402,F401  (_ops loads the compiled kernels, if built)
 from .backends import available_backends  # noqa: E402
+from .decay import decay_half_life, normalized_weight_decay, param_groups  # noqa: E402
 from .optimizer import Adam, AdamW  # noqa: E402
 
-__all__ = ["AdamW", "Adam", "reference", "available_backends", "__version__"]
+__all__ = ["AdamW", "Adam", "reference", "available_backends", "param_groups",
+           "normalized_weight_decay", "decay_half_life", "__version__"]

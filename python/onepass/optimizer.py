@@ -174,6 +174,20 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
+def _resolve_decay_mode(decay_mode: Optional[str], decoupled: Optional[bool],
+                        default_decoupled: bool) -> Tuple[str, bool]:
+    """(decay_mode, decoupled) from either spelling: ``decoupled=False`` is "coupled"; naming both
+    is fine while they agree."""
+    if decay_mode is None:
+        decoupled = default_decoupled if decoupled is None else bool(decoupled)
+        return ("decoupled" if decoupled else "coupled"), decoupled
+    if decay_mode not in reference.DECAY_MODES:
+        raise ValueError(f"onepass: decay_mode must be one of {reference.DECAY_MODES}, got {decay_mode!r}")
+    if decoupled is not None and bool(decoupled) != (decay_mode != "coupled"):
+        raise ValueError(f"onepass: decoupled={decoupled!r} contradicts decay_mode={decay_mode!r}")
+    return decay_mode, decay_mode != "coupled"
+
+
 def _check_group(group: Dict[str, Any]) -> None:
     _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
     if group.get("differentiable"):
@@ -195,6 +209,13 @@ def _check_group(group: Dict[str, Any]) -> None:
     mn = group.get("min_int8_numel", MIN_INT8_NUMEL)
     if not isinstance(mn, int) or mn < 0:
         raise ValueError(f"onepass: min_int8_numel must be an int >= 0, got {mn!r}")
+    mode = group.get("decay_mode", "decoupled" if group.get("decoupled", True) else "coupled")
+    if mode not in reference.DECAY_MODES:
+        raise ValueError(f"onepass: decay_mode must be one of {reference.DECAY_MODES}, got {mode!r}")
+    if bool(group.get("decoupled", True)) != (mode != "coupled"):
+        raise ValueError(f"onepass: decoupled={group.get('decoupled')!r} contradicts decay_mode={mode!r}")
+    if mode == "lr_independent":
+        reference.effective_weight_decay(group["weight_decay"], mode, group.get("lr_max"))
     name = group["backend"]
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"onepass: unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}")
@@ -280,6 +301,11 @@ class AdamW(Optimizer):
         backend: "auto" (default), "cpu", "cuda", "triton" or "reference"; may differ per group.
         decoupled: True (default) shrinks params by ``1 - lr * weight_decay`` (AdamW); False adds
             ``weight_decay * p`` to the gradient (Adam with L2), as torch.optim.Adam does.
+        decay_mode: the same choice by name, with a third mode: "decoupled" (default, shrink by
+            ``lr * weight_decay``), "lr_independent" (shrink by ``weight_decay * lr / lr_max``: a
+            schedule still scales the shrink, but the peak lr no longer does, so lr and
+            weight_decay can be tuned apart) or "coupled" (Adam + L2, = ``decoupled=False``).
+        lr_max: the peak lr of "lr_independent" (default: each group's lr when it is added).
 
         state_dtype: "fp32" (default), "bf16" (stochastically rounded bf16 moments: 4 bytes a
             param) or "int8" (blockwise 8-bit moments: ~2.03 bytes a param; tensors of one dim
@@ -316,9 +342,10 @@ class AdamW(Optimizer):
         param_rounding: str = "nearest",
         seed: int = 0,
         min_int8_numel: int = MIN_INT8_NUMEL,
+        decay_mode: Optional[str] = None,
+        lr_max: Optional[float] = None,
     ):
-        if decoupled is None:
-            decoupled = self._decoupled_default
+        decay_mode, decoupled = _resolve_decay_mode(decay_mode, decoupled, self._decoupled_default)
         _check_hyperparameters(lr, betas, eps, weight_decay)
         if differentiable:
             raise ValueError("onepass: differentiable=True is not supported (the update is not differentiated)")
@@ -327,7 +354,7 @@ class AdamW(Optimizer):
             maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused, backend=backend, decoupled=bool(decoupled),
             state_dtype=state_dtype, param_rounding=param_rounding, seed=seed,
-            min_int8_numel=min_int8_numel,
+            min_int8_numel=min_int8_numel, decay_mode=decay_mode, lr_max=lr_max,
         )
         self._batch_cache: Dict[int, tuple] = {}
         super().__init__(params, defaults)
@@ -362,9 +389,16 @@ class AdamW(Optimizer):
             )
         param_group = dict(param_group)
         param_group["params"] = params  # the list: a generator would be empty for torch now
+        if "decay_mode" in param_group or "decoupled" in param_group:
+            # a group may name either spelling; the other follows from it
+            param_group["decay_mode"], param_group["decoupled"] = _resolve_decay_mode(
+                param_group.get("decay_mode"), param_group.get("decoupled"), True)
         merged = dict(param_group)
         for k, v in self.defaults.items():
             merged.setdefault(k, v)
+        if merged["decay_mode"] == "lr_independent" and merged.get("lr_max") is None:
+            # the lr the group starts with is its peak: schedules scale it down from there
+            param_group["lr_max"] = merged["lr_max"] = _as_float(merged["lr"], "lr")
         _check_group(merged)
         super().add_param_group(param_group)
 
@@ -374,6 +408,8 @@ class AdamW(Optimizer):
         self._batch_cache = {}
         # Groups loaded from a torch.optim state dict lack onepass's keys: use this optimizer's.
         for group in self.param_groups:
+            if "decay_mode" not in group and "decoupled" in group:  # saved before decay modes
+                group["decay_mode"] = "decoupled" if group["decoupled"] else "coupled"
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
 
@@ -428,7 +464,9 @@ class AdamW(Optimizer):
                 params=ps, grads=gs, exp_avgs=lists[0], exp_avg_sqs=lists[1],
                 max_exp_avg_sqs=lists[2], steps=lists[3], lr=group["lr"],
                 beta1=_as_float(beta1, "beta1"), beta2=_as_float(beta2, "beta2"),
-                eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), amsgrad=amsgrad,
+                eps=float(group["eps"]), amsgrad=amsgrad,
+                weight_decay=reference.effective_weight_decay(
+                    group["weight_decay"], group["decay_mode"], group.get("lr_max")),
                 maximize=bool(group["maximize"]), decoupled=bool(group["decoupled"]),
                 grad_scale=grad_scale, found_inf=found_inf, device=device, scratch=scratch,
                 state_format=pfmt, exp_avg_absmaxs=lists[4], exp_avg_sq_absmaxs=lists[5],
@@ -585,6 +623,8 @@ class AdamW(Optimizer):
         for mine, saved in zip(self.param_groups, saved_groups):
             group = dict(saved)
             group["params"] = mine["params"]
+            if "decay_mode" not in group and "decoupled" in group:  # saved before decay modes
+                group["decay_mode"] = "decoupled" if group["decoupled"] else "coupled"
             if "param_names" in mine and "param_names" not in group:
                 group["param_names"] = mine["param_names"]
             param_groups.append(group)
@@ -724,11 +764,14 @@ class Adam(AdamW):
         param_rounding: str = "nearest",
         seed: int = 0,
         min_int8_numel: int = MIN_INT8_NUMEL,
+        decay_mode: Optional[str] = None,
+        lr_max: Optional[float] = None,
     ):
+        if decoupled is None and (decoupled_weight_decay or decay_mode is None):
+            decoupled = bool(decoupled_weight_decay)
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
             capturable=capturable, differentiable=differentiable, fused=fused, backend=backend,
-            decoupled=decoupled_weight_decay if decoupled is None else decoupled,
-            state_dtype=state_dtype, param_rounding=param_rounding, seed=seed,
-            min_int8_numel=min_int8_numel,
+            decoupled=decoupled, state_dtype=state_dtype, param_rounding=param_rounding, seed=seed,
+            min_int8_numel=min_int8_numel, decay_mode=decay_mode, lr_max=lr_max,
         )

@@ -14,6 +14,12 @@ Per-step scalars (host, float64, IEEE ops only, then rounded once to the math dt
     decay     = 1 - lr * weight_decay   (decoupled mode; 1 in coupled mode)
     beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay
 
+Decay modes (:func:`effective_weight_decay`, on the host before the scalars above): "decoupled"
+(AdamW: shrink by lr * weight_decay), "lr_independent" (shrink by weight_decay * lr / lr_max:
+weight_decay / lr_max in float64, rounded once, takes weight_decay's place, so a schedule that
+lowers lr lowers the shrink with it while changing the peak lr leaves it alone), "coupled" (Adam +
+L2: weight_decay * p joins the gradient, decay = 1).
+
 Element math, in the math dtype (float32; float64 for float64 params), one correctly rounded
 operation at a time, in exactly this order::
 
@@ -145,6 +151,22 @@ class StepScalars:
             self.step_size,
             self.inv_bc2_sqrt,
         )
+
+
+DECAY_MODES = ("decoupled", "lr_independent", "coupled")
+
+
+def effective_weight_decay(weight_decay: float, decay_mode: str, lr_max: Optional[float] = None) -> float:
+    """The weight_decay the scalars below take for ``decay_mode``: weight_decay itself, or
+    weight_decay / lr_max (float64, one rounding) for "lr_independent"."""
+    if decay_mode not in DECAY_MODES:
+        raise ValueError(f"onepass: decay_mode must be one of {DECAY_MODES}, got {decay_mode!r}")
+    weight_decay = float(weight_decay)
+    if decay_mode != "lr_independent":
+        return weight_decay
+    if lr_max is None or not float(lr_max) > 0.0 or math.isinf(float(lr_max)):
+        raise ValueError(f"onepass: decay_mode='lr_independent' needs a finite lr_max > 0, got {lr_max!r}")
+    return weight_decay / float(lr_max)
 
 
 def step_scalars(

@@ -29,6 +29,8 @@ OPTIONS = {
     "amsgrad": {"amsgrad": True},
     "maximize": {"maximize": True},
     "coupled": {"decoupled": False, "weight_decay": 0.05},
+    # shrink wd * lr / lr_max with lr_max (0.3) apart from the lr (3e-2): the ratio is not 1
+    "lr_independent": {"decay_mode": "lr_independent", "lr_max": 0.3, "weight_decay": 0.5},
     "wd0": {"weight_decay": 0.0},
     "tensor_lr": {"tensor_lr": True},
     "grad_scale": {"grad_scale": True},
