@@ -58,6 +58,23 @@ def _register_fakes() -> None:
                              seed) -> None:
         return None
 
+    # The checks (CpuBackend.validate when traced, a step with several batches): without fakes
+    # torch.compile cannot put them in a graph and breaks the graph at every such step.
+    @torch.library.register_fake("onepass::adam_check")
+    def _adam_check_fake(*args, **kwargs) -> None:
+        return None
+
+    @torch.library.register_fake("onepass::adam_check_lowp")
+    def _adam_check_lowp_fake(*args, **kwargs) -> None:
+        return None
+
+    # A check returns nothing and writes nothing, so a compiled graph would drop it as dead
+    # code, and a step over several batches could then write one before the next one fails.
+    from torch.fx.node import has_side_effect
+
+    has_side_effect(torch.ops.onepass.adam_check.default)
+    has_side_effect(torch.ops.onepass.adam_check_lowp.default)
+
 
 if HAS_EXT:
     _register_fakes()

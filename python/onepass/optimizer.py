@@ -7,6 +7,7 @@ reference.py (and its C++ twin); nothing here computes an update.
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -59,6 +60,9 @@ def _stored_format(st: Dict[str, Any]) -> str:
 
 def decode_moments(p: Tensor, st: Dict[str, Any]) -> Dict[str, Tensor]:
     """The moments of one param's state as math-dtype tensors (int8 dequantized, bf16 widened)."""
+    if _is_dtensor(p):
+        local = decode_moments(_local(p), {k: _local(v) for k, v in st.items()})
+        return {k: _wrap_state(p, k, v) for k, v in local.items()}
     fmt = _stored_format(st)
     dt = math_dtype(p.dtype)
     out = {}
@@ -76,6 +80,10 @@ def decode_moments(p: Tensor, st: Dict[str, Any]) -> Dict[str, Tensor]:
 
 def encode_moments(p: Tensor, moments: Dict[str, Tensor], fmt: str) -> Dict[str, Tensor]:
     """Math-dtype moments in state format ``fmt`` (bf16: nearest even; int8: quantize_blocks)."""
+    if _is_dtensor(p):
+        _check_int8_placements(p, fmt)
+        local = encode_moments(_local(p), {k: _local(v) for k, v in moments.items()}, fmt)
+        return {k: _wrap_state(p, k, v) for k, v in local.items()}
     out: Dict[str, Tensor] = {}
     for k, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         x = moments[k]
@@ -101,6 +109,9 @@ def _convert_state(p: Tensor, st: Dict[str, Any], fmt: str) -> None:
 
 
 def _new_moments(p: Tensor, fmt: str) -> Dict[str, Tensor]:
+    if _is_dtensor(p):
+        _check_int8_placements(p, fmt)
+        return {k: _wrap_state(p, k, v) for k, v in _new_moments(_local(p), fmt).items()}
     if fmt == "int8":
         rows_blocks = reference.absmax_shape(p.shape)
         return {
@@ -112,6 +123,75 @@ def _new_moments(p: Tensor, fmt: str) -> Dict[str, Tensor]:
     dt = torch.bfloat16 if fmt == "bf16" else math_dtype(p.dtype)
     return {"exp_avg": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)}
+
+
+# ---- DTensor params (FSDP2) ------------------------------------------------------------------------
+# Under FSDP2 (fully_shard) params and grads are DTensors sharded on dim 0. The kernels take plain
+# tensors, so a step runs on the local shards: to_local() is the DTensor's own storage, so writing
+# it is the update. State is kept as DTensors with the param's mesh and placements, as
+# torch.optim.AdamW's is, because torch.distributed.checkpoint (get/set_optimizer_state_dict,
+# dcp.save/load) expects state shaped like its param; an int8 moment's absmax [rows, blocks per
+# row] is sharded on dim 0 alike, so its local shard is the absmax of the local rows. The math is
+# elementwise and int8 blocks lie within dim-0 rows, so dim-0 sharding (or replication) gives the
+# bits of an unsharded run; int8 state under any other sharding would not, and is refused.
+
+def _dtensor_type():
+    """torch's DTensor class once torch.distributed.tensor is imported (no DTensor can exist
+    before), else None: looked up, not imported, so builds without torch.distributed work."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _is_dtensor(t: Any) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's local shard (its own storage, also under autograd), anything else unchanged."""
+    if not _is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def _local_grad(p: Tensor, g: Tensor) -> Tensor:
+    """The local shard of DTensor param ``p``'s grad, laid out as ``p`` is (FSDP2's grads are)."""
+    if _is_dtensor(g) and (g.device_mesh != p.device_mesh or g.placements != p.placements):
+        g = g.redistribute(p.device_mesh, p.placements)
+    return _local(g)
+
+
+def _local_absmax(a: Tensor) -> Tensor:
+    """An absmax's local shard as the kernels expect it: a shard with no rows is [0, 0] to them
+    (no row, no block) but [0, blocks] as part of the global [rows, blocks]."""
+    a = _local(a)
+    return a[:, :0] if a.dim() == 2 and a.shape[0] == 0 else a
+
+
+def _check_int8_placements(p: Tensor, fmt: str) -> None:
+    if fmt != "int8":
+        return
+    from torch.distributed.tensor import Replicate, Shard
+    for pl in p.placements:
+        if not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0)):
+            raise ValueError(
+                f"onepass: int8 state needs a param that is replicated or sharded on dim 0 (its "
+                f"blocks lie within dim-0 rows), got placements {tuple(p.placements)}; use "
+                f"state_dtype='fp32' or 'bf16' for it, or min_int8_numel to exclude it")
+
+
+def _wrap_state(p: Tensor, k: str, t: Tensor) -> Tensor:
+    """Local state tensor ``t`` (key ``k``) of DTensor param ``p`` as a DTensor with p's mesh and
+    placements: shaped like p, or for an absmax [rows, blocks per row] of p's global shape."""
+    if k.endswith("_absmax"):
+        shape = tuple(reference.absmax_shape(p.shape))
+        if t.shape[0] == 0:  # no local rows: [0, 0] from the local shape, [0, blocks] globally
+            t = t.new_zeros((0, shape[1]))
+        stride = (shape[1], 1)
+    else:
+        shape, stride = tuple(p.shape), tuple(p.stride())
+    return _dtensor_type().from_local(t, p.device_mesh, p.placements, run_check=False,
+                                      shape=torch.Size(shape), stride=stride)
 
 
 def _zero_code(signed: bool) -> int:
@@ -158,7 +238,10 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"onepass: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
-        if lr.device.type == "cpu" and not float(lr.item()) >= 0.0:
+        # Not while torch.compile traces a step: reading the value (.item()) would break the
+        # graph at every step; the check ran eagerly at construction (as torch.optim's does).
+        if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not float(lr.item()) >= 0.0):
             raise ValueError(f"Invalid learning rate: {float(lr.item())}")
     elif not float(lr) >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
@@ -429,7 +512,10 @@ class AdamW(Optimizer):
         fmt = _state_dtype(group.get("state_dtype", "fp32"))
         rounding = group.get("param_rounding", "nearest")
         min_int8 = group.get("min_int8_numel", MIN_INT8_NUMEL)
-        mode = (amsgrad, bool(group["capturable"]), fmt, rounding, min_int8)
+        # capturable changes only CUDA params' state; and torch.compile's view of every group
+        # says capturable=True (dynamo's OptimizerVariable), which must not make CPU params'
+        # cached lists look stale (a traced step would rebuild them, breaking the graph).
+        mode = (amsgrad, bool(group["capturable"]) and params[0].is_cuda, fmt, rounding, min_int8)
         # The state lists of a group are cached between steps: looking up 2000 params' state
         # costs ~2 ms of Python per step, a fifth of the whole `small` step. The cache is valid
         # while the same params have grads and no state dict was written (_STATE_EPOCH).
@@ -440,12 +526,15 @@ class AdamW(Optimizer):
             cache is not None and cache[0] == ids and cache[1] == _STATE_EPOCH[0]
             and cache[2] is self.state and cache[3] == mode
         ):
-            parts = cache[4]
+            parts, dtensors = cache[4], cache[5]
         else:
             parts, tracked = self._state_lists(params, amsgrad, created,
                                                bool(group["capturable"]), fmt, rounding, min_int8)
+            # FSDP2's params are DTensors (see _local): found once here, not per step (torch
+            # imports DTensor itself, so the test would cost ~0.5 us a param every step)
+            dtensors = _dtensor_type() is not None and any(_is_dtensor(p) for p in params)
             if tracked:
-                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, parts)
+                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, parts, dtensors)
             else:  # a plain dict put in by hand: its writes are not seen, so never cache it
                 self._batch_cache.pop(id(group), None)
         device = params[0].device
@@ -460,6 +549,11 @@ class AdamW(Optimizer):
         for (pfmt, prnd), (ps, idx, lists, scratch) in parts.items():
             # grads are this step's (the cache holds params and state only)
             gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
+            if dtensors:
+                # FSDP2: the kernels get the local shards, looked up every step and never cached
+                # (FSDP2 may give a param a new local tensor, e.g. in load_state_dict or .to()).
+                gs = [_local_grad(p, g) for p, g in zip(ps, gs)]
+                ps = [_local(p) for p in ps]
             batch = Batch(
                 params=ps, grads=gs, exp_avgs=lists[0], exp_avg_sqs=lists[1],
                 max_exp_avg_sqs=lists[2], steps=lists[3], lr=group["lr"],
@@ -486,6 +580,11 @@ class AdamW(Optimizer):
             out.append((chosen, batch, created if not out else []))
         return out
 
+    # Runs eagerly under torch.compile (as torch.optim's _init_group does): creating state is
+    # dict work dynamo cannot trace (_State's __missing__, dict.update, the int8 zero code's
+    # .tolist()), and breaking inside it cost ~10 graphs and ~30 s of compiling on the first
+    # step. Only a step whose cached lists are stale calls it, so later steps stay one graph.
+    @torch.compiler.disable
     def _state_lists(self, params: List[Tensor], amsgrad: bool, created: list,
                      capturable: bool = False, fmt: str = "fp32", rounding: str = "nearest",
                      min_int8: int = MIN_INT8_NUMEL):
@@ -531,16 +630,17 @@ class AdamW(Optimizer):
             ps, idx, lists, _ = parts[key]
             ps.append(p)
             idx.append(j)
+            # (DTensor state: its local shards; a no-op for plain tensors)
             lists[3].append(st["step"])
-            lists[0].append(st["exp_avg"])
-            lists[1].append(st["exp_avg_sq"])
+            lists[0].append(_local(st["exp_avg"]))
+            lists[1].append(_local(st["exp_avg_sq"]))
             if amsgrad:
-                lists[2].append(st["max_exp_avg_sq"])
+                lists[2].append(_local(st["max_exp_avg_sq"]))
             if pfmt == "int8":
-                lists[4].append(st["exp_avg_absmax"])
-                lists[5].append(st["exp_avg_sq_absmax"])
+                lists[4].append(_local_absmax(st["exp_avg_absmax"]))
+                lists[5].append(_local_absmax(st["exp_avg_sq_absmax"]))
             if prnd == "kahan":
-                lists[6].append(st["kahan_comp"])
+                lists[6].append(_local(st["kahan_comp"]))
         return parts, tracked
 
     @torch.no_grad()

@@ -120,13 +120,27 @@ def tables(device: torch.device | str = "cpu", signed_map: str | None = None,
     signed codes (256), signed midpoints (255), unsigned codes (256), unsigned midpoints (255).
     The maps default to SIGNED_MAP / UNSIGNED_MAP as they are at the call (the map comparison
     in bench/quant_maps.py sets them)."""
-    return _tables(str(torch.device(device)), signed_map or SIGNED_MAP, unsigned_map or UNSIGNED_MAP)
+    key = (str(torch.device(device)), signed_map or SIGNED_MAP, unsigned_map or UNSIGNED_MAP)
+    # A plain dict in front of the lru_cache: torch.compile reads a tensor found in a dict as a
+    # graph input, but it traces through lru_cache into code_table's .tolist() (a graph break in
+    # every compiled int8 step, and the tables rebuilt by the graph each time). The first call
+    # builds them eagerly (_build_tables).
+    t = _TABLES.get(key)
+    if t is None:
+        t = _TABLES[key] = _build_tables(*key)
+    return t
+
+
+_TABLES: dict = {}
 
 
 @lru_cache(maxsize=None)
 def _tables(device: str, signed_map: str, unsigned_map: str) -> torch.Tensor:
     return torch.cat([code_table(signed_map, True), midpoints(signed_map, True),
                       code_table(unsigned_map, False), midpoints(unsigned_map, False)]).to(device)
+
+
+_build_tables = torch.compiler.disable(_tables)
 
 
 def is_float3(t: torch.Tensor) -> bool:
