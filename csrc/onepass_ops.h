@@ -69,6 +69,9 @@ struct BatchArgs {
   const at::Tensor* qtables = nullptr;
   at::TensorList kahan_comps = {};
   int64_t seed = 0;
+  // Fused statistics (onepass::adam_step_stats_; reference.update_statistics): float64
+  // [params, 2] receiving (sum of w^2, sum of dw^2) per param; null: none.
+  const at::Tensor* stats = nullptr;
 };
 
 // "fp32"/"bf16"/"int8" -> 0/1/2 and "nearest"/"stochastic"/"kahan" -> 0/1/2 (errors otherwise).
@@ -119,6 +122,16 @@ void adam_step_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorL
                         at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
                         const std::optional<at::Tensor>& qtables, const std::string& param_rounding,
                         at::TensorList kahan_comps, int64_t seed);
+// adam_step_lowp_ that also writes each param's update statistics into `stats` (CPU only).
+void adam_step_stats_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                         double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
+                         bool maximize, bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, const std::string& state_format,
+                         at::TensorList exp_avg_absmaxs, at::TensorList exp_avg_sq_absmaxs,
+                         const std::optional<at::Tensor>& qtables, const std::string& param_rounding,
+                         at::TensorList kahan_comps, int64_t seed, const at::Tensor& stats);
 void adam_check_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                          at::TensorList steps, double lr,

@@ -78,6 +78,15 @@ TORCH_LIBRARY(onepass, m) {
       "bool maximize, bool decoupled, Tensor? grad_scale, Tensor? found_inf, str state_format, "
       "Tensor(f!)[] exp_avg_absmaxs, Tensor(g!)[] exp_avg_sq_absmaxs, Tensor? qtables, "
       "str param_rounding, Tensor(h!)[] kahan_comps, int seed) -> ()");
+  // adam_step_lowp_ that also writes each param's update statistics (reference.update_statistics:
+  // sum of w^2 and of dw^2) into stats, float64 [params, 2]; the CPU kernels only so far.
+  m.def(
+      "adam_step_stats_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, *, float lr, "
+      "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+      "bool maximize, bool decoupled, Tensor? grad_scale, Tensor? found_inf, str state_format, "
+      "Tensor(f!)[] exp_avg_absmaxs, Tensor(g!)[] exp_avg_sq_absmaxs, Tensor? qtables, "
+      "str param_rounding, Tensor(h!)[] kahan_comps, int seed, Tensor(i!) stats) -> ()");
   // The checks of adam_step_lowp_, writing nothing (same arguments).
   m.def(
       "adam_check_lowp(Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
@@ -128,6 +137,15 @@ void step_lowp_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& v
                       int64_t seed) {
   onepass::adam_step_lowp_cpu(p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize,
                               decoupled, gs, fi, fmt, am, av, qt, rnd, comps, seed);
+}
+void step_stats_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& v,
+                       const TVec& vmax, const TVec& steps, double lr, const OptT& lr_t, double b1,
+                       double b2, double eps, double wd, bool ams, bool maximize, bool decoupled,
+                       const OptT& gs, const OptT& fi, const std::string& fmt, const TVec& am,
+                       const TVec& av, const OptT& qt, const std::string& rnd, const TVec& comps,
+                       int64_t seed, const at::Tensor& stats) {
+  onepass::adam_step_stats_cpu(p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize,
+                               decoupled, gs, fi, fmt, am, av, qt, rnd, comps, seed, stats);
 }
 void check_lowp_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& v,
                        const TVec& vmax, const TVec& steps, double lr, const OptT& lr_t, double b1,
@@ -202,6 +220,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_scale"), py::arg("found_inf"), py::arg("state_format"),
         py::arg("exp_avg_absmaxs"), py::arg("exp_avg_sq_absmaxs"), py::arg("qtables"),
         py::arg("param_rounding"), py::arg("kahan_comps"), py::arg("seed"));
+  m.def("adam_step_stats_cpu", &step_stats_direct,
+        "onepass::adam_step_stats_ on CPU tensors (eager)", py::arg("params"), py::arg("grads"),
+        py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"),
+        py::kw_only(), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+        py::arg("decoupled"), py::arg("grad_scale"), py::arg("found_inf"),
+        py::arg("state_format"), py::arg("exp_avg_absmaxs"), py::arg("exp_avg_sq_absmaxs"),
+        py::arg("qtables"), py::arg("param_rounding"), py::arg("kahan_comps"), py::arg("seed"),
+        py::arg("stats"));
   m.def("adam_check_lowp_cpu", &check_lowp_direct, "onepass::adam_check_lowp on CPU tensors (eager)",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),

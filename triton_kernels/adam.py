@@ -22,6 +22,14 @@ A program finds its tensor by binary search over ``starts``. The per-step scalar
 the learning rate are computed here in float64 from the lr (a float, or a Tensor read on the
 device: no host sync) and rounded once, exactly as reference.step_scalars does on the host.
 
+Fused statistics (STATS, reference.update_statistics): the update kernels also write, for each
+chunk of the walk (reference.STATS_CHUNK elements, or one int8 block), the halving-tree sums of
+w*w and d*d (w the param as stored after the step, d = w - the param as stored before, in the math
+dtype) as float64 to ``part[2*c]`` / ``part[2*c + 1]``, c = ``cbase[t]`` + the chunk's index in
+tensor t. A program covers whole chunks (with STATS its BLOCK is a multiple of the chunk; an int8
+program's blocks are chunks). ``stats_sum_kernel`` then adds each param's partials in float64, in
+chunk order (the reference's sequential sum), one program per param.
+
 Bit-exactness: launched with enable_fp_fusion=False (no FMA contraction); division and square
 root are the correctly rounded div_rn / sqrt_rn (Triton's default float32 '/' and sqrt are
 approximate on NVIDIA GPUs).
@@ -130,26 +138,79 @@ def round_bf16_stochastic(x, bits):
 
 @triton.jit
 def load_param(p_ptr, c_ptr, offs, mask, MATH: tl.constexpr, KAHAN: tl.constexpr):
-    """The param's value in the math dtype (Kahan: p + its bf16 compensation, one add)."""
-    p = tl.load(p_ptr + offs, mask=mask).to(MATH)
+    """(the param's value in the math dtype (Kahan: p + its bf16 compensation, one add), the
+    param as stored)."""
+    raw = tl.load(p_ptr + offs, mask=mask)
+    p = raw.to(MATH)
     if KAHAN:
         p = p + tl.load(c_ptr + offs, mask=mask).to(MATH)
-    return p
+    return p, raw
 
 
 @triton.jit
 def store_param(p_ptr, c_ptr, offs, mask, p, key, P_DTYPE: tl.constexpr, MATH: tl.constexpr,
                 SR: tl.constexpr, KAHAN: tl.constexpr):
     """Writes the new param: nearest even, stochastic (bf16, keyed by the element index ``offs``)
-    or nearest plus a nearest-rounded bf16 compensation (Kahan)."""
+    or nearest plus a nearest-rounded bf16 compensation (Kahan). Returns what it stored."""
     if SR:
-        tl.store(p_ptr + offs, round_bf16_stochastic(p, random_bits(key, offs)), mask=mask)
+        stored = round_bf16_stochastic(p, random_bits(key, offs))
+        tl.store(p_ptr + offs, stored, mask=mask)
     elif KAHAN:
         stored = to_storage(p, P_DTYPE)
         tl.store(p_ptr + offs, stored, mask=mask)
         tl.store(c_ptr + offs, to_storage(p - stored.to(MATH), P_DTYPE), mask=mask)
     else:
-        tl.store(p_ptr + offs, to_storage(p, P_DTYPE), mask=mask)
+        stored = to_storage(p, P_DTYPE)
+        tl.store(p_ptr + offs, stored, mask=mask)
+    return stored
+
+
+@triton.jit
+def chunk_tree(x, NCH: tl.constexpr, CHUNK: tl.constexpr, LOG2: tl.constexpr):
+    """reference.chunk_partials of NCH consecutive chunks of CHUNK = 2**LOG2 elements (x: NCH *
+    CHUNK elements, row-major): per chunk ``a[:h] + a[h:]`` until one element is left. Reshaped
+    row-major to (NCH, 2, h), row 0 of a chunk is a[:h] and row 1 a[h:]; a sum of two values is
+    one IEEE add. Returns [NCH]."""
+    a = tl.reshape(x, (NCH, CHUNK))
+    for i in tl.static_range(LOG2):
+        a = tl.sum(tl.reshape(a, (NCH, 2, CHUNK >> (i + 1))), axis=1)
+    return tl.reshape(a, (NCH,))
+
+
+@triton.jit
+def write_partials(stored, raw, mask, part, cidx, cmask, NCH: tl.constexpr, CHUNK: tl.constexpr,
+                   LOG2: tl.constexpr, MATH: tl.constexpr):
+    """The statistics' chunk partials of one program (reference.update_statistics): w = the param
+    as stored now, d = w - the param as stored before, widened to MATH, zero outside the tensor;
+    the trees of w*w and d*d go to part[2*cidx] and part[2*cidx + 1] as float64."""
+    w = tl.where(mask, stored.to(MATH), 0.0)
+    d = tl.where(mask, w - raw.to(MATH), 0.0)
+    sw = chunk_tree(w * w, NCH, CHUNK, LOG2).to(tl.float64)
+    sd = chunk_tree(d * d, NCH, CHUNK, LOG2).to(tl.float64)
+    tl.store(part + 2 * cidx, sw, mask=cmask)
+    tl.store(part + 2 * cidx + 1, sd, mask=cmask)
+
+
+@triton.jit
+def stats_sum_kernel(part, ctab, out, U: tl.constexpr):
+    """Program i: out[2i], out[2i + 1] = the float64 sums, in chunk order from 0.0, of the partials
+    part[2c], part[2c + 1] for c in [ctab[2i], ctab[2i + 1]) (reference.sequential_sum). A strictly
+    sequential chain of adds; U scalar loads per round are issued ahead of their adds."""
+    i = tl.program_id(0).to(tl.int64)
+    c0 = tl.load(ctab + 2 * i)
+    c1 = tl.load(ctab + 2 * i + 1)
+    acc_w = tl.full((), 0.0, tl.float64)
+    acc_d = tl.full((), 0.0, tl.float64)
+    for base in range(c0, c1, U):
+        for j in tl.static_range(U):
+            c = base + j
+            ok = c < c1
+            xw = tl.load(part + 2 * c, mask=ok, other=0.0)
+            xd = tl.load(part + 2 * c + 1, mask=ok, other=0.0)
+            acc_w = tl.where(ok, acc_w + xw, acc_w)
+            acc_d = tl.where(ok, acc_d + xd, acc_d)
+    tl.store(out + 2 * i, acc_w)
+    tl.store(out + 2 * i + 1, acc_d)
 
 
 @triton.jit
@@ -198,9 +259,13 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
                 BLOCK: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                 COUPLED: tl.constexpr, SCALED: tl.constexpr, LR_TENSOR: tl.constexpr,
                 ITAB_W: tl.constexpr = 6, STATE_BF16: tl.constexpr = False,
-                SR: tl.constexpr = False, KAHAN: tl.constexpr = False):
+                SR: tl.constexpr = False, KAHAN: tl.constexpr = False,
+                part=None, cbase=None, STATS: tl.constexpr = False,
+                SCHUNK: tl.constexpr = 2048, SCHUNK_LOG2: tl.constexpr = 11):
     """fp32 (math dtype) or bf16 (STATE_BF16) moments, one BLOCK of one dense tensor a program,
-    walked in storage order (the element index of the random streams)."""
+    walked in storage order (the element index of the random streams). STATS: also the chunk
+    partials of the statistics (BLOCK a multiple of SCHUNK: a program covers BLOCK // SCHUNK
+    whole chunks of its tensor)."""
     pid = tl.program_id(0).to(tl.int64)
     t = find_tensor(starts, pid, n_tensors, N_SEARCH)
     row = itab + t * ITAB_W
@@ -220,9 +285,10 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
     (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, step_size, inv_bc2_sqrt,
      grad_scale) = step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, MATH, COUPLED, SCALED, LR_TENSOR)
 
-    offs = (pid - tl.load(starts + t)) * BLOCK + tl.arange(0, BLOCK)
+    local = pid - tl.load(starts + t)  # the program's BLOCK within its tensor
+    offs = local * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    p = load_param(p_ptr, c_ptr, offs, mask, MATH, KAHAN)
+    p, p_raw = load_param(p_ptr, c_ptr, offs, mask, MATH, KAHAN)
     g = tl.load(g_ptr + offs, mask=mask).to(MATH)
     m = tl.load(m_ptr + offs, mask=mask).to(MATH)
     v = tl.load(v_ptr + offs, mask=mask).to(MATH)
@@ -238,7 +304,11 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
         key_p = tl.load(row + COL_KEY_P).to(tl.uint32)
     else:
         key_p = 0
-    store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, MATH, SR, KAHAN)
+    stored = store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, MATH, SR, KAHAN)
+    if STATS:
+        chunk = local * (BLOCK // SCHUNK) + tl.arange(0, BLOCK // SCHUNK)  # index in the tensor
+        write_partials(stored, p_raw, mask, part, tl.load(cbase + t) + chunk, chunk * SCHUNK < n,
+                       BLOCK // SCHUNK, SCHUNK, SCHUNK_LOG2, MATH)
     if STATE_BF16:
         key_m = tl.load(row + COL_KEY_M).to(tl.uint32)
         key_v = tl.load(row + COL_KEY_V).to(tl.uint32)
@@ -337,9 +407,11 @@ def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_ten
                      SCALED: tl.constexpr, LR_TENSOR: tl.constexpr, ITAB_W: tl.constexpr,
                      SR: tl.constexpr, KAHAN: tl.constexpr, CODE_M: tl.constexpr,
                      MID_M: tl.constexpr, CODE_V: tl.constexpr, MID_V: tl.constexpr,
-                     FMAP: tl.constexpr):
+                     FMAP: tl.constexpr, part=None, cbase=None, STATS: tl.constexpr = False,
+                     QBLOCK_LOG2: tl.constexpr = 8):
     """int8 moments: a program updates QB whole blocks (QBLOCK elements of one dim-0 row each;
-    the tensor is contiguous, walked row-major) as a [QB, QBLOCK] tile."""
+    the tensor is contiguous, walked row-major) as a [QB, QBLOCK] tile. STATS: the blocks are
+    the statistics' chunks (chunk index = block index = absmax index)."""
     pid = tl.program_id(0).to(tl.int64)
     t = find_tensor(starts, pid, n_tensors, N_SEARCH)
     row = itab + t * ITAB_W
@@ -365,7 +437,7 @@ def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_ten
     in_row = (blk % per_row)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     offs = (blk // per_row)[:, None] * length + in_row  # row-major element index
     mask = bmask[:, None] & (in_row < length)
-    p = load_param(p_ptr, c_ptr, offs, mask, tl.float32, KAHAN)
+    p, p_raw = load_param(p_ptr, c_ptr, offs, mask, tl.float32, KAHAN)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = dequantize(m_ptr, offs, mask, tl.load(am_ptr + blk, mask=bmask, other=0.0), qtab + CODE_M,
                    FMAP, True)
@@ -378,7 +450,10 @@ def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_ten
         key_p = tl.load(row + COL_KEY_P).to(tl.uint32)
     else:
         key_p = 0
-    store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, tl.float32, SR, KAHAN)
+    stored = store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, tl.float32, SR, KAHAN)
+    if STATS:
+        write_partials(stored, p_raw, mask, part, tl.load(cbase + t) + blk, bmask, QB, QBLOCK,
+                       QBLOCK_LOG2, tl.float32)
     qm, am = quantize(m, mask, qtab + MID_M, FMAP, True)
     qv, av = quantize(v, mask, qtab + MID_V, FMAP, False)
     tl.store(m_ptr + offs, qm, mask=mask)

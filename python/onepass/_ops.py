@@ -58,6 +58,10 @@ def _register_fakes() -> None:
                              seed) -> None:
         return None
 
+    @torch.library.register_fake("onepass::adam_step_stats_")
+    def _adam_step_stats_fake(*args, **kwargs) -> None:
+        return None  # in place, stats included
+
     # The checks (CpuBackend.validate when traced, a step with several batches): without fakes
     # torch.compile cannot put them in a graph and breaks the graph at every such step.
     @torch.library.register_fake("onepass::adam_check")

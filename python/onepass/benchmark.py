@@ -282,6 +282,9 @@ CONTESTANTS: dict[str, Contestant] = {
                    'onepass.AdamW(state_dtype="bf16")'),
         Contestant("onepass-int8", _onepass("auto", state_dtype="int8"),
                    'onepass.AdamW(state_dtype="int8")'),
+        # The fused statistics (‖w‖, ‖Δw‖ per param inside the pass): their cost next to "onepass".
+        Contestant("onepass-stats", _onepass("auto", statistics=True),
+                   'onepass.AdamW(statistics=True)', default=False),
         Contestant("bitsandbytes-8bit", _bitsandbytes_8bit, "bitsandbytes.optim.AdamW8bit",
                    slow=True, default=False),
         # Not run by default: a named backend, to compare onepass's own backends side by side.
@@ -309,7 +312,9 @@ def _onepass_backend(name: str, device: torch.device) -> str | None:
     different from one for a compiled kernel, so the table shows it next to the name."""
     if name != "onepass" and not name.startswith("onepass-"):
         return None
-    requested = "auto" if name == "onepass" else name[len("onepass-"):]
+    requested = name[len("onepass-"):]
+    if name == "onepass" or requested in ("bf16", "int8", "stats"):
+        requested = "auto"
     try:
         from onepass.backends import resolve_backend
         return str(resolve_backend(requested, device).name)

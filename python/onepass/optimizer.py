@@ -389,6 +389,8 @@ class AdamW(Optimizer):
             schedule still scales the shrink, but the peak lr no longer does, so lr and
             weight_decay can be tuned apart) or "coupled" (Adam + L2, = ``decoupled=False``).
         lr_max: the peak lr of "lr_independent" (default: each group's lr when it is added).
+        statistics: compute each param's ‖w‖ and ‖Δw‖ inside the update pass (per group too);
+            :meth:`statistics` returns them after a step.
 
         state_dtype: "fp32" (default), "bf16" (stochastically rounded bf16 moments: 4 bytes a
             param) or "int8" (blockwise 8-bit moments: ~2.03 bytes a param; tensors of one dim
@@ -427,6 +429,7 @@ class AdamW(Optimizer):
         min_int8_numel: int = MIN_INT8_NUMEL,
         decay_mode: Optional[str] = None,
         lr_max: Optional[float] = None,
+        statistics: bool = False,
     ):
         decay_mode, decoupled = _resolve_decay_mode(decay_mode, decoupled, self._decoupled_default)
         _check_hyperparameters(lr, betas, eps, weight_decay)
@@ -438,6 +441,7 @@ class AdamW(Optimizer):
             differentiable=differentiable, fused=fused, backend=backend, decoupled=bool(decoupled),
             state_dtype=state_dtype, param_rounding=param_rounding, seed=seed,
             min_int8_numel=min_int8_numel, decay_mode=decay_mode, lr_max=lr_max,
+            statistics=bool(statistics),
         )
         self._batch_cache: Dict[int, tuple] = {}
         super().__init__(params, defaults)
@@ -549,6 +553,11 @@ class AdamW(Optimizer):
         for (pfmt, prnd), (ps, idx, lists, scratch) in parts.items():
             # grads are this step's (the cache holds params and state only)
             gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
+            stats = None
+            if group.get("statistics"):
+                # NaN until a kernel writes it: a step that found_inf skips reports NaN
+                stats = torch.full((len(ps), 2), math.nan, dtype=torch.float64, device=device)
+                self._pending_stats.append((ps, stats))
             if dtensors:
                 # FSDP2: the kernels get the local shards, looked up every step and never cached
                 # (FSDP2 may give a param a new local tensor, e.g. in load_state_dict or .to()).
@@ -566,6 +575,7 @@ class AdamW(Optimizer):
                 state_format=pfmt, exp_avg_absmaxs=lists[4], exp_avg_sq_absmaxs=lists[5],
                 qtables=quant.tables(device) if pfmt == "int8" else None,
                 param_rounding=prnd, kahan_comps=lists[6], seed=int(group.get("seed", 0)),
+                stats=stats,
             )
             chosen = backend
             why = backend.unsupported_reason(batch)
@@ -654,6 +664,7 @@ class AdamW(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         plan: List[Tuple[Any, Batch]] = []
         created: list = []
+        self._pending_stats: list = []
         try:
             for group in self.param_groups:
                 _check_group(group)
@@ -669,6 +680,7 @@ class AdamW(Optimizer):
                 backend.step(batch)
             # For logs and the benchmark: which backends ran, in order of first use.
             self.last_backends = list(dict.fromkeys(b.name for b, _ in plan))
+            self._last_stats = self._pending_stats
         except Exception:
             # A failed step leaves no new state behind. (Checks run before any batch is written,
             # so no batch has been written when one of them raises.)
@@ -752,6 +764,27 @@ class AdamW(Optimizer):
         self.__setstate__({"state": state, "param_groups": param_groups})
         for post_hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
             post_hook(self)
+
+    def statistics(self) -> Dict[str, Tensor]:
+        """The last step's update statistics of the params of groups with ``statistics=True``:
+        ``{name: tensor([‖w‖, ‖Δw‖, ‖Δw‖ / ‖w‖])}`` (float64, on the params' device; no host
+        sync until you read them). ``w`` is the param as stored after the step, ``Δw`` what the
+        step changed (decay included); the sums of squares come out of the update pass itself
+        (reference.update_statistics), the square roots are taken here. Names are the groups'
+        ``param_names`` (e.g. from :func:`onepass.param_groups`), else ``"group.index"``. NaN for
+        a step that found_inf skipped; under FSDP2, the norms of each rank's local shard."""
+        names = {}
+        for gi, group in enumerate(self.param_groups):
+            pn = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                names[id(p)] = pn[j] if pn else f"{gi}.{j}"
+        out: Dict[str, Tensor] = {}
+        for params, sums in getattr(self, "_last_stats", ()):
+            norms = torch.sqrt(sums)
+            table = torch.cat([norms, torch.div(norms[:, 1:], norms[:, :1])], dim=1)
+            for i, p in enumerate(params):
+                out[names.get(id(p), f"?{i}")] = table[i]
+        return out
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's state dict, with each param's state as a plain dict (loadable without onepass)."""
@@ -866,6 +899,7 @@ class Adam(AdamW):
         min_int8_numel: int = MIN_INT8_NUMEL,
         decay_mode: Optional[str] = None,
         lr_max: Optional[float] = None,
+        statistics: bool = False,
     ):
         if decoupled is None and (decoupled_weight_decay or decay_mode is None):
             decoupled = bool(decoupled_weight_decay)
@@ -874,4 +908,5 @@ class Adam(AdamW):
             capturable=capturable, differentiable=differentiable, fused=fused, backend=backend,
             decoupled=decoupled, state_dtype=state_dtype, param_rounding=param_rounding, seed=seed,
             min_int8_numel=min_int8_numel, decay_mode=decay_mode, lr_max=lr_max,
+            statistics=statistics,
         )

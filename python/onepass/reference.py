@@ -436,6 +436,7 @@ def adam_step_(
     kahan_comp: Optional[Tensor] = None,
     seed: int = 0,
     qtables: Optional[Tensor] = None,
+    stats: Optional[Tensor] = None,
 ) -> None:
     """One Adam(W) step of one tensor, in place: param, exp_avg, exp_avg_sq, max_exp_avg_sq, step.
 
@@ -446,9 +447,12 @@ def adam_step_(
     "int8" uint8 codes with float32 ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` (quant.tables()
     gives ``qtables``); ``param_rounding`` "stochastic" or "kahan" (with ``kahan_comp``, a bf16
     tensor like the param) for bf16 params; ``seed`` keys the random streams.
+    ``stats``: a float64 tensor of 2 elements that receives :func:`update_statistics` of this step
+    (left as it is on a step that found_inf skips).
     """
     if found_inf is not None and bool(found_inf.item() != 0):
         return
+    old = param.detach().clone() if stats is not None else None
     step.add_(1)
     t = _read_step(step)
     s = step_scalars(t, float(lr), beta1, beta2, eps, weight_decay, decoupled)
@@ -476,9 +480,65 @@ def adam_step_(
             _update(*part[:4], part[4] if amsgrad else None, s, **flags, **extra)
     else:
         _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s, **flags, **low)
+    if stats is not None:
+        sums = update_statistics(old, param, state_format == "int8")
+        stats.copy_(torch.tensor(sums, dtype=torch.float64))
 
 
 _CHUNK = 1 << 24
+
+# ---- fused statistics ----------------------------------------------------------------------------
+#: Elements per chunk of the statistics' partial sums (int8 state: its blocks are the chunks).
+STATS_CHUNK = 2048
+
+
+def chunk_partials(x: Tensor, chunk: int) -> Tensor:
+    """The sum of each ``chunk`` consecutive elements of 1-D ``x`` (zero-padded), by a halving
+    tree: ``a[:h] + a[h:]`` until one element is left. A fixed tree, so SIMD lanes, GPU threads
+    and this statement all add the same pairs."""
+    n = x.numel()
+    nc = -(-n // chunk)
+    a = torch.nn.functional.pad(x.reshape(-1), (0, nc * chunk - n)).view(nc, chunk)
+    h = chunk
+    while h > 1:
+        h //= 2
+        a = torch.add(a[:, :h], a[:, h:])
+    return a.reshape(nc)
+
+
+def sequential_sum(partials: Tensor) -> float:
+    """float64 sum of the partials in order, from 0.0 (the host loop of every backend)."""
+    total = 0.0
+    for v in partials.to(torch.float64).tolist():
+        total += v  # a Python float add: one IEEE double add
+    return total
+
+
+def _walk(x: Tensor, like: Tensor, int8: bool, dt: torch.dtype) -> Tensor:
+    """``x``'s elements as the kernels walk ``like`` (1-D, math dtype); for int8 state each
+    dim-0 row is padded with zeros to whole blocks, so chunk k is block k."""
+    x = x.to(dt)
+    if int8:
+        rows, length = int8_rows(x.shape)
+        nb = -(-length // INT8_BLOCK)
+        return torch.nn.functional.pad(x.reshape(rows, length), (0, nb * INT8_BLOCK - length)).reshape(-1)
+    out = torch.empty(x.numel(), dtype=dt, device=x.device)
+    out[element_index(like).reshape(-1)] = x.reshape(-1)
+    return out
+
+
+def update_statistics(old: Tensor, new: Tensor, int8: bool = False) -> tuple[float, float]:
+    """(Σ w², Σ Δw²) of one step: ``w`` = the param as stored after the step, ``Δw = w − w_old``
+    (the param as stored before), in the math dtype; each square one rounded multiply. Sums: per
+    chunk (:data:`STATS_CHUNK` elements of the walk, or an int8 block) by :func:`chunk_partials`
+    in the math dtype, then :func:`sequential_sum` over the chunks in float64. ‖w‖ and ‖Δw‖ are
+    the square roots (taken by the optimizer, not the kernels)."""
+    dt = math_dtype(new.dtype)
+    chunk = INT8_BLOCK if int8 else STATS_CHUNK
+    w = _walk(new, new, int8, dt)
+    d = torch.sub(w, _walk(old, new, int8, dt))
+    return (sequential_sum(chunk_partials(torch.mul(w, w), chunk)),
+            sequential_sum(chunk_partials(torch.mul(d, d), chunk)))
 
 
 def _load_moment(x: Tensor, absmax: Optional[Tensor], fmt: str, dt: torch.dtype,
@@ -581,8 +641,10 @@ def adam_step_batch_(
     kahan_comps: Sequence[Tensor] = (),
     seed: int = 0,
     qtables: Optional[Tensor] = None,
+    stats: Optional[Tensor] = None,
 ) -> None:
-    """:func:`adam_step_` over the lists of one batch (the reference backend's whole job)."""
+    """:func:`adam_step_` over the lists of one batch (the reference backend's whole job).
+    ``stats``: float64 [len(params), 2] that receives each param's :func:`update_statistics`."""
     if found_inf is not None and bool(found_inf.item() != 0):
         return
     int8 = state_format == "int8"
@@ -596,5 +658,5 @@ def adam_step_batch_(
             exp_avg_sq_absmax=exp_avg_sq_absmaxs[i] if int8 else None,
             param_rounding=param_rounding,
             kahan_comp=kahan_comps[i] if param_rounding == "kahan" else None,
-            seed=seed, qtables=qtables,
+            seed=seed, qtables=qtables, stats=stats[i] if stats is not None else None,
         )

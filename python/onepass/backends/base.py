@@ -48,6 +48,9 @@ class Batch:
     param_rounding: str = "nearest"
     kahan_comps: List[Tensor] = field(default_factory=list)
     seed: int = 0
+    #: Fused statistics (reference.update_statistics): a float64 [len(params), 2] tensor that the
+    #: step fills with each param's (sum of w**2, sum of dw**2); left as it is on a skipped step.
+    stats: Optional[Tensor] = None
     #: A dict that lives as long as the state lists above stay the same objects (the optimizer's
     #: per-group cache): a backend may keep what it derives from them here (tables, pointers).
     #: Fresh and empty whenever the lists were rebuilt.
@@ -68,8 +71,13 @@ class Backend:
     state_formats: tuple = ("fp32",)
     param_roundings: tuple = ("nearest",)
 
+    #: Whether the kernels compute the fused statistics (Batch.stats).
+    statistics: bool = False
+
     def unsupported_reason(self, batch: "Batch") -> Optional[str]:
         """None when this backend implements the batch's state format and param rounding."""
+        if batch.stats is not None and not self.statistics:
+            return f"the {self.name} backend has no fused statistics yet"
         if batch.state_format not in self.state_formats:
             return f"the {self.name} backend has no {batch.state_format} state yet"
         if batch.param_rounding not in self.param_roundings:

@@ -24,6 +24,7 @@ class CpuBackend(Backend):
     checks_before_writing = True
     state_formats = ("fp32", "bf16", "int8")
     param_roundings = ("nearest", "stochastic", "kahan")
+    statistics = True
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if not _ops.HAS_EXT:
@@ -42,19 +43,23 @@ class CpuBackend(Backend):
     def step(self, batch: Batch) -> None:
         # Eager: the direct binding (cheaper list conversion); traced: the registered custom op,
         # which torch.compile sees as one opaque in-place op. Same C++ function either way.
-        if _lowp(batch):
+        if batch.stats is not None:
+            op = torch.ops.onepass.adam_step_stats_ if _tracing() else _ops._C.adam_step_stats_cpu
+        elif _lowp(batch):
             op = torch.ops.onepass.adam_step_lowp_ if _tracing() else _ops._C.adam_step_lowp_cpu
         else:
             op = torch.ops.onepass.adam_step_ if _tracing() else _ops._C.adam_step_cpu
-        self._call(op, batch)
+        self._call(op, batch, stats=batch.stats is not None)
 
     @staticmethod
-    def _call(op, batch: Batch) -> None:
+    def _call(op, batch: Batch, stats: bool = False) -> None:
         lr = batch.lr
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
         extra = {}
-        if _lowp(batch):
-            extra = dict(
+        if stats:
+            extra["stats"] = batch.stats
+        if _lowp(batch) or stats:
+            extra.update(
                 state_format=batch.state_format, exp_avg_absmaxs=batch.exp_avg_absmaxs,
                 exp_avg_sq_absmaxs=batch.exp_avg_sq_absmaxs, qtables=batch.qtables,
                 param_rounding=batch.param_rounding, kahan_comps=batch.kahan_comps,

@@ -91,6 +91,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     state_formats = reference.STATE_FORMATS
     param_roundings = reference.PARAM_ROUNDINGS
+    statistics = True
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         return None
@@ -107,4 +108,5 @@ class ReferenceBackend(Backend):
             state_format=batch.state_format, exp_avg_absmaxs=batch.exp_avg_absmaxs,
             exp_avg_sq_absmaxs=batch.exp_avg_sq_absmaxs, param_rounding=batch.param_rounding,
             kahan_comps=batch.kahan_comps, seed=batch.seed, qtables=batch.qtables,
+            stats=batch.stats,
         )

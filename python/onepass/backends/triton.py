@@ -3,6 +3,13 @@
 State formats fp32, bf16 (adam_kernel) and int8 (adam_int8_kernel); bf16 params may be rounded
 to nearest, stochastically or with a Kahan compensation (reference.py, "Storage").
 
+Fused statistics (Batch.stats, reference.update_statistics): the update kernels, launched with
+STATS, write every chunk's partial sums (float64) to a scratch buffer of the plan; one more launch
+(stats_sum_kernel, a program per param) adds each param's partials in chunk order into
+batch.stats. No host sync. With STATS a program of adam_kernel covers whole chunks: its BLOCK is
+max(BLOCK, reference.STATS_CHUNK) (powers of two, so a multiple of the chunk, and aligned since
+programs start at multiples of BLOCK within their tensor); the int8 kernel's blocks are the chunks.
+
 Runs CUDA tensors on a GPU, and CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
 how CI tests the kernel without a GPU). The host builds three small tables per launch (addresses,
 bias corrections, block starts) and copies them to the device in one transfer; the learning rate,
@@ -62,7 +69,8 @@ def _tune(device: torch.device, numel: int = 1 << 24, reps: int = 10) -> Tuple[i
             kernels.adam_kernel[(grid,)](
                 itab, ftab, starts, hpt, hpt, hpt, 1, N_SEARCH=1, P_DTYPE=tl.float32,
                 MATH=tl.float32, BLOCK=block, AMSGRAD=False, MAXIMIZE=False, COUPLED=False,
-                SCALED=False, LR_TENSOR=False, num_warps=warps, enable_fp_fusion=False)
+                SCALED=False, LR_TENSOR=False, part=hpt, cbase=hpt, STATS=False,
+                num_warps=warps, enable_fp_fusion=False)
 
         launch()  # compile and warm up
         times = []
@@ -131,6 +139,8 @@ def _pair_table(params: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.
 # int8 state: blocks (reference.INT8_BLOCK elements of one dim-0 row) per program, and warps.
 INT8_BLOCKS = 4
 INT8_WARPS = 4
+# stats_sum_kernel: partials loaded per round of its sequential loop (loads issued ahead of adds).
+STATS_UNROLL = 16
 
 
 class _Plan:
@@ -145,12 +155,29 @@ class _Plan:
         self.sr = batch.param_rounding == "stochastic"
         self.kahan = batch.param_rounding == "kahan"
         self.wide = batch.state_format != "fp32" or batch.param_rounding != "nearest"
+        # With statistics, an adam_kernel program covers whole chunks (powers of two: a multiple).
+        self.stats_block = max(self.block, reference.STATS_CHUNK)
         unit = INT8_BLOCKS if self.int8 else self.block
         self.groups = []
+        self.device = batch.device
+        self.n_params = len(batch.params)
         by_dtype: Dict[torch.dtype, List[int]] = {}
+        chunks = [0] * len(batch.params)  # statistics chunks per param (0 for empty ones)
         for i, p in enumerate(batch.params):
             if p.numel():
                 by_dtype.setdefault(p.dtype, []).append(i)
+                if self.int8:  # the int8 blocks are the chunks
+                    rows_, per_row = reference.absmax_shape(p.shape)
+                    chunks[i] = rows_ * per_row
+                else:
+                    chunks[i] = -(-p.numel() // reference.STATS_CHUNK)
+        cstart = [0]
+        for c in chunks:
+            cstart.append(cstart[-1] + c)
+        self.chunk_start = cstart  # param i's partials: chunks [cstart[i], cstart[i + 1])
+        self.n_chunks = cstart[-1]
+        self._stats = None  # (ctab, partials, {group index: (cbase, starts, grid)}), made on first use
+        self.numels: List[List[int]] = []  # per group: the numel of each param
         device = batch.device
         for dtype, idx in by_dtype.items():
             rows, starts, odd_state = [], [0], []
@@ -175,9 +202,35 @@ class _Plan:
                 if not all(x.is_contiguous() for x in states):
                     odd_state.append(r)
             static = torch.tensor(rows, dtype=torch.int64)
+            self.numels.append([batch.params[i].numel() for i in idx])
             self.groups.append((dtype, torch.tensor(idx, dtype=torch.int64), idx, static,
                                 torch.tensor(starts, dtype=torch.int64).to(device), starts[-1],
                                 odd_state))
+
+    def stats_tables(self, g: int):
+        """For the statistics: (ctab [n_params, 2] chunk ranges, the partials buffer, group g's
+        (chunk bases, block starts, grid) with whole chunks per program), on the device. Made on
+        the first step with statistics and kept (they depend on the shapes only)."""
+        if self._stats is None:
+            cs = self.chunk_start
+            ctab = torch.tensor([[cs[i], cs[i + 1]] for i in range(self.n_params)],
+                                dtype=torch.int64).reshape(-1, 2).to(self.device)
+            partials = torch.zeros(max(1, 2 * self.n_chunks), dtype=torch.float64, device=self.device)
+            per_group = {}
+            for k, group in enumerate(self.groups):
+                idx = group[2]
+                cbase = torch.tensor([cs[i] for i in idx], dtype=torch.int64).to(self.device)
+                if self.int8 or self.stats_block == self.block:
+                    starts, grid = group[4], group[5]
+                else:
+                    st = [0]
+                    for n in self.numels[k]:
+                        st.append(st[-1] + -(-n // self.stats_block))
+                    starts, grid = torch.tensor(st, dtype=torch.int64).to(self.device), st[-1]
+                per_group[k] = (cbase, starts, grid)
+            self._stats = (ctab, partials, per_group)
+        ctab, partials, per_group = self._stats
+        return ctab, partials, per_group.get(g)
 
 
 def _walk_view(p: torch.Tensor, int8: bool):
@@ -190,10 +243,20 @@ def _walk_view(p: torch.Tensor, int8: bool):
     return perm if p.permute(perm).is_contiguous() else None
 
 
+def _check_stats(batch: Batch) -> None:
+    out = batch.stats
+    if out is not None and not (out.dtype == torch.float64 and out.is_contiguous()
+                                and out.device == batch.device
+                                and tuple(out.shape) == (len(batch.params), 2)):
+        raise ValueError(f"onepass: stats must be a contiguous float64 [{len(batch.params)}, 2] "
+                         f"tensor on {batch.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+
 class TritonBackend(Backend):
     name = "triton"
     state_formats = ("fp32", "bf16", "int8")
     param_roundings = ("nearest", "stochastic", "kahan")
+    statistics = True  # every state format and param rounding above (kernels' STATS flag)
     checks_before_writing = True  # step() checks its batch before the first write
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
@@ -211,6 +274,7 @@ class TritonBackend(Backend):
         # Moments are re-checked only when the state lists are new (no plan yet): while they are
         # the same objects, no state dict was written (the optimizer's cache says so).
         check_batch(batch, check_state="triton" not in batch.scratch)
+        _check_stats(batch)
 
     def step(self, batch: Batch) -> None:
         if batch.found_inf is not None and bool(batch.found_inf.item() != 0):
@@ -220,12 +284,26 @@ class TritonBackend(Backend):
             check_batch(batch)  # new state lists: check the moments once
             plan = _Plan(batch)
         pairs = _pair_table(batch.params, batch.grads)  # checks the grads of this step
+        _check_stats(batch)
         batch.scratch["triton"] = plan
         counts = _bump_steps(batch.steps)  # the first write
-        for group in plan.groups:
-            self._launch(batch, plan, group, pairs, counts)
+        for k, group in enumerate(plan.groups):
+            self._launch(batch, plan, k, group, pairs, counts)
+        if batch.stats is not None:
+            self._sum_stats(batch, plan)
 
-    def _launch(self, batch: Batch, plan: _Plan, group, pairs: torch.Tensor, counts: List[int]) -> None:
+    @staticmethod
+    def _sum_stats(batch: Batch, plan: _Plan) -> None:
+        """Each param's float64 sums of its chunk partials, in chunk order, into batch.stats
+        (empty params: no chunks, so (0, 0))."""
+        if plan.n_params == 0:
+            return
+        ctab, partials, _ = plan.stats_tables(0)
+        _load().stats_sum_kernel[(plan.n_params,)](partials, ctab, batch.stats, U=STATS_UNROLL,
+                                                   num_warps=1, enable_fp_fusion=False)
+
+    def _launch(self, batch: Batch, plan: _Plan, k: int, group, pairs: torch.Tensor,
+                counts: List[int]) -> None:
         dtype, idx_t, idx, static, starts, grid, odd_state = group
         kernels = _load()
         device = batch.device
@@ -289,6 +367,13 @@ class TritonBackend(Backend):
                       MAXIMIZE=bool(batch.maximize), COUPLED=not batch.decoupled,
                       SCALED=batch.grad_scale is not None, LR_TENSOR=lr_tensor, ITAB_W=w,
                       SR=plan.sr, KAHAN=plan.kahan, enable_fp_fusion=False)
+        block = plan.block
+        if batch.stats is not None:  # chunk partials too: whole chunks a program
+            _, partials, (cbase, starts, grid) = plan.stats_tables(k)
+            block = plan.stats_block
+            common.update(part=partials, cbase=cbase, STATS=True)
+        else:
+            common.update(part=hpt, cbase=hpt, STATS=False)
         if plan.int8:
             from .. import quant
 
@@ -297,12 +382,13 @@ class TritonBackend(Backend):
                 itab, ftab_d, starts, hpt, lr_arg, gs_arg, qtab, n, QB=INT8_BLOCKS,
                 QBLOCK=reference.INT8_BLOCK, CODE_M=quant.CODE_M, MID_M=quant.MID_M,
                 CODE_V=quant.CODE_V, MID_V=quant.MID_V, FMAP=quant.is_float3(qtab),
-                num_warps=INT8_WARPS, **common)
+                QBLOCK_LOG2=reference.INT8_BLOCK.bit_length() - 1, num_warps=INT8_WARPS, **common)
         else:
             kernels.adam_kernel[(grid,)](
                 itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, MATH=_tl_dtype(math_dt),
-                BLOCK=plan.block, AMSGRAD=bool(batch.amsgrad),
-                STATE_BF16=batch.state_format == "bf16", num_warps=plan.warps, **common)
+                BLOCK=block, AMSGRAD=bool(batch.amsgrad), STATE_BF16=batch.state_format == "bf16",
+                SCHUNK=reference.STATS_CHUNK, SCHUNK_LOG2=reference.STATS_CHUNK.bit_length() - 1,
+                num_warps=plan.warps, **common)
         for t, tc in write_back:
             t.copy_(tc)
         del keep
