@@ -32,7 +32,6 @@ accuracy) and a final ``RESULT {json}`` line; writes ``binary_addition.png``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import onepass
+from _common import base_parser, have_matplotlib  # examples/_common.py (the script's folder)
 
 OPERAND_BITS = 4
 SUM_BITS = OPERAND_BITS + 1
@@ -176,21 +176,8 @@ def plot(rows, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def have_matplotlib() -> bool:
-    # matplotlib is not in onepass's [test] extra: without it the script still trains and prints
-    # its figures (what CI's smoke test checks) and only skips the plot.
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
-                   help="directory for the PNG (default: examples/out)")
-    p.add_argument("--tiny", action="store_true", help="a few seconds: 2 lambdas, 1 seed, 200 steps")
+    p = base_parser(__doc__, "a few seconds: 2 lambdas, 1 seed, 200 steps")
     p.add_argument("--lambdas", default="0,0.01,0.1,0.3,1,3,10", help="comma-separated weight decays")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3000)

@@ -26,7 +26,6 @@ Prints the tables and a final ``RESULT {json}`` line; writes ``decay_half_life.p
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -36,6 +35,7 @@ import time
 import torch
 
 import onepass
+from _common import base_parser, have_matplotlib  # examples/_common.py (the script's folder)
 
 # (lr, weight_decay): lr * wd from 1e-5 (69k steps) to 0.5 (1 step). Two pairs share lr*wd = 1e-3
 # with a 10x different lr: only the product matters.
@@ -166,21 +166,8 @@ def plot(rows, path: str) -> None:
     plt.close(fig)
 
 
-def have_matplotlib() -> bool:
-    # matplotlib is not in onepass's [test] extra: without it the script still trains and prints
-    # its figures (what CI's smoke test checks) and only skips the plot.
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
-                   help="directory for the PNG (default: examples/out)")
-    p.add_argument("--tiny", action="store_true", help="only the pairs with lr * wd >= 1e-3 (a few seconds)")
+    p = base_parser(__doc__, "only the pairs with lr * wd >= 1e-3 (a few seconds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

@@ -30,7 +30,6 @@ Prints a table and a final ``RESULT {json}`` line; writes ``quantization_friendl
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import onepass
+from _common import base_parser, have_matplotlib  # examples/_common.py (the script's folder)
 
 IN_DIM, N_CLASSES = 32, 10
 
@@ -194,21 +194,8 @@ def plot(rows, path: str, main_lambda: float) -> None:
     plt.close(fig)
 
 
-def have_matplotlib() -> bool:
-    # matplotlib is not in onepass's [test] extra: without it the script still trains and prints
-    # its figures (what CI's smoke test checks) and only skips the plot.
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
-                   help="directory for the PNG (default: examples/out)")
-    p.add_argument("--tiny", action="store_true", help="seconds: 2 lambdas each, 150 steps, width 64")
+    p = base_parser(__doc__, "seconds: 2 lambdas each, 150 steps, width 64")
     p.add_argument("--lambdas-adamw", default="0,0.01,0.1,1,3", help="onepass.AdamW weight decays")
     p.add_argument("--lambdas-l2", default="0,1e-4,3e-4,1e-3,3e-3,1e-2", help="onepass.Adam (L2) weight decays")
     p.add_argument("--main-lambda", type=float, default=1.0,

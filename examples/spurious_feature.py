@@ -37,7 +37,6 @@ Prints a table and a final ``RESULT {json}`` line; writes ``spurious_feature.png
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -47,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import onepass
+from _common import base_parser, have_matplotlib  # examples/_common.py (the script's folder)
 
 N_CAUSAL = 4
 CAUSAL_SIGNAL, CAUSAL_NOISE = 0.5, 1.5
@@ -170,21 +170,8 @@ def plot(rows, path: str, main_scale: float, control_scale) -> None:
     plt.close(fig)
 
 
-def have_matplotlib() -> bool:
-    # matplotlib is not in onepass's [test] extra: without it the script still trains and prints
-    # its figures (what CI's smoke test checks) and only skips the plot.
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
-                   help="directory for the PNG (default: examples/out)")
-    p.add_argument("--tiny", action="store_true", help="seconds: 2 lambdas, 1 seed, 300 steps, no control")
+    p = base_parser(__doc__, "seconds: 2 lambdas, 1 seed, 300 steps, no control")
     p.add_argument("--lambdas", default="0,0.01,0.1,0.3,1,3,10")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2000)

@@ -140,7 +140,11 @@ def test_decay_half_life_formulas():
     """The script's local formulas, and the library's when it has one, agree on known values."""
     spec = importlib.util.spec_from_file_location("decay_half_life_example", EXAMPLES / "decay_half_life.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(EXAMPLES))  # as when run as a script: its folder holds _common.py
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(EXAMPLES))
     assert mod.decay_half_life_local(0.5, 1.0) == pytest.approx(1.0)
     assert mod.decay_half_life_local(1e-3, 0.1) == pytest.approx(6931.1252, abs=1e-3)
     assert mod.decay_half_life_local(1e-3, 0.0) == math.inf
