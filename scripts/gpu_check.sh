@@ -40,11 +40,12 @@ step() { echo; echo "=== $*"; }
 
   step "benchmark: cuda"
   "$PY" -m onepass --device cuda --cases gpt2,small,huge --rounds ${GPU_ROUNDS:-20} \
-    --contestants onepass,onepass-triton,torch-fused,torch-foreach,torch-forloop,optimi,bitsandbytes,torchao \
+    --contestants onepass,onepass-triton,torch-fused,torch-foreach,torch-forloop,optimi,bitsandbytes,torchao,onepass-bf16,onepass-int8,bitsandbytes-8bit,onepass-stats \
     --json "$DEST/bench_cuda.json" --no-progress || status=1
 
   step "benchmark: host cpu"
-  "$PY" -m onepass --device cpu --cases gpt2,small --json "$DEST/bench_cpu.json" --no-progress || status=1
+  "$PY" -m onepass --device cpu --cases gpt2,small --contestants onepass,torch-fused,onepass-bf16,onepass-int8,onepass-stats \
+    --json "$DEST/bench_cpu.json" --no-progress || status=1
 } 2>&1 | tee "$LOG"
 
 step "summary" | tee -a "$LOG"
