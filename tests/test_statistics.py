@@ -100,6 +100,28 @@ def test_chunk_tree_order_is_the_halving_tree():
     y = torch.arange(1, 6, dtype=torch.float32)
     assert reference.chunk_partials(y, 2).tolist() == [3.0, 7.0, 5.0]
     assert reference.sequential_sum(torch.tensor([1e16, 1.0, -1e16])) == 0.0
+    # a param's sum: chunk partials by the tree in groups of STATS_GROUP, then the groups in order
+    old, new = torch.zeros(5), torch.tensor([3.0, 0.0, 0.0, 0.0, 4.0])
+    assert reference.update_statistics(old, new) == (25.0, 25.0)
+
+
+@pytest.mark.skipif(not _ops.HAS_EXT, reason=f"the C++ extension is not built: {_ops.EXT_ERROR}")
+@pytest.mark.parametrize("fmt,shape", [("fp32", (2048 * 2048 + 2048 * 3 + 5,)), ("int8", (2, 2048 * 256 + 300))])
+def test_cpu_statistics_past_one_group_of_chunks(fmt, shape):
+    # more than STATS_GROUP chunks (int8: blocks) in one param: the group tree, then the groups in order
+    params, ref = _params(torch.float32, [shape]), _params(torch.float32, [shape])
+    for p in params + ref:
+        # a first chunk 1e9 times larger: the other chunks' sums then round away against it in
+        # float64 unless they are added exactly as defined (similar-sized float32 partials add
+        # exactly in float64 in any order, and could not tell the group tree from another order)
+        with torch.no_grad():
+            p.view(-1)[:256].mul_(1e9)
+    oc, orf = _opt(params, "cpu", fmt, "nearest"), _opt(ref, "reference", fmt, "nearest")
+    _grads(params, 0)
+    _grads(ref, 0)
+    oc.step()
+    orf.step()
+    assert torch.equal(_sums(oc), _sums(orf))
 
 
 @pytest.mark.skipif(not _ops.HAS_EXT, reason=f"the C++ extension is not built: {_ops.EXT_ERROR}")

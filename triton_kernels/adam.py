@@ -27,8 +27,11 @@ chunk of the walk (reference.STATS_CHUNK elements, or one int8 block), the halvi
 w*w and d*d (w the param as stored after the step, d = w - the param as stored before, in the math
 dtype) as float64 to ``part[2*c]`` / ``part[2*c + 1]``, c = ``cbase[t]`` + the chunk's index in
 tensor t. A program covers whole chunks (with STATS its BLOCK is a multiple of the chunk; an int8
-program's blocks are chunks). ``stats_sum_kernel`` then adds each param's partials in float64, in
-chunk order (the reference's sequential sum), one program per param.
+program's blocks are chunks). ``stats_group_kernel`` then sums each group of
+reference.STATS_GROUP consecutive chunks of a param by the halving tree (float64, zero-padded),
+one program per (param, group), and ``stats_sum_kernel`` adds each param's group sums in float64,
+in order from 0.0 (reference.sequential_sum), one program per param: a chain of at most a few
+hundred adds per param.
 
 Bit-exactness: launched with enable_fp_fusion=False (no FMA contraction); division and square
 root are the correctly rounded div_rn / sqrt_rn (Triton's default float32 '/' and sqrt are
@@ -192,10 +195,28 @@ def write_partials(stored, raw, mask, part, cidx, cmask, NCH: tl.constexpr, CHUN
 
 
 @triton.jit
+def stats_group_kernel(part, gtab, gsum, GROUP: tl.constexpr, GROUP_LOG2: tl.constexpr):
+    """Program j: gsum[2j], gsum[2j + 1] = reference.chunk_partials(·, GROUP) of the float64
+    partials part[2c], part[2c + 1] for c in [gtab[2j], gtab[2j + 1]) (at most GROUP of them,
+    zero-padded to GROUP): loaded as a [GROUP, 2] tile, whose rows are halved by the tree
+    ``a[:h] + a[h:]`` (reshaped row-major to (2, h, 2), a sum over axis 0 is one IEEE add)."""
+    j = tl.program_id(0).to(tl.int64)
+    c0 = tl.load(gtab + 2 * j)
+    c1 = tl.load(gtab + 2 * j + 1)
+    c = c0 + tl.arange(0, GROUP)
+    col = tl.arange(0, 2)
+    a = tl.load(part + 2 * c[:, None] + col[None, :], mask=(c < c1)[:, None], other=0.0)
+    for i in tl.static_range(GROUP_LOG2):
+        a = tl.sum(tl.reshape(a, (2, GROUP >> (i + 1), 2)), axis=0)
+    tl.store(gsum + 2 * j + col, tl.reshape(a, (2,)))
+
+
+@triton.jit
 def stats_sum_kernel(part, ctab, out, U: tl.constexpr):
-    """Program i: out[2i], out[2i + 1] = the float64 sums, in chunk order from 0.0, of the partials
-    part[2c], part[2c + 1] for c in [ctab[2i], ctab[2i + 1]) (reference.sequential_sum). A strictly
-    sequential chain of adds; U scalar loads per round are issued ahead of their adds."""
+    """Program i: out[2i], out[2i + 1] = the float64 sums, in order from 0.0, of the values
+    part[2c], part[2c + 1] for c in [ctab[2i], ctab[2i + 1]) (reference.sequential_sum; for the
+    statistics, param i's group sums from stats_group_kernel). A strictly sequential chain of
+    adds; U scalar loads per round are issued ahead of their adds."""
     i = tl.program_id(0).to(tl.int64)
     c0 = tl.load(ctab + 2 * i)
     c1 = tl.load(ctab + 2 * i + 1)

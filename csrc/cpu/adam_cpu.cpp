@@ -594,17 +594,30 @@ int64_t setup_stats(std::vector<TensorWork>& work, std::vector<double>& partials
   return units;
 }
 
-// Each param's sums: its chunks' partials added in order in float64 (reference.sequential_sum);
+// Each param's sums (reference.update_statistics): its chunks' partials in groups of
+// kStatsGroup by the halving tree (float64, zero-padded), then the groups' sums added in order;
 // 0 for an empty param.
+constexpr int64_t kStatsGroup = 2048;  // reference.STATS_GROUP
 void finish_stats(const std::vector<TensorWork>& work, const at::Tensor& stats) {
   double* out = stats.data_ptr<double>();
   std::fill(out, out + stats.numel(), 0.0);
+  std::vector<double> tw(kStatsGroup), td(kStatsGroup);
   for (const TensorWork& w : work) {
     const int64_t nc = w.blocks ? w.units / kUnit : w.units / (kStatsChunk / kUnit);
     double sw = 0.0, sd = 0.0;
-    for (int64_t c = 0; c < nc; ++c) {
-      sw += w.partials[2 * c];
-      sd += w.partials[2 * c + 1];
+    for (int64_t g0 = 0; g0 < nc; g0 += kStatsGroup) {
+      const int64_t len = std::min<int64_t>(kStatsGroup, nc - g0);
+      for (int64_t i = 0; i < kStatsGroup; ++i) {
+        tw[i] = i < len ? w.partials[2 * (g0 + i)] : 0.0;
+        td[i] = i < len ? w.partials[2 * (g0 + i) + 1] : 0.0;
+      }
+      for (int64_t h = kStatsGroup / 2; h >= 1; h /= 2)
+        for (int64_t i = 0; i < h; ++i) {
+          tw[i] = op_add(tw[i], tw[i + h]);
+          td[i] = op_add(td[i], td[i + h]);
+        }
+      sw = op_add(sw, tw[0]);
+      sd = op_add(sd, td[0]);
     }
     out[2 * w.index] = sw;
     out[2 * w.index + 1] = sd;

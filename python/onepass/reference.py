@@ -490,6 +490,10 @@ _CHUNK = 1 << 24
 # ---- fused statistics ----------------------------------------------------------------------------
 #: Elements per chunk of the statistics' partial sums (int8 state: its blocks are the chunks).
 STATS_CHUNK = 2048
+#: Chunk partials per second-level tree: a param's chunks are summed in groups of this many by the
+#: same halving tree (float64), and only the groups' sums in order. A GPU then adds at most a few
+#: hundred values one after another per param (2**30 elements: 256), not 2**19 chunks.
+STATS_GROUP = 2048
 
 
 def chunk_partials(x: Tensor, chunk: int) -> Tensor:
@@ -531,14 +535,19 @@ def update_statistics(old: Tensor, new: Tensor, int8: bool = False) -> tuple[flo
     """(Σ w², Σ Δw²) of one step: ``w`` = the param as stored after the step, ``Δw = w − w_old``
     (the param as stored before), in the math dtype; each square one rounded multiply. Sums: per
     chunk (:data:`STATS_CHUNK` elements of the walk, or an int8 block) by :func:`chunk_partials`
-    in the math dtype, then :func:`sequential_sum` over the chunks in float64. ‖w‖ and ‖Δw‖ are
+    in the math dtype; the chunk sums, widened to float64, per group of :data:`STATS_GROUP` by
+    :func:`chunk_partials` again; then :func:`sequential_sum` over the groups. ‖w‖ and ‖Δw‖ are
     the square roots (taken by the optimizer, not the kernels)."""
     dt = math_dtype(new.dtype)
     chunk = INT8_BLOCK if int8 else STATS_CHUNK
     w = _walk(new, new, int8, dt)
     d = torch.sub(w, _walk(old, new, int8, dt))
-    return (sequential_sum(chunk_partials(torch.mul(w, w), chunk)),
-            sequential_sum(chunk_partials(torch.mul(d, d), chunk)))
+
+    def total(sq: Tensor) -> float:
+        parts = chunk_partials(sq, chunk).to(torch.float64)
+        return sequential_sum(chunk_partials(parts, STATS_GROUP))
+
+    return total(torch.mul(w, w)), total(torch.mul(d, d))
 
 
 def _load_moment(x: Tensor, absmax: Optional[Tensor], fmt: str, dt: torch.dtype,

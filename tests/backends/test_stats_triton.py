@@ -127,10 +127,18 @@ def test_int8_state_blocks_are_chunks(dtype, rounding):
     assert torch.equal(seen[-1][0][-1], torch.zeros(2, dtype=torch.float64))
 
 
+GROUP = reference.STATS_GROUP
+
+
+def _param_sum(parts):
+    """reference.update_statistics' sum of one param's float64 chunk partials."""
+    return reference.sequential_sum(reference.chunk_partials(parts, GROUP)) if parts.numel() else 0.0
+
+
 def test_order_of_the_sums():
-    # One huge chunk first, then many small ones: the sequential float64 sum over chunks rounds
-    # at every add (a pairwise or reordered sum gives other bits), and inside a chunk the
-    # halving tree over values of many decades.
+    # One huge chunk first, then many small ones: the chunk partials (fewer than STATS_GROUP, so
+    # one group) are added by the halving tree in float64, not one after another (which gives
+    # other bits), and inside a chunk the halving tree over values of many decades.
     def make():
         gen = torch.Generator().manual_seed(4)
         x = torch.randn(21 * CHUNK - 100, generator=gen)
@@ -142,9 +150,75 @@ def test_order_of_the_sums():
     w = params[0].detach().cpu()
     parts = reference.chunk_partials(torch.mul(w, w), CHUNK).double()
     got = seen[0][0][0, 0].item()
-    assert got == reference.sequential_sum(parts)
-    # the test has teeth: the same partials added in reverse order give other bits
-    assert got != reference.sequential_sum(parts.flip(0))
+    assert got == _param_sum(parts)
+    # the test has teeth: the same partials added in order (the old definition) give other bits
+    assert got != reference.sequential_sum(parts)
+
+
+def _synthetic_partials(counts, seed):
+    """Positive float64 chunk partials (as squares' sums are) over many decades, per param."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in counts:
+        x = torch.randn(n, generator=gen, dtype=torch.float64).abs()
+        if n:
+            x *= torch.logspace(-12, 12, n, dtype=torch.float64)[torch.randperm(n, generator=gen)]
+        out.append(x)
+    return out
+
+
+def test_group_tree_then_groups_in_order():
+    # The two summing kernels on synthetic chunk partials, against the reference's definition:
+    # params of 0 chunks, 1, a group less one, a whole group, a group and one, several groups
+    # with a partial last one, and one more after them (its groups start mid-buffer).
+    from onepass.backends import triton as tb
+
+    counts = [0, 1, GROUP - 1, GROUP, GROUP + 1, 0, 3 * GROUP + 5, 7, 2 * GROUP + 3]
+    w, d = _synthetic_partials(counts, 11), _synthetic_partials(counts, 12)
+    w[4][GROUP] = 1e30  # w: the lone chunk of the second group dominates
+    w[8][GROUP + 1] = float("inf")  # an inf in one group: the param's sum is inf
+    w[6][5], w[6][-1] = float("inf"), float("nan")  # inf in the first group, NaN in the last: NaN
+    flat = torch.stack([torch.cat(w), torch.cat(d)], dim=1).reshape(-1)  # part[2c], part[2c + 1]
+    cs = [0]
+    for n in counts:
+        cs.append(cs[-1] + n)
+    gtab, gctab, n_groups = tb.stats_group_tables(cs, torch.device(DEVICE))
+    assert n_groups == sum(-(-n // GROUP) for n in counts)
+    gsums = torch.full((2 * n_groups,), -1.0, dtype=torch.float64, device=DEVICE)
+    out = torch.full((len(counts), 2), -1.0, dtype=torch.float64, device=DEVICE)
+    tb.sum_stats(flat.to(DEVICE), gtab, gctab, n_groups, gsums, out)
+    want = torch.tensor([[_param_sum(w[i]), _param_sum(d[i])] for i in range(len(counts))],
+                        dtype=torch.float64)
+    assert torch.equal(_bits(out), _bits(want)), f"{out}\n{want}"
+    assert torch.isnan(out[6, 0]) and torch.isinf(out[8, 0]) and out[0].eq(0).all()
+    # teeth: the plain in-order sum gives other bits, and (param 6, four groups) so does one tree
+    # over the whole param, zero-padded to a power of two
+    for i in (2, 4, 6, 8):
+        assert out[i, 1].item() != reference.sequential_sum(d[i]), i
+    assert out[6, 1].item() != reference.chunk_partials(d[6], 4 * GROUP).item()
+
+
+def test_int8_param_of_more_than_a_group_of_blocks(monkeypatch):
+    # The whole path: a param of GROUP + 1 int8 blocks (chunks), so two groups, the second with a
+    # single block, and a small param after it. The first block is huge: added one after another,
+    # the others' partials would each round away on it (float32 partials of similar magnitude
+    # add exactly in float64 in any order), so only the group tree gives the reference's bits.
+    # (More blocks a program: the interpreter is slow.)
+    from onepass.backends import triton as tb
+
+    monkeypatch.setattr(tb, "INT8_BLOCKS", 256)
+    length = (GROUP + 1) * reference.INT8_BLOCK
+
+    def make():
+        gen = torch.Generator().manual_seed(9)
+        x = torch.randn(1, length, generator=gen)
+        x[0, :reference.INT8_BLOCK] *= 1e9
+        return [x, torch.randn(3, 300, generator=gen)]
+
+    seen, params = _pair(make, steps=1, state_dtype="int8")
+    w = params[0].detach().cpu().reshape(-1)
+    parts = reference.chunk_partials(torch.mul(w, w), reference.INT8_BLOCK).double()
+    assert seen[0][0][0, 0].item() != reference.sequential_sum(parts)  # the test has teeth
 
 
 @pytest.mark.parametrize("block", [1024, 4096])

@@ -4,9 +4,11 @@ State formats fp32, bf16 (adam_kernel) and int8 (adam_int8_kernel); bf16 params 
 to nearest, stochastically or with a Kahan compensation (reference.py, "Storage").
 
 Fused statistics (Batch.stats, reference.update_statistics): the update kernels, launched with
-STATS, write every chunk's partial sums (float64) to a scratch buffer of the plan; one more launch
-(stats_sum_kernel, a program per param) adds each param's partials in chunk order into
-batch.stats. No host sync. With STATS a program of adam_kernel covers whole chunks: its BLOCK is
+STATS, write every chunk's partial sums (float64) to a scratch buffer of the plan; two more
+launches sum them into batch.stats: stats_group_kernel (a program per group of
+reference.STATS_GROUP consecutive chunks of a param) sums each group by the halving tree into a
+second scratch buffer, and stats_sum_kernel (a program per param) adds each param's group sums in
+order. The tables of both are made once per plan. No host sync. With STATS a program of adam_kernel covers whole chunks: its BLOCK is
 max(BLOCK, reference.STATS_CHUNK) (powers of two, so a multiple of the chunk, and aligned since
 programs start at multiples of BLOCK within their tensor); the int8 kernel's blocks are the chunks.
 
@@ -139,8 +141,42 @@ def _pair_table(params: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.
 # int8 state: blocks (reference.INT8_BLOCK elements of one dim-0 row) per program, and warps.
 INT8_BLOCKS = 4
 INT8_WARPS = 4
-# stats_sum_kernel: partials loaded per round of its sequential loop (loads issued ahead of adds).
+# stats_sum_kernel: group sums loaded per round of its sequential loop (loads issued ahead of adds).
 STATS_UNROLL = 16
+# stats_group_kernel: warps per program (a [STATS_GROUP, 2] float64 tile).
+STATS_GROUP_WARPS = 8
+
+
+def stats_group_tables(chunk_start: List[int], device) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The tables of the statistics' sums, given the params' chunk ranges (param i: chunks
+    [chunk_start[i], chunk_start[i + 1])): (gtab [n_groups, 2] the chunk range of each group of
+    reference.STATS_GROUP consecutive chunks of a param, gctab [n_params, 2] each param's range
+    of groups (empty param: none), n_groups), the tables on ``device``."""
+    size = reference.STATS_GROUP
+    gtab, gctab = [], []
+    for i in range(len(chunk_start) - 1):
+        c0, c1 = chunk_start[i], chunk_start[i + 1]
+        first = len(gtab)
+        gtab += [[c, min(c + size, c1)] for c in range(c0, c1, size)]
+        gctab.append([first, len(gtab)])
+    n_groups = len(gtab)
+    both = torch.tensor([x for row in gtab + gctab for x in row], dtype=torch.int64).to(device)
+    return both[: 2 * n_groups].view(-1, 2), both[2 * n_groups:].view(-1, 2), n_groups
+
+
+def sum_stats(partials: torch.Tensor, gtab: torch.Tensor, gctab: torch.Tensor, n_groups: int,
+              gsums: torch.Tensor, out: torch.Tensor) -> None:
+    """out [n_params, 2] = each param's sums of its chunk partials (partials[2c], [2c + 1]) as
+    reference.update_statistics adds them: per group by the tree (stats_group_kernel, into
+    gsums, 2 * n_groups float64), then the group sums in order (stats_sum_kernel)."""
+    kernels = _load()
+    size = reference.STATS_GROUP
+    if n_groups:
+        kernels.stats_group_kernel[(n_groups,)](
+            partials, gtab, gsums, GROUP=size, GROUP_LOG2=size.bit_length() - 1,
+            num_warps=STATS_GROUP_WARPS, enable_fp_fusion=False)
+    kernels.stats_sum_kernel[(gctab.shape[0],)](gsums, gctab, out, U=STATS_UNROLL, num_warps=1,
+                                                enable_fp_fusion=False)
 
 
 class _Plan:
@@ -176,7 +212,7 @@ class _Plan:
             cstart.append(cstart[-1] + c)
         self.chunk_start = cstart  # param i's partials: chunks [cstart[i], cstart[i + 1])
         self.n_chunks = cstart[-1]
-        self._stats = None  # (ctab, partials, {group index: (cbase, starts, grid)}), made on first use
+        self._stats = None  # (sum tables, partials, {group index: (cbase, starts, grid)}), made on first use
         self.numels: List[List[int]] = []  # per group: the numel of each param
         device = batch.device
         for dtype, idx in by_dtype.items():
@@ -208,13 +244,14 @@ class _Plan:
                                 odd_state))
 
     def stats_tables(self, g: int):
-        """For the statistics: (ctab [n_params, 2] chunk ranges, the partials buffer, group g's
-        (chunk bases, block starts, grid) with whole chunks per program), on the device. Made on
-        the first step with statistics and kept (they depend on the shapes only)."""
+        """For the statistics: (the sums' tables (gtab, gctab, n_groups, the group sums buffer:
+        stats_group_tables), the partials buffer, group g's (chunk bases, block starts, grid) with
+        whole chunks per program), on the device. Made on the first step with statistics and kept
+        (they depend on the shapes only)."""
         if self._stats is None:
             cs = self.chunk_start
-            ctab = torch.tensor([[cs[i], cs[i + 1]] for i in range(self.n_params)],
-                                dtype=torch.int64).reshape(-1, 2).to(self.device)
+            gtab, gctab, n_groups = stats_group_tables(cs, self.device)
+            gsums = torch.zeros(max(1, 2 * n_groups), dtype=torch.float64, device=self.device)
             partials = torch.zeros(max(1, 2 * self.n_chunks), dtype=torch.float64, device=self.device)
             per_group = {}
             for k, group in enumerate(self.groups):
@@ -228,9 +265,9 @@ class _Plan:
                         st.append(st[-1] + -(-n // self.stats_block))
                     starts, grid = torch.tensor(st, dtype=torch.int64).to(self.device), st[-1]
                 per_group[k] = (cbase, starts, grid)
-            self._stats = (ctab, partials, per_group)
-        ctab, partials, per_group = self._stats
-        return ctab, partials, per_group.get(g)
+            self._stats = ((gtab, gctab, n_groups, gsums), partials, per_group)
+        sums, partials, per_group = self._stats
+        return sums, partials, per_group.get(g)
 
 
 def _walk_view(p: torch.Tensor, int8: bool):
@@ -294,13 +331,12 @@ class TritonBackend(Backend):
 
     @staticmethod
     def _sum_stats(batch: Batch, plan: _Plan) -> None:
-        """Each param's float64 sums of its chunk partials, in chunk order, into batch.stats
-        (empty params: no chunks, so (0, 0))."""
+        """Each param's float64 sums of its chunk partials (per group by the tree, then the
+        groups in order) into batch.stats (empty params: no chunks, so (0, 0))."""
         if plan.n_params == 0:
             return
-        ctab, partials, _ = plan.stats_tables(0)
-        _load().stats_sum_kernel[(plan.n_params,)](partials, ctab, batch.stats, U=STATS_UNROLL,
-                                                   num_warps=1, enable_fp_fusion=False)
+        (gtab, gctab, n_groups, gsums), partials, _ = plan.stats_tables(0)
+        sum_stats(partials, gtab, gctab, n_groups, gsums, batch.stats)
 
     def _launch(self, batch: Batch, plan: _Plan, k: int, group, pairs: torch.Tensor,
                 counts: List[int]) -> None:
