@@ -70,6 +70,7 @@ struct TensorWork {
   // Fused statistics: fn runs chunk by chunk (int8: block by block) through chunk_fn, which
   // writes each chunk's two partial sums to partials[2 * chunk] (null: no statistics).
   double* partials = nullptr;
+  int64_t chunks = 0;  // statistics chunks (int8: blocks) of this tensor
   ChunkFn chunk_fn = nullptr;
   int64_t index = 0;  // the param's position in the batch (its row of the stats tensor)
 };
@@ -543,7 +544,7 @@ void run(const std::vector<TensorWork>& ts, int64_t total_units) {
         // statistics: whole chunks (int8: blocks), each in the range holding its first unit, so
         // a chunk's sums never depend on how the units were split between threads
         const int64_t per = it->blocks ? kUnit : kStatsChunk / kUnit;  // units per chunk
-        const int64_t nc = it->units / per;
+        const int64_t nc = it->chunks;
         const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin + per - 1) / per);
         const int64_t e = std::min<int64_t>(nc, (ue - it->unit_begin + per - 1) / per);
         for (int64_t c = b; c < e; ++c) {
@@ -579,12 +580,14 @@ void run(const std::vector<TensorWork>& ts, int64_t total_units) {
 // chunks are whole; returns the new total of units.
 int64_t setup_stats(std::vector<TensorWork>& work, std::vector<double>& partials) {
   int64_t chunks = 0;
-  for (const TensorWork& w : work)
-    chunks += w.blocks ? w.units / kUnit : (w.n + kStatsChunk - 1) / kStatsChunk;
+  for (TensorWork& w : work) {
+    w.chunks = w.blocks ? w.units / kUnit : (w.n + kStatsChunk - 1) / kStatsChunk;
+    chunks += w.chunks;
+  }
   partials.assign(static_cast<size_t>(2 * chunks), 0.0);
   int64_t units = 0, at = 0;
   for (TensorWork& w : work) {
-    const int64_t nc = w.blocks ? w.units / kUnit : (w.n + kStatsChunk - 1) / kStatsChunk;
+    const int64_t nc = w.chunks;
     w.partials = partials.data() + 2 * at;
     w.unit_begin = units;
     w.units = w.blocks ? nc * kUnit : nc * (kStatsChunk / kUnit);
@@ -603,7 +606,7 @@ void finish_stats(const std::vector<TensorWork>& work, const at::Tensor& stats) 
   std::fill(out, out + stats.numel(), 0.0);
   std::vector<double> tw(kStatsGroup), td(kStatsGroup);
   for (const TensorWork& w : work) {
-    const int64_t nc = w.blocks ? w.units / kUnit : w.units / (kStatsChunk / kUnit);
+    const int64_t nc = w.chunks;
     double sw = 0.0, sd = 0.0;
     for (int64_t g0 = 0; g0 < nc; g0 += kStatsGroup) {
       const int64_t len = std::min<int64_t>(kStatsGroup, nc - g0);

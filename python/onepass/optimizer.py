@@ -292,11 +292,7 @@ def _check_group(group: Dict[str, Any]) -> None:
     mn = group.get("min_int8_numel", MIN_INT8_NUMEL)
     if not isinstance(mn, int) or mn < 0:
         raise ValueError(f"onepass: min_int8_numel must be an int >= 0, got {mn!r}")
-    mode = group.get("decay_mode", "decoupled" if group.get("decoupled", True) else "coupled")
-    if mode not in reference.DECAY_MODES:
-        raise ValueError(f"onepass: decay_mode must be one of {reference.DECAY_MODES}, got {mode!r}")
-    if bool(group.get("decoupled", True)) != (mode != "coupled"):
-        raise ValueError(f"onepass: decoupled={group.get('decoupled')!r} contradicts decay_mode={mode!r}")
+    mode, _ = _resolve_decay_mode(group.get("decay_mode"), group.get("decoupled"), True)
     if mode == "lr_independent":
         reference.effective_weight_decay(group["weight_decay"], mode, group.get("lr_max"))
     name = group["backend"]
