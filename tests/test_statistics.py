@@ -88,7 +88,7 @@ def test_reference_statistics_are_the_sums_of_squares():
         assert row[1].item() == pytest.approx((d * d).sum().item(), rel=1e-5, abs=0)
 
 
-def test_chunk_tree_order_is_the_halving_tree():
+def test_chunk_order_is_rows_then_the_halving_tree():
     # values where the order of additions shows: the tree adds x[i] + x[i + h]
     x = torch.tensor([1e8, 1.0, -1e8, 1.0], dtype=torch.float32)
     assert reference.chunk_partials(x, 4).item() == 2.0  # (1e8 + -1e8) + (1 + 1)
@@ -100,6 +100,14 @@ def test_chunk_tree_order_is_the_halving_tree():
     y = torch.arange(1, 6, dtype=torch.float32)
     assert reference.chunk_partials(y, 2).tolist() == [3.0, 7.0, 5.0]
     assert reference.sequential_sum(torch.tensor([1e16, 1.0, -1e16])) == 0.0
+    # rows of `lanes` first, added in order lane by lane, then the tree over the lanes:
+    # rows [1e8, 1], [1, 1], [-1e8, 1] -> lanes ((1e8 + 1) + -1e8, (1 + 1) + 1) = (0, 3) -> 3;
+    # the tree alone over the zero-padded chunk gives (1e8 + -1e8 + ...) = 4
+    z = torch.tensor([1e8, 1.0, 1.0, 1.0, -1e8, 1.0], dtype=torch.float32)
+    assert reference.chunk_partials(z, 6, 2).item() == 3.0
+    assert reference.chunk_partials(torch.nn.functional.pad(z, (0, 2)), 8).item() == 4.0
+    # a partial last chunk's missing rows add nothing
+    assert reference.chunk_partials(torch.tensor([1.0, 2.0, 4.0]), 6, 2).item() == 7.0
     # a param's sum: chunk partials by the tree in groups of STATS_GROUP, then the groups in order
     old, new = torch.zeros(5), torch.tensor([3.0, 0.0, 0.0, 0.0, 4.0])
     assert reference.update_statistics(old, new) == (25.0, 25.0)

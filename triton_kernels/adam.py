@@ -23,9 +23,10 @@ the learning rate are computed here in float64 from the lr (a float, or a Tensor
 device: no host sync) and rounded once, exactly as reference.step_scalars does on the host.
 
 Fused statistics (STATS, reference.update_statistics): the update kernels also write, for each
-chunk of the walk (reference.STATS_CHUNK elements, or one int8 block), the halving-tree sums of
-w*w and d*d (w the param as stored after the step, d = w - the param as stored before, in the math
-dtype) as float64 to ``part[2*c]`` / ``part[2*c + 1]``, c = ``cbase[t]`` + the chunk's index in
+chunk of the walk (reference.STATS_CHUNK elements, or one int8 block), the sums of w*w and d*d
+(w the param as stored after the step, d = w - the param as stored before, in the math dtype)
+by reference.chunk_partials (adam_kernel updates its chunks row by row, STATS_LANES elements of
+each at a time, adding the squares into lane accumulators; then the lanes' tree) as float64 to ``part[2*c]`` / ``part[2*c + 1]``, c = ``cbase[t]`` + the chunk's index in
 tensor t. A program covers whole chunks (with STATS its BLOCK is a multiple of the chunk; an int8
 program's blocks are chunks). ``stats_group_kernel`` then sums each group of
 reference.STATS_GROUP consecutive chunks of a param by the halving tree (float64, zero-padded),
@@ -170,8 +171,8 @@ def store_param(p_ptr, c_ptr, offs, mask, p, key, P_DTYPE: tl.constexpr, MATH: t
 
 @triton.jit
 def chunk_tree(x, NCH: tl.constexpr, CHUNK: tl.constexpr, LOG2: tl.constexpr):
-    """reference.chunk_partials of NCH consecutive chunks of CHUNK = 2**LOG2 elements (x: NCH *
-    CHUNK elements, row-major): per chunk ``a[:h] + a[h:]`` until one element is left. Reshaped
+    """The halving tree of reference.chunk_partials over NCH chunks of CHUNK = 2**LOG2 lanes (x:
+    NCH * CHUNK elements, row-major): per chunk ``a[:h] + a[h:]`` until one element is left. Reshaped
     row-major to (NCH, 2, h), row 0 of a chunk is a[:h] and row 1 a[h:]; a sum of two values is
     one IEEE add. Returns [NCH]."""
     a = tl.reshape(x, (NCH, CHUNK))
@@ -181,17 +182,14 @@ def chunk_tree(x, NCH: tl.constexpr, CHUNK: tl.constexpr, LOG2: tl.constexpr):
 
 
 @triton.jit
-def write_partials(stored, raw, mask, part, cidx, cmask, NCH: tl.constexpr, CHUNK: tl.constexpr,
-                   LOG2: tl.constexpr, MATH: tl.constexpr):
-    """The statistics' chunk partials of one program (reference.update_statistics): w = the param
-    as stored now, d = w - the param as stored before, widened to MATH, zero outside the tensor;
-    the trees of w*w and d*d go to part[2*cidx] and part[2*cidx + 1] as float64."""
-    w = tl.where(mask, stored.to(MATH), 0.0)
-    d = tl.where(mask, w - raw.to(MATH), 0.0)
-    sw = chunk_tree(w * w, NCH, CHUNK, LOG2).to(tl.float64)
-    sd = chunk_tree(d * d, NCH, CHUNK, LOG2).to(tl.float64)
-    tl.store(part + 2 * cidx, sw, mask=cmask)
-    tl.store(part + 2 * cidx + 1, sd, mask=cmask)
+def store_partials(sw, sd, part, cidx, cmask, NCH: tl.constexpr, LANES: tl.constexpr,
+                   LOG2: tl.constexpr):
+    """The statistics' chunk partials of one program: ``sw``, ``sd`` hold NCH chunks' lane sums
+    of w*w and d*d (reference.update_statistics: w = the param as stored now, d = w - the param
+    as stored before, in the math dtype); their halving trees go to part[2*cidx] and
+    part[2*cidx + 1] as float64."""
+    tl.store(part + 2 * cidx, chunk_tree(sw, NCH, LANES, LOG2).to(tl.float64), mask=cmask)
+    tl.store(part + 2 * cidx + 1, chunk_tree(sd, NCH, LANES, LOG2).to(tl.float64), mask=cmask)
 
 
 @triton.jit
@@ -275,6 +273,44 @@ def step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, MATH: tl.constexpr, COUPLE
 
 
 @triton.jit
+def update_elements(row, p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs, mask, beta1, one_minus_beta1,
+                    beta2, one_minus_beta2, eps, wd, decay, step_size, inv_bc2_sqrt, grad_scale,
+                    P_DTYPE: tl.constexpr, MATH: tl.constexpr, AMSGRAD: tl.constexpr,
+                    MAXIMIZE: tl.constexpr, COUPLED: tl.constexpr, SCALED: tl.constexpr,
+                    STATE_BF16: tl.constexpr, SR: tl.constexpr, KAHAN: tl.constexpr):
+    """adam_kernel's update of the elements ``offs`` (any shape) of the tensor of itab ``row``.
+    Returns (the param as stored now, the param as stored before)."""
+    p, p_raw = load_param(p_ptr, c_ptr, offs, mask, MATH, KAHAN)
+    g = tl.load(g_ptr + offs, mask=mask).to(MATH)
+    m = tl.load(m_ptr + offs, mask=mask).to(MATH)
+    v = tl.load(v_ptr + offs, mask=mask).to(MATH)
+    if AMSGRAD:
+        vm_ptr = tl.load(row + 4).to(tl.pointer_type(MATH))
+        v_max = tl.load(vm_ptr + offs, mask=mask)
+    else:
+        v_max = v
+    p, m, v, vh = adam_element(
+        p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay,
+        step_size, inv_bc2_sqrt, grad_scale, AMSGRAD, MAXIMIZE, COUPLED, SCALED, MATH == tl.float64)
+    if SR:
+        key_p = tl.load(row + COL_KEY_P).to(tl.uint32)
+    else:
+        key_p = 0
+    stored = store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, MATH, SR, KAHAN)
+    if STATE_BF16:
+        key_m = tl.load(row + COL_KEY_M).to(tl.uint32)
+        key_v = tl.load(row + COL_KEY_V).to(tl.uint32)
+        tl.store(m_ptr + offs, round_bf16_stochastic(m, random_bits(key_m, offs)), mask=mask)
+        tl.store(v_ptr + offs, round_bf16_stochastic(v, random_bits(key_v, offs)), mask=mask)
+    else:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+    if AMSGRAD:
+        tl.store(vm_ptr + offs, vh, mask=mask)
+    return stored, p_raw
+
+
+@triton.jit
 def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
                 N_SEARCH: tl.constexpr, P_DTYPE: tl.constexpr, MATH: tl.constexpr,
                 BLOCK: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -282,7 +318,8 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
                 ITAB_W: tl.constexpr = 6, STATE_BF16: tl.constexpr = False,
                 SR: tl.constexpr = False, KAHAN: tl.constexpr = False,
                 part=None, cbase=None, STATS: tl.constexpr = False,
-                SCHUNK: tl.constexpr = 2048, SCHUNK_LOG2: tl.constexpr = 11):
+                SCHUNK: tl.constexpr = 2048, SLANES: tl.constexpr = 16,
+                SLANES_LOG2: tl.constexpr = 4):
     """fp32 (math dtype) or bf16 (STATE_BF16) moments, one BLOCK of one dense tensor a program,
     walked in storage order (the element index of the random streams). STATS: also the chunk
     partials of the statistics (BLOCK a multiple of SCHUNK: a program covers BLOCK // SCHUNK
@@ -307,39 +344,38 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
      grad_scale) = step_scalars(ftab, t, hp, lr_ptr, grad_scale_ptr, MATH, COUPLED, SCALED, LR_TENSOR)
 
     local = pid - tl.load(starts + t)  # the program's BLOCK within its tensor
-    offs = local * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    p, p_raw = load_param(p_ptr, c_ptr, offs, mask, MATH, KAHAN)
-    g = tl.load(g_ptr + offs, mask=mask).to(MATH)
-    m = tl.load(m_ptr + offs, mask=mask).to(MATH)
-    v = tl.load(v_ptr + offs, mask=mask).to(MATH)
-    if AMSGRAD:
-        vm_ptr = tl.load(row + 4).to(tl.pointer_type(MATH))
-        v_max = tl.load(vm_ptr + offs, mask=mask)
-    else:
-        v_max = v
-    p, m, v, vh = adam_element(
-        p, g, m, v, v_max, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay,
-        step_size, inv_bc2_sqrt, grad_scale, AMSGRAD, MAXIMIZE, COUPLED, SCALED, MATH == tl.float64)
-    if SR:
-        key_p = tl.load(row + COL_KEY_P).to(tl.uint32)
-    else:
-        key_p = 0
-    stored = store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, MATH, SR, KAHAN)
     if STATS:
+        # the program's BLOCK // SCHUNK chunks row by row (reference.chunk_partials): row r is
+        # elements [r * SLANES, (r + 1) * SLANES) of each chunk, updated as an (NCH, SLANES) tile
+        # whose squares go into the lane accumulators (0 + the first row's square is that
+        # square; elements past the tensor add 0)
         chunk = local * (BLOCK // SCHUNK) + tl.arange(0, BLOCK // SCHUNK)  # index in the tensor
-        write_partials(stored, p_raw, mask, part, tl.load(cbase + t) + chunk, chunk * SCHUNK < n,
-                       BLOCK // SCHUNK, SCHUNK, SCHUNK_LOG2, MATH)
-    if STATE_BF16:
-        key_m = tl.load(row + COL_KEY_M).to(tl.uint32)
-        key_v = tl.load(row + COL_KEY_V).to(tl.uint32)
-        tl.store(m_ptr + offs, round_bf16_stochastic(m, random_bits(key_m, offs)), mask=mask)
-        tl.store(v_ptr + offs, round_bf16_stochastic(v, random_bits(key_v, offs)), mask=mask)
+        base = chunk[:, None] * SCHUNK + tl.arange(0, SLANES)[None, :]
+        acc_w = tl.zeros((BLOCK // SCHUNK, SLANES), MATH)
+        acc_d = tl.zeros((BLOCK // SCHUNK, SLANES), MATH)
+        # a loop, not unrolled (128 rows), and only over the rows the program's first chunk has
+        # (its other chunks are whole ones, or past the tensor): a small tensor's missing rows are
+        # masked out entirely, and adding them would add +0
+        rows = tl.minimum(SCHUNK // SLANES, (n - local * BLOCK + SLANES - 1) // SLANES)
+        for r in range(0, rows):
+            offs = base + r * SLANES
+            mask = offs < n
+            stored, p_raw = update_elements(
+                row, p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs, mask, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, eps, wd, decay, step_size, inv_bc2_sqrt, grad_scale, P_DTYPE, MATH,
+                AMSGRAD, MAXIMIZE, COUPLED, SCALED, STATE_BF16, SR, KAHAN)
+            w = tl.where(mask, stored.to(MATH), 0.0)
+            d = tl.where(mask, w - p_raw.to(MATH), 0.0)
+            acc_w = acc_w + w * w
+            acc_d = acc_d + d * d
+        store_partials(acc_w, acc_d, part, tl.load(cbase + t) + chunk, chunk * SCHUNK < n,
+                       BLOCK // SCHUNK, SLANES, SLANES_LOG2)
     else:
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-    if AMSGRAD:
-        tl.store(vm_ptr + offs, vh, mask=mask)
+        offs = local * BLOCK + tl.arange(0, BLOCK)
+        update_elements(row, p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs, offs < n, beta1,
+                        one_minus_beta1, beta2, one_minus_beta2, eps, wd, decay, step_size,
+                        inv_bc2_sqrt, grad_scale, P_DTYPE, MATH, AMSGRAD, MAXIMIZE, COUPLED,
+                        SCALED, STATE_BF16, SR, KAHAN)
 
 
 # quant's "float3" maps by bits (csrc/adam_math.h float_map_*, where the rule is explained): codes
@@ -473,8 +509,11 @@ def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_ten
         key_p = 0
     stored = store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, tl.float32, SR, KAHAN)
     if STATS:
-        write_partials(stored, p_raw, mask, part, tl.load(cbase + t) + blk, bmask, QB, QBLOCK,
-                       QBLOCK_LOG2, tl.float32)
+        # a block is one row of the chunk's lanes (reference.STATS_LANES == INT8_BLOCK)
+        w = tl.where(mask, stored.to(tl.float32), 0.0)
+        d = tl.where(mask, w - p_raw.to(tl.float32), 0.0)
+        store_partials(w * w, d * d, part, tl.load(cbase + t) + blk, bmask, QB, QBLOCK,
+                       QBLOCK_LOG2)
     qm, am = quantize(m, mask, qtab + MID_M, FMAP, True)
     qv, av = quantize(v, mask, qtab + MID_V, FMAP, False)
     tl.store(m_ptr + offs, qm, mask=mask)

@@ -37,12 +37,16 @@ constexpr int64_t kGrainUnits = 2048;  // 32K elements (~0.9 MB of traffic) per 
 
 struct TensorWork;
 struct CodeIndex;
-using RangeFn = void (*)(const TensorWork&, int64_t, int64_t);
-// One statistics chunk: elements [start, start + len) of the walk, updated by fn(b, e).
-using ChunkFn = void (*)(const TensorWork&, int64_t start, int64_t len, int64_t b, int64_t e,
-                         double* out);
-// Elements per statistics chunk (reference.STATS_CHUNK; int8 state: its blocks are the chunks).
+// The loop over elements [b, e) (int8: blocks). stats (element-wise formats): [b, e) is whole
+// statistics chunks from a chunk's start, and each chunk's sums go to the tensor's partials.
+using RangeFn = void (*)(const TensorWork&, int64_t b, int64_t e, bool stats);
+// The statistics of one int8 block: elements [start, start + len) of the walk, block b.
+using BlockStatsFn = void (*)(const TensorWork&, int64_t start, int64_t len, int64_t b, double* out);
+// Elements per statistics chunk (reference.STATS_CHUNK; int8 state: its blocks are the chunks),
+// and the lanes of an element-wise format's chunk (reference.STATS_LANES).
 constexpr int64_t kStatsChunk = 2048;
+constexpr int64_t kStatsLanes = 16;
+static_assert(kStatsChunk % kStatsLanes == 0, "whole rows");
 
 struct TensorWork {
   void* p;
@@ -67,70 +71,77 @@ struct TensorWork {
   const CodeIndex* index_m = nullptr;  // int8: the code search tables (null: fallback)
   const CodeIndex* index_v = nullptr;
   bool float_map = false;  // int8: the tables are quant's "float3" maps (bit-level search)
-  // Fused statistics: fn runs chunk by chunk (int8: block by block) through chunk_fn, which
-  // writes each chunk's two partial sums to partials[2 * chunk] (null: no statistics).
+  // Fused statistics: each chunk's two partial sums go to partials[2 * chunk] (null: no
+  // statistics), written by fn (stats = true) or, for int8, block by block by block_stats.
   double* partials = nullptr;
   int64_t chunks = 0;  // statistics chunks (int8: blocks) of this tensor
-  ChunkFn chunk_fn = nullptr;
+  BlockStatsFn block_stats = nullptr;  // int8
   int64_t index = 0;  // the param's position in the batch (its row of the stats tensor)
 };
 
-// The fused statistics of one chunk (reference.update_statistics): the old param values are kept
-// before fn updates the chunk, then w^2 and (w - w_old)^2 in the math dtype, zero-padded to the
-// chunk, summed by the halving tree of reference.chunk_partials. The chunk is still in L1/L2
-// when it is read back, so the statistics add no memory traffic (but compute that does not overlap
-// the update's memory time: see the README for what that costs). A whole chunk takes the tree's
-// first three levels in registers (level 1 adds x[i] and x[i + C/2], level 2 then pairs i and
-// i + C/4, level 3 i and i + C/8: the same adds, so the same bits) and stores C/8 values (0.34 ns
-// an element in L1 on Zen 1, against 1.27 ns for storing all C squares and halving in memory).
-// Prefetching the next chunk during the sums (tried, as bursts) made the step slower.
-// w^2 and (w - w_old)^2 of element j
-template <typename P, typename T>
-inline __attribute__((always_inline)) void squares(const P* p, const P* old, int64_t j,
-                                                   T& w2, T& d2) {
-  const T a = Storage<P>::load(p + j);
-  const T x = op_sub(a, Storage<P>::load(old + j));
-  w2 = op_mul(a, a);
-  d2 = op_mul(x, x);
+// The fused statistics (reference.update_statistics, reference.chunk_partials): w^2 and
+// (w - w_old)^2 in the math dtype. An element-wise format's chunk is 128 rows of kStatsLanes = 16
+// elements: the update loop walks a chunk row by row and adds each row's squares into 16 lane
+// accumulators, which stay in vector registers (two AVX2 / one AVX-512 register each), then a
+// 15-add tree over the lanes. So the statistics cost the loop a subtract, three multiplies and two
+// adds an element, in registers, while it waits for memory. Measured on the 2-core Zen 1 against
+// the step without statistics: a separate pass over each updated chunk (a tree over all 2048
+// squares) cost +21% of a gpt2 step; 256 lanes accumulated in L1, +9% (one 2**26 tensor); these
+// 16 lanes in registers, +2.4 to +3.6% of a gpt2 step (three runs of the benchmark).
+// The halving tree a[:h] + a[h:] over n lanes (n a power of two), in place; returns the sum.
+template <typename T, int64_t N>
+inline __attribute__((always_inline)) T lanes_tree(T* a) {
+  for (int64_t h = N / 2; h >= 1; h /= 2)
+    for (int64_t i = 0; i < h; ++i) a[i] = op_add(a[i], a[i + h]);
+  return a[0];
 }
 
-template <typename P, int64_t C>
-void stats_tree(const P* __restrict p, const P* __restrict old, int64_t len, double* out) {
-  using T = typename Storage<P>::math_t;
-  constexpr int64_t Q = C / 8;
-  alignas(64) T sw[C];
-  alignas(64) T sd[C];
-  int64_t h;
-  if (len == C) {
+// Whole chunks [b, e) from a chunk's start. elem(i, lane, aw, ad) updates element i and adds its
+// squares into aw[lane], ad[lane]. Accumulators start at zero (adding a square to +0 gives the
+// square, so row 0 is taken as it is, as the reference does); a partial last row leaves the
+// other lanes as they are (the reference adds +0 there). Inlined into each ISA's function (elem
+// is an always_inline lambda), so the rows run with that ISA's vectors; the full rows have a
+// constant trip count, so the accumulators live in registers and each row is two AVX2 vectors.
+template <typename T, typename Elem>
+inline __attribute__((always_inline)) void stats_chunks(const TensorWork& w, int64_t b, int64_t e,
+                                                        Elem elem) {
+  for (int64_t c0 = b; c0 < e; c0 += kStatsChunk) {
+    T aw[kStatsLanes] = {};
+    T ad[kStatsLanes] = {};
+    const int64_t c1 = std::min(e, c0 + kStatsChunk);
+    int64_t r0 = c0;
+    for (; r0 + kStatsLanes <= c1; r0 += kStatsLanes) {
 #pragma omp simd
-    for (int64_t i = 0; i < Q; ++i) {
-      // eight named values, not arrays: gcc kept arrays on the stack (0.47 vs 0.34 ns an element)
-      T w0, w1, w2, w3, w4, w5, w6, w7, d0, d1, d2, d3, d4, d5, d6, d7;
-      squares(p, old, i, w0, d0);
-      squares(p, old, i + 4 * Q, w4, d4);
-      squares(p, old, i + 2 * Q, w2, d2);
-      squares(p, old, i + 6 * Q, w6, d6);
-      squares(p, old, i + 1 * Q, w1, d1);
-      squares(p, old, i + 5 * Q, w5, d5);
-      squares(p, old, i + 3 * Q, w3, d3);
-      squares(p, old, i + 7 * Q, w7, d7);
-      // levels 1-3: (k, k+4), then (k, k+2), then (0, 1) of the eight
-      sw[i] = op_add(op_add(op_add(w0, w4), op_add(w2, w6)), op_add(op_add(w1, w5), op_add(w3, w7)));
-      sd[i] = op_add(op_add(op_add(d0, d4), op_add(d2, d6)), op_add(op_add(d1, d5), op_add(d3, d7)));
+      for (int64_t l = 0; l < kStatsLanes; ++l) elem(r0 + l, l, aw, ad);
     }
-    h = Q / 2;
-  } else {  // a tensor's last, partial chunk
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const T a = Storage<P>::load(p + i);
-      const T x = op_sub(a, Storage<P>::load(old + i));
-      sw[i] = op_mul(a, a);
-      sd[i] = op_mul(x, x);
-    }
-    for (int64_t i = len; i < C; ++i) sw[i] = sd[i] = T(0);
-    h = C / 2;
+    for (int64_t l = 0; r0 + l < c1; ++l) elem(r0 + l, l, aw, ad);
+    double* out = w.partials + 2 * (c0 / kStatsChunk);
+    out[0] = static_cast<double>(lanes_tree<T, kStatsLanes>(aw));
+    out[1] = static_cast<double>(lanes_tree<T, kStatsLanes>(ad));
   }
-  for (; h >= 1; h /= 2) {
+}
+
+// An int8 block (a chunk; reference.chunk_partials with the tree alone): the old values are kept
+// before fn updates the block (the int8 loop has its own stages), then the squares, zero-padded
+// to the block, and the halving tree.
+template <typename P>
+void stats_block(const TensorWork& w, int64_t start, int64_t len, int64_t b, double* out) {
+  using T = typename Storage<P>::math_t;
+  alignas(64) P old[kInt8Block];
+  alignas(64) T sw[kInt8Block];
+  alignas(64) T sd[kInt8Block];
+  const P* p = static_cast<const P*>(w.p) + start;
+  std::memcpy(old, p, static_cast<size_t>(len) * sizeof(P));
+  w.fn(w, b, b + 1, false);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const T a = Storage<P>::load(p + i);
+    const T x = op_sub(a, Storage<P>::load(old + i));
+    sw[i] = op_mul(a, a);
+    sd[i] = op_mul(x, x);
+  }
+  for (int64_t i = len; i < kInt8Block; ++i) sw[i] = sd[i] = T(0);
+  for (int64_t h = kInt8Block / 2; h >= 1; h /= 2) {
 #pragma omp simd
     for (int64_t i = 0; i < h; ++i) {
       sw[i] = op_add(sw[i], sw[i + h]);
@@ -141,24 +152,11 @@ void stats_tree(const P* __restrict p, const P* __restrict old, int64_t len, dou
   out[1] = static_cast<double>(sd[0]);
 }
 
-template <typename P>
-void stats_chunk(const TensorWork& w, int64_t start, int64_t len, int64_t b, int64_t e, double* out) {
-  alignas(64) P old[kStatsChunk];
-  const P* p = static_cast<const P*>(w.p) + start;
-  std::memcpy(old, p, static_cast<size_t>(len) * sizeof(P));
-  w.fn(w, b, e);
-  if (w.blocks)
-    stats_tree<P, kInt8Block>(p, old, len, out);
-  else
-    stats_tree<P, kStatsChunk>(p, old, len, out);
-}
-
-ChunkFn pick_chunk_fn(at::ScalarType dt) {
-  switch (dt) {
-    case at::kDouble: return &stats_chunk<double>;
-    case at::kBFloat16: return &stats_chunk<Bf16>;
-    case at::kHalf: return &stats_chunk<Fp16>;
-    default: return &stats_chunk<float>;
+BlockStatsFn pick_block_stats(at::ScalarType dt) {
+  switch (dt) {  // int8 state: float, bf16 or fp16 params
+    case at::kBFloat16: return &stats_block<Bf16>;
+    case at::kHalf: return &stats_block<Fp16>;
+    default: return &stats_block<float>;
   }
 }
 
@@ -204,7 +202,19 @@ struct CodeIndex {
 };
 
 // ---- the loop, instantiated per (storage, flags) and per ISA ------------------------------------
-template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
+// Statistics: adds w^2 and dw^2 (nw, old: the param as stored after and before) into lane
+// accumulators. nw comes from registers, not from the param just written: a 32-byte load of a
+// 32-byte store cannot be forwarded on Zen 1 (stores go as two 16-byte halves), and the stall
+// cost the gpt2 case +26% instead of +9% (measured, 256 lanes).
+template <typename T>
+inline __attribute__((always_inline)) void add_squares(T nw, T old, T& aw, T& ad) {
+  const T d = op_sub(nw, old);
+  aw = op_add(aw, op_mul(nw, nw));
+  ad = op_add(ad, op_mul(d, d));
+}
+
+// Elements [begin, end); ST: whole statistics chunks (stats_chunks).
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, bool ST>
 inline __attribute__((always_inline)) void update_range(const TensorWork& w,
                                                         const StepScalars<typename Storage<P>::math_t>& s,
                                                         int64_t begin, int64_t end) {
@@ -215,25 +225,41 @@ inline __attribute__((always_inline)) void update_range(const TensorWork& w,
   T* __restrict v = static_cast<T*>(w.v);
   T* __restrict vm = static_cast<T*>(w.v_max);
   const StepScalars<T> sc = s;  // a local copy: the compiler keeps the scalars in registers
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    T pi = Storage<P>::load(p + i);
+  auto elem = [&](int64_t i, int64_t lane, T* aw, T* ad) __attribute__((always_inline)) {
+    const T old = Storage<P>::load(p + i);
+    T pi = old;
     T mi = m[i];
     T vi = v[i];
     T vmi = AMS ? vm[i] : T(0);
     adam_element<T, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, sc);
-    Storage<P>::store(p + i, pi);
+    P stored;
+    Storage<P>::store(&stored, pi);
+    p[i] = stored;
     m[i] = mi;
     v[i] = vi;
     if (AMS) vm[i] = vmi;
+    if constexpr (ST) add_squares(Storage<P>::load(&stored), old, aw[lane], ad[lane]);
+  };
+  if constexpr (ST) {
+    stats_chunks<T>(w, begin, end, elem);
+  } else {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) elem(i, 0, nullptr, nullptr);
   }
 }
 
+// Each loop twice, without and with the statistics (a runtime branch inside the loop would cost
+// every step that does not take them).
 #define ONEPASS_DEFINE_ISA(NAME, TARGET)                                                          \
   template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>                            \
-  __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e) {        \
-    update_range<P, AMS, MAX, COUPLED, SCALED>(                                                   \
-        w, *static_cast<const StepScalars<typename Storage<P>::math_t>*>(w.scalars), b, e);       \
+  __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e,          \
+                                            bool stats) {                                       \
+    using T = typename Storage<P>::math_t;                                                        \
+    const auto& s = *static_cast<const StepScalars<T>*>(w.scalars);                               \
+    if (stats)                                                                                    \
+      update_range<P, AMS, MAX, COUPLED, SCALED, true>(w, s, b, e);                               \
+    else                                                                                          \
+      update_range<P, AMS, MAX, COUPLED, SCALED, false>(w, s, b, e);                              \
   }
 ONEPASS_DEFINE_ISA(range_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 ONEPASS_DEFINE_ISA(range_avx2, "avx2,bmi2")
@@ -300,18 +326,25 @@ RangeFn pick(bool amsgrad, bool maximize, bool coupled, bool scaled) {
 enum StateFmt : int { kF32 = 0, kBF16 = 1, kInt8 = 2 };
 enum ParamRnd : int { kNearest = 0, kStochastic = 1, kKahan = 2 };
 
-// Writes the new param value `pv` of element `idx` (and its Kahan compensation).
+// Writes the new param value `pv` of element `idx` (and its Kahan compensation); returns the
+// value as stored, widened to float.
 template <typename P, int PR>
-inline __attribute__((always_inline)) void store_param(P* p, Bf16* comp, float pv, uint32_t key,
-                                                       uint64_t idx) {
+inline __attribute__((always_inline)) float store_param(P* p, Bf16* comp, float pv, uint32_t key,
+                                                        uint64_t idx) {
   if constexpr (PR == kStochastic) {
-    p->x = float_to_bf16_stochastic(pv, random_bits(key, idx));
+    const uint16_t stored = float_to_bf16_stochastic(pv, random_bits(key, idx));
+    p->x = stored;
+    return bf16_to_float(stored);
   } else if constexpr (PR == kKahan) {
     const uint16_t stored = float_to_bf16(pv);
     p->x = stored;
     comp->x = float_to_bf16(op_sub(pv, bf16_to_float(stored)));
+    return bf16_to_float(stored);
   } else {
-    Storage<P>::store(p, pv);
+    P stored;
+    Storage<P>::store(&stored, pv);
+    *p = stored;
+    return Storage<P>::load(&stored);
   }
 }
 
@@ -322,8 +355,9 @@ inline __attribute__((always_inline)) float load_param(const P* p, const Bf16* c
   return pv;
 }
 
-// Element-wise formats (fp32 or bf16 moments) over elements [begin, end).
-template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
+// Element-wise formats (fp32 or bf16 moments) over elements [begin, end); ST: whole statistics
+// chunks (stats_chunks).
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR, bool ST>
 inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
                                                       const StepScalars<float>& s, int64_t begin,
                                                       int64_t end) {
@@ -336,14 +370,14 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
   Bf16* __restrict comp = static_cast<Bf16*>(w.comp);
   const uint32_t key_p = w.key_p, key_m = w.key_m, key_v = w.key_v;
   const StepScalars<float> sc = s;
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
+  auto elem = [&](int64_t i, int64_t lane, float* aw, float* ad) __attribute__((always_inline)) {
+    const float old = Storage<P>::load(p + i);  // as stored (Kahan: without the compensation)
     float pi = load_param<P, PR>(p + i, comp + i);
     float mi = Storage<M>::load(m + i);
     float vi = Storage<M>::load(v + i);
     float vmi = AMS ? vm[i] : 0.0f;
     adam_element<float, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, sc);
-    store_param<P, PR>(p + i, comp + i, pi, key_p, static_cast<uint64_t>(i));
+    const float nw = store_param<P, PR>(p + i, comp + i, pi, key_p, static_cast<uint64_t>(i));
     if constexpr (SF == kBF16) {
       m[i].x = float_to_bf16_stochastic(mi, random_bits(key_m, static_cast<uint64_t>(i)));
       v[i].x = float_to_bf16_stochastic(vi, random_bits(key_v, static_cast<uint64_t>(i)));
@@ -352,6 +386,13 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
       v[i] = vi;
     }
     if (AMS) vm[i] = vmi;
+    if constexpr (ST) add_squares(nw, old, aw[lane], ad[lane]);
+  };
+  if constexpr (ST) {
+    stats_chunks<float>(w, begin, end, elem);
+  } else {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) elem(i, 0, nullptr, nullptr);
   }
 }
 
@@ -467,15 +508,19 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
 
 #define ONEPASS_DEFINE_LOWP_ISA(NAME, TARGET)                                                     \
   template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>            \
-  __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e) {        \
+  __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e,          \
+                                            bool stats) {                                       \
     const auto& s = *static_cast<const StepScalars<float>*>(w.scalars);                           \
     if constexpr (SF == kInt8) {                                                                  \
-      if (w.float_map)                                                                            \
+      if (w.float_map) /* stats: stats_block takes them, block by block */                        \
         int8_blocks<P, MAX, COUPLED, SCALED, PR, true>(w, s, b, e);                               \
       else                                                                                        \
         int8_blocks<P, MAX, COUPLED, SCALED, PR, false>(w, s, b, e);                              \
-    } else                                                                                        \
-      lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR>(w, s, b, e);                               \
+    } else if (stats) {                                                                           \
+      lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR, true>(w, s, b, e);                         \
+    } else {                                                                                      \
+      lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR, false>(w, s, b, e);                        \
+    }                                                                                             \
   }
 ONEPASS_DEFINE_LOWP_ISA(lowp_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
 ONEPASS_DEFINE_LOWP_ISA(lowp_avx2, "avx2,bmi2")
@@ -547,17 +592,15 @@ void run(const std::vector<TensorWork>& ts, int64_t total_units) {
         const int64_t nc = it->chunks;
         const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin + per - 1) / per);
         const int64_t e = std::min<int64_t>(nc, (ue - it->unit_begin + per - 1) / per);
+        if (!it->blocks) {
+          if (b < e) it->fn(*it, b * kStatsChunk, std::min(it->n, e * kStatsChunk), true);
+          continue;
+        }
         for (int64_t c = b; c < e; ++c) {
-          if (it->blocks) {
-            const int64_t row = c / it->blocks_per_row;
-            const int64_t col = (c - row * it->blocks_per_row) * kInt8Block;
-            const int64_t len = std::min<int64_t>(kInt8Block, it->row_len - col);
-            it->chunk_fn(*it, row * it->row_len + col, len, c, c + 1, it->partials + 2 * c);
-          } else {
-            const int64_t start = c * kStatsChunk;
-            const int64_t len = std::min<int64_t>(kStatsChunk, it->n - start);
-            it->chunk_fn(*it, start, len, start, start + len, it->partials + 2 * c);
-          }
+          const int64_t row = c / it->blocks_per_row;
+          const int64_t col = (c - row * it->blocks_per_row) * kInt8Block;
+          const int64_t len = std::min<int64_t>(kInt8Block, it->row_len - col);
+          it->block_stats(*it, row * it->row_len + col, len, c, it->partials + 2 * c);
         }
         continue;
       }
@@ -566,12 +609,12 @@ void run(const std::vector<TensorWork>& ts, int64_t total_units) {
         const int64_t nb = it->units / kUnit;
         const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin + kUnit - 1) / kUnit);
         const int64_t e = std::min<int64_t>(nb, (ue - it->unit_begin + kUnit - 1) / kUnit);
-        if (b < e) it->fn(*it, b, e);
+        if (b < e) it->fn(*it, b, e, false);
         continue;
       }
       const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin) * kUnit);
       const int64_t e = std::min<int64_t>(it->n, (ue - it->unit_begin) * kUnit);
-      if (b < e) it->fn(*it, b, e);
+      if (b < e) it->fn(*it, b, e, false);
     }
   });
 }
@@ -610,11 +653,16 @@ void finish_stats(const std::vector<TensorWork>& work, const at::Tensor& stats) 
     double sw = 0.0, sd = 0.0;
     for (int64_t g0 = 0; g0 < nc; g0 += kStatsGroup) {
       const int64_t len = std::min<int64_t>(kStatsGroup, nc - g0);
-      for (int64_t i = 0; i < kStatsGroup; ++i) {
+      // The tree over the zero-padded group starts at the first power of two >= len: the levels
+      // above it only add +0 to each partial (sums of squares, never -0), which changes no bit.
+      // (A 2-chunk param then costs one add, not 2 x 2047: 9% of a `small` step before.)
+      int64_t top = 1;
+      while (top < len) top *= 2;
+      for (int64_t i = 0; i < top; ++i) {
         tw[i] = i < len ? w.partials[2 * (g0 + i)] : 0.0;
         td[i] = i < len ? w.partials[2 * (g0 + i) + 1] : 0.0;
       }
-      for (int64_t h = kStatsGroup / 2; h >= 1; h /= 2)
+      for (int64_t h = top / 2; h >= 1; h /= 2)
         for (int64_t i = 0; i < h; ++i) {
           tw[i] = op_add(tw[i], tw[i + h]);
           td[i] = op_add(td[i], td[i + h]);
@@ -699,7 +747,6 @@ void step_impl(const BatchArgs& a) {
     w.unit_begin = units;
     w.units = (w.n + kUnit - 1) / kUnit;
     w.index = static_cast<int64_t>(i);
-    w.chunk_fn = pick_chunk_fn(p.scalar_type());
     units += w.units;
     work.push_back(w);
   }
@@ -797,7 +844,7 @@ void step_impl_lowp(const BatchArgs& a) {
       w.units = (w.n + kUnit - 1) / kUnit;
     }
     w.index = static_cast<int64_t>(i);
-    w.chunk_fn = pick_chunk_fn(dt);
+    if (int8) w.block_stats = pick_block_stats(dt);
     units += w.units;
     work.push_back(w);
   }

@@ -1,7 +1,7 @@
 """The triton backend's fused update statistics (Batch.stats, reference.update_statistics):
 torch.equal with the reference's sums after every step, for every param dtype, state format and
-param rounding, and for the program-to-chunk mappings (a program's BLOCK smaller than, equal to
-and larger than reference.STATS_CHUNK; int8 blocks as chunks).
+param rounding, and for the program-to-chunk mappings (one or several chunks a program, whatever
+the BLOCK of steps without statistics; int8 blocks as chunks).
 
 Without a GPU these run under TRITON_INTERPRET=1 (tests/conftest.py) on CPU tensors; with one, on
 CUDA tensors. Tensors are small: the interpreter is slow.
@@ -221,13 +221,16 @@ def test_int8_param_of_more_than_a_group_of_blocks(monkeypatch):
     assert seen[0][0][0, 0].item() != reference.sequential_sum(parts)  # the test has teeth
 
 
-@pytest.mark.parametrize("block", [1024, 4096])
-def test_program_blocks_other_than_the_chunk(monkeypatch, block):
-    # The tuned BLOCK may be smaller than a chunk (programs then take whole chunks: 2048) or
-    # larger (a program covers several chunks); and statistics may be on for some steps only.
+@pytest.mark.parametrize("block,chunks", [(1024, 1), (4096, 2)])
+def test_program_blocks_other_than_the_chunk(monkeypatch, block, chunks):
+    # Steps without statistics use the tuned BLOCK (smaller or larger than a chunk), steps with
+    # them programs of `chunks` whole chunks (one, or several with the last tensor's end in the
+    # second program's second chunk); statistics may be on for some steps only.
     from onepass.backends import triton as tb
 
     monkeypatch.setattr(tb, "config_for", lambda device: (block, 4))
+    monkeypatch.setattr(tb, "STATS_CHUNKS", chunks)
+    monkeypatch.setattr(tb, "STATS_CHUNKS_INTERPRETED", chunks)
     _pair(_make([(3 * CHUNK + 1,), (5,), (2 * CHUNK,)], torch.float32, spread=True), steps=3,
           toggle=lambda s: s != 1)
 

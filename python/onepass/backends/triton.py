@@ -8,9 +8,9 @@ STATS, write every chunk's partial sums (float64) to a scratch buffer of the pla
 launches sum them into batch.stats: stats_group_kernel (a program per group of
 reference.STATS_GROUP consecutive chunks of a param) sums each group by the halving tree into a
 second scratch buffer, and stats_sum_kernel (a program per param) adds each param's group sums in
-order. The tables of both are made once per plan. No host sync. With STATS a program of adam_kernel covers whole chunks: its BLOCK is
-max(BLOCK, reference.STATS_CHUNK) (powers of two, so a multiple of the chunk, and aligned since
-programs start at multiples of BLOCK within their tensor); the int8 kernel's blocks are the chunks.
+order. The tables of both are made once per plan. No host sync. With STATS a program of
+adam_kernel covers STATS_CHUNKS whole chunks, row by row (reference.chunk_partials); the int8
+kernel's blocks are the chunks.
 
 Runs CUDA tensors on a GPU, and CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
 how CI tests the kernel without a GPU). The host builds three small tables per launch (addresses,
@@ -143,6 +143,13 @@ INT8_BLOCKS = 4
 INT8_WARPS = 4
 # stats_sum_kernel: group sums loaded per round of its sequential loop (loads issued ahead of adds).
 STATS_UNROLL = 16
+# adam_kernel with statistics: chunks per program (reference.STATS_CHUNK each), walked as
+# (chunks, reference.STATS_LANES) tiles, and warps. 32 chunks make 512-element tiles, 4 per thread
+# of 4 warps; not measured (no GPU run of this kernel yet). The interpreter (CPU tests) takes 4:
+# a tile there is numpy arrays, and a wide one is mostly masked out on small test tensors.
+STATS_CHUNKS = 32
+STATS_CHUNKS_INTERPRETED = 4
+STATS_WARPS = 4
 # stats_group_kernel: warps per program (a [STATS_GROUP, 2] float64 tile).
 STATS_GROUP_WARPS = 8
 
@@ -191,8 +198,11 @@ class _Plan:
         self.sr = batch.param_rounding == "stochastic"
         self.kahan = batch.param_rounding == "kahan"
         self.wide = batch.state_format != "fp32" or batch.param_rounding != "nearest"
-        # With statistics, an adam_kernel program covers whole chunks (powers of two: a multiple).
-        self.stats_block = max(self.block, reference.STATS_CHUNK)
+        # With statistics, an adam_kernel program covers whole chunks (powers of two: a multiple),
+        # STATS_CHUNKS of them: it walks them row by row, an (STATS_CHUNKS, STATS_LANES) tile a
+        # step, so the chunk count sets the tile size.
+        self.stats_chunks = STATS_CHUNKS if batch.device.type == "cuda" else STATS_CHUNKS_INTERPRETED
+        self.stats_block = reference.STATS_CHUNK * self.stats_chunks
         unit = INT8_BLOCKS if self.int8 else self.block
         self.groups = []
         self.device = batch.device
@@ -404,9 +414,11 @@ class TritonBackend(Backend):
                       SCALED=batch.grad_scale is not None, LR_TENSOR=lr_tensor, ITAB_W=w,
                       SR=plan.sr, KAHAN=plan.kahan, enable_fp_fusion=False)
         block = plan.block
+        warps = plan.warps
         if batch.stats is not None:  # chunk partials too: whole chunks a program
             _, partials, (cbase, starts, grid) = plan.stats_tables(k)
-            block = plan.stats_block
+            if not plan.int8:
+                block, warps = plan.stats_block, STATS_WARPS
             common.update(part=partials, cbase=cbase, STATS=True)
         else:
             common.update(part=hpt, cbase=hpt, STATS=False)
@@ -423,8 +435,9 @@ class TritonBackend(Backend):
             kernels.adam_kernel[(grid,)](
                 itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, MATH=_tl_dtype(math_dt),
                 BLOCK=block, AMSGRAD=bool(batch.amsgrad), STATE_BF16=batch.state_format == "bf16",
-                SCHUNK=reference.STATS_CHUNK, SCHUNK_LOG2=reference.STATS_CHUNK.bit_length() - 1,
-                num_warps=plan.warps, **common)
+                SCHUNK=reference.STATS_CHUNK, SLANES=reference.STATS_LANES,
+                SLANES_LOG2=reference.STATS_LANES.bit_length() - 1,
+                num_warps=warps, **common)
         for t, tc in write_back:
             t.copy_(tc)
         del keep
