@@ -1,0 +1,364 @@
+// The CUDA kernels of onepass: one source for nvcc (adam_cuda.cu) and for the CPU emulation of the
+// SIMT model (csrc/emu/, where csrc/emu/simt.h is included first and supplies the CUDA names).
+//
+// The element math and the per-step scalars are csrc/adam_math.h, the same code the CPU kernel
+// runs; its device path uses the __f*_rn / __d*_rn intrinsics, which nvcc never contracts into
+// FMAs, so the bits equal the reference's. Scalars are computed in the kernel from the step count
+// and the learning rate (a float, or a Tensor read on the device), by make_step_scalars.
+//
+// Which elements a block and a thread update is plan.h (locate_tensor, thread_first_element,
+// int8_span), shared with the host planner and its unit test. Indices are 64-bit.
+//
+// Low precision (reference.py "Storage"): bf16 moments (stochastic rounding) and stochastic /
+// Kahan bf16 params run in lowp_kernel, element-wise like adam_kernel; int8 moments in
+// int8_kernel, one warp per quantization block (256 elements of a dim-0 row, 8 a lane):
+// dequantize, update (param written in the same pass), the block's new absmax as a warp max of
+// abs_bits, block_scale, quantize. Random bits are random_bits(stream_key(seed, step, stream),
+// element index) with the element's index in the walk (storage order of a dense param, row-major
+// for int8 and for working copies), the keys computed in the kernel from the step count (host or
+// device) so CUDA graphs replay them too. The int8 code search is float_map_code_* (integer ops)
+// when qtables hold quant's "float3" maps, else code_search over the midpoints copied to shared
+// memory; decoding likewise. Both are adam_math.h, as on the CPU.
+#pragma once
+
+#include "../adam_math.h"
+#include "plan.h"
+
+#include <type_traits>
+
+#ifndef ONEPASS_EMU
+// nvcc: a static __shared__ array; no alignment check (a misaligned vector access faults).
+#define ONEPASS_SHARED(type, name, count) __shared__ type name[count]
+#define ONEPASS_CHECK_ALIGNED(ptr, bytes, what) ((void)0)
+#endif
+
+namespace onepass {
+namespace kernels {
+
+template <typename P> struct Vec { static constexpr int n = vec_elems(sizeof(P)); };
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T x[N];
+};
+
+// 16-byte (or narrower, for short packs) vector loads and stores of a pack of N values at src,
+// which is aligned to min(16, N * sizeof(X)) bytes.
+template <typename X, int N>
+__device__ __forceinline__ void load_pack(Pack<X, N>& dst, const X* src) {
+  constexpr int W = sizeof(X) * N > 16 ? static_cast<int>(16 / sizeof(X)) : N;
+  ONEPASS_CHECK_ALIGNED(src, sizeof(X) * W, "vector load");
+#pragma unroll
+  for (int k = 0; k < N; k += W)
+    *reinterpret_cast<Pack<X, W>*>(&dst.x[k]) = *reinterpret_cast<const Pack<X, W>*>(src + k);
+}
+
+template <typename X, int N>
+__device__ __forceinline__ void store_pack(X* dst, const Pack<X, N>& src) {
+  constexpr int W = sizeof(X) * N > 16 ? static_cast<int>(16 / sizeof(X)) : N;
+  ONEPASS_CHECK_ALIGNED(dst, sizeof(X) * W, "vector store");
+#pragma unroll
+  for (int k = 0; k < N; k += W)
+    *reinterpret_cast<Pack<X, W>*>(dst + k) = *reinterpret_cast<const Pack<X, W>*>(&src.x[k]);
+}
+
+// Whether a GradScaler's found_inf says to skip this step.
+__device__ __forceinline__ bool skip_step(const Hyper& h) {
+  return h.found_inf != nullptr && *h.found_inf != 0.0;
+}
+
+// The tensor's step count after the increment (host, or read on the device) and its scalars.
+template <typename T, typename D>
+__device__ __forceinline__ StepScalars<T> device_scalars(const D& d, const Hyper& h, int64_t& step) {
+  step = d.step_dev != nullptr ? static_cast<int64_t>(*d.step_dev) + 1 : d.step_host;
+  const double lr = h.lr_dev != nullptr ? static_cast<double>(*h.lr_dev)
+                    : h.lr_dev64 != nullptr ? *h.lr_dev64 : h.lr;
+  const double gs = h.grad_scale != nullptr ? *h.grad_scale : 1.0;
+  return make_step_scalars<T>(step, lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled, gs);
+}
+
+// Whether element i lies past the end of a tensor of n elements (the element-wise tail loops).
+__device__ __forceinline__ bool past_end(int64_t i, int64_t n) {
+#if ONEPASS_PLANTED_BUG == 2
+  return i >= n - 1;  // planted: the last element is dropped
+#else
+  return i >= n;
+#endif
+}
+
+// fp32 state, nearest rounding: VEC elements a thread.
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
+__global__ void __launch_bounds__(kThreads)
+adam_kernel(const Desc* __restrict__ descs, int n_tensors, Hyper h) {
+  using T = typename Storage<P>::math_t;
+  constexpr int VEC = Vec<P>::n;
+  if (skip_step(h)) return;
+
+  const int64_t b = blockIdx.x;
+  const Desc d = descs[locate_tensor(descs, n_tensors, b)];
+  int64_t step;
+  const StepScalars<T> s = device_scalars<T>(d, h, step);
+
+  P* __restrict__ p = static_cast<P*>(d.p);
+  const P* __restrict__ g = static_cast<const P*>(d.g);
+  T* __restrict__ m = static_cast<T*>(d.m);
+  T* __restrict__ v = static_cast<T*>(d.v);
+  T* __restrict__ vm = static_cast<T*>(d.v_max);
+  const int64_t base = thread_first_element(d, b, static_cast<int>(threadIdx.x), VEC);
+
+  if (vector_path(d, base, VEC)) {
+    Pack<P, VEC> pp, gg;
+    Pack<T, VEC> mm, vv, vmm;
+    load_pack(pp, p + base);
+    load_pack(gg, g + base);
+    load_pack(mm, m + base);
+    load_pack(vv, v + base);
+    if constexpr (AMS) load_pack(vmm, vm + base);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      T pk = Storage<P>::load(&pp.x[k]);
+      T vmk = AMS ? vmm.x[k] : T(0);
+      adam_element<T, AMS, MAX, COUPLED, SCALED>(pk, Storage<P>::load(&gg.x[k]), mm.x[k], vv.x[k], vmk, s);
+      Storage<P>::store(&pp.x[k], pk);
+      if (AMS) vmm.x[k] = vmk;
+    }
+    store_pack(p + base, pp);
+    store_pack(m + base, mm);
+    store_pack(v + base, vv);
+    if constexpr (AMS) store_pack(vm + base, vmm);
+  } else {
+    for (int k = 0; k < VEC; ++k) {
+      const int64_t i = base + k;
+      if (past_end(i, d.n)) break;
+      T pi = Storage<P>::load(p + i);
+      T mi = m[i], vi = v[i];
+      T vmi = AMS ? vm[i] : T(0);
+      adam_element<T, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, s);
+      Storage<P>::store(p + i, pi);
+      m[i] = mi;
+      v[i] = vi;
+      if (AMS) vm[i] = vmi;
+    }
+  }
+}
+
+// ---- low precision: bf16 moments, stochastic / Kahan bf16 params, int8 moments ------------------
+// The same element math (adam_element); only the loads and stores around it differ, as in the CPU
+// kernel (csrc/cpu/adam_cpu.cpp: lowp_range, int8_blocks). SF: how the moments are stored; PR:
+// how the param is written.
+enum StateFmt : int { kF32 = 0, kBF16 = 1, kInt8 = 2 };
+enum ParamRnd : int { kNearest = 0, kStochastic = 1, kKahan = 2 };
+
+// Element i's param value: the stored param, plus its compensation under Kahan (one add).
+template <typename P, int PR>
+__device__ __forceinline__ float load_param(const P* p, const Bf16* comp, int64_t i) {
+  float pv = Storage<P>::load(p + i);
+  if constexpr (PR == kKahan) pv = op_add(pv, bf16_to_float(comp[i].x));
+  return pv;
+}
+
+// Writes element i's new param value pv (and its Kahan compensation); idx is its index in the
+// walk (the random stream's counter).
+template <typename P, int PR>
+__device__ __forceinline__ void store_param(P* p, Bf16* comp, int64_t i, float pv, uint32_t key,
+                                            uint64_t idx) {
+  if constexpr (PR == kStochastic) {
+    p[i].x = float_to_bf16_stochastic(pv, random_bits(key, idx));
+  } else if constexpr (PR == kKahan) {
+    const uint16_t stored = float_to_bf16(pv);
+    p[i].x = stored;
+    comp[i].x = float_to_bf16(op_sub(pv, bf16_to_float(stored)));
+  } else {
+    Storage<P>::store(p + i, pv);
+  }
+}
+
+// One element of the element-wise formats (fp32 or bf16 moments): element i of the arrays given
+// (global memory, or a thread's registers on the vector path), idx its index in the walk.
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR, typename M>
+__device__ __forceinline__ void lowp_element(P* p, const P* g, M* m, M* v, float* vm, Bf16* comp,
+                                             int64_t i, uint64_t idx, const StepScalars<float>& s,
+                                             uint32_t key_p, uint32_t key_m, uint32_t key_v) {
+  float pi = load_param<P, PR>(p, comp, i);
+  float mi = Storage<M>::load(m + i);
+  float vi = Storage<M>::load(v + i);
+  float vmi = 0.0f;
+  if constexpr (AMS) vmi = vm[i];
+  adam_element<float, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, s);
+  store_param<P, PR>(p, comp, i, pi, key_p, idx);
+  if constexpr (SF == kBF16) {
+    m[i].x = float_to_bf16_stochastic(mi, random_bits(key_m, idx));
+    v[i].x = float_to_bf16_stochastic(vi, random_bits(key_v, idx));
+  } else {
+    m[i] = mi;
+    v[i] = vi;
+  }
+  if constexpr (AMS) vm[i] = vmi;
+}
+
+// fp32 or bf16 moments: VEC elements a thread, as adam_kernel.
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
+__global__ void __launch_bounds__(kThreads)
+lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h) {
+  using M = std::conditional_t<SF == kBF16, Bf16, float>;
+  constexpr int VEC = Vec<P>::n;
+  if (skip_step(h)) return;
+
+  const int64_t b = blockIdx.x;
+  const LowpDesc d = descs[locate_tensor(descs, n_tensors, b)];
+  int64_t step;
+  const StepScalars<float> s = device_scalars<float>(d, h, step);
+  const uint32_t key_p = stream_key(h.seed, step, kStreamParam);
+  const uint32_t key_m = stream_key(h.seed, step, kStreamM);
+  const uint32_t key_v = stream_key(h.seed, step, kStreamV);
+
+  P* __restrict__ p = static_cast<P*>(d.p);
+  const P* __restrict__ g = static_cast<const P*>(d.g);
+  M* __restrict__ m = static_cast<M*>(d.m);
+  M* __restrict__ v = static_cast<M*>(d.v);
+  float* __restrict__ vm = static_cast<float*>(d.v_max);
+  Bf16* __restrict__ comp = static_cast<Bf16*>(d.comp);
+  const int64_t base = thread_first_element(d, b, static_cast<int>(threadIdx.x), VEC);
+
+  if (vector_path(d, base, VEC)) {
+    Pack<P, VEC> pp, gg;
+    Pack<M, VEC> mm, vv;
+    Pack<float, VEC> vmm;
+    Pack<Bf16, VEC> cc;
+    load_pack(pp, p + base);
+    load_pack(gg, g + base);
+    load_pack(mm, m + base);
+    load_pack(vv, v + base);
+    if constexpr (AMS) load_pack(vmm, vm + base);
+    if constexpr (PR == kKahan) load_pack(cc, comp + base);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      lowp_element<P, AMS, MAX, COUPLED, SCALED, SF, PR>(
+          pp.x, gg.x, mm.x, vv.x, vmm.x, cc.x, k, static_cast<uint64_t>(base + k), s, key_p, key_m,
+          key_v);
+    store_pack(p + base, pp);
+    store_pack(m + base, mm);
+    store_pack(v + base, vv);
+    if constexpr (AMS) store_pack(vm + base, vmm);
+    if constexpr (PR == kKahan) store_pack(comp + base, cc);
+  } else {
+    for (int k = 0; k < VEC; ++k) {
+      const int64_t i = base + k;
+      if (past_end(i, d.n)) break;
+      lowp_element<P, AMS, MAX, COUPLED, SCALED, SF, PR>(p, g, m, v, vm, comp, i,
+                                                         static_cast<uint64_t>(i), s, key_p, key_m,
+                                                         key_v);
+    }
+  }
+}
+
+__device__ __forceinline__ uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+// int8 moments: warp w of CUDA block b updates quantization block int8_block_of(d, b, w) of its
+// tensor; lane l its elements l, l + 32, ... (coalesced). FMAP: the maps are quant's "float3"
+// maps, decoded and searched with integer operations; otherwise code tables and a search of the
+// midpoints, from shared memory.
+template <typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
+__global__ void __launch_bounds__(kThreads)
+int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h,
+            const float* __restrict__ tables) {
+  ONEPASS_SHARED(float, tab, FMAP ? 1 : kTablesLen);
+  if (skip_step(h)) return;
+  if constexpr (!FMAP) {
+    for (int i = threadIdx.x; i < kTablesLen; i += kThreads) tab[i] = tables[i];
+#if ONEPASS_PLANTED_BUG != 3  // planted: the tables are read before every thread has copied its part
+    __syncthreads();
+#endif
+  }
+
+  const int64_t b = blockIdx.x;
+  const LowpDesc d = descs[locate_tensor(descs, n_tensors, b)];
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t k = int8_block_of(d, b, warp);  // this warp's quantization block
+  if (k >= d.n) return;  // whole warps: no block-wide synchronization follows
+  const Int8Span span = int8_span(d, k);
+  const int64_t start = span.start;
+  const int len = span.len;
+
+  int64_t step;
+  const StepScalars<float> s = device_scalars<float>(d, h, step);
+  const uint32_t key_p = stream_key(h.seed, step, kStreamParam);
+  P* __restrict__ p = static_cast<P*>(d.p) + start;
+  const P* __restrict__ g = static_cast<const P*>(d.g) + start;
+  uint8_t* __restrict__ qm = static_cast<uint8_t*>(d.m) + start;
+  uint8_t* __restrict__ qv = static_cast<uint8_t*>(d.v) + start;
+  Bf16* __restrict__ comp = PR == kKahan ? static_cast<Bf16*>(d.comp) + start : nullptr;
+  const float am = d.absmax_m[k];
+  const float av = d.absmax_v[k];
+
+  float mb[kInt8PerLane], vb[kInt8PerLane];
+  uint32_t bm = 0, bv = 0;
+#pragma unroll
+  for (int e = 0; e < kInt8PerLane; ++e) {
+    const int j = lane + 32 * e;
+    mb[e] = 0.0f;
+    vb[e] = 0.0f;
+    if (j < len) {
+      float pj = load_param<P, PR>(p, comp, j);
+      float mj, vj;
+      if constexpr (FMAP) {
+        mj = op_mul(float_map_value_m(qm[j]), am);
+        vj = op_mul(float_map_value_v(qv[j]), av);
+      } else {
+        mj = dequantize_code(qm[j], am, tab + kCodeM);
+        vj = dequantize_code(qv[j], av, tab + kCodeV);
+      }
+      float unused = 0.0f;
+      adam_element<float, false, MAX, COUPLED, SCALED>(pj, Storage<P>::load(g + j), mj, vj, unused, s);
+      store_param<P, PR>(p, comp, j, pj, key_p, static_cast<uint64_t>(start + j));
+      mb[e] = mj;
+      vb[e] = vj;
+      bm = max_u32(bm, abs_bits(mj));
+      bv = max_u32(bv, abs_bits(vj));
+    }
+  }
+  // The block's absmax: an unsigned max of |x|'s bit patterns (NaN wins), over the warp.
+#if ONEPASS_PLANTED_BUG == 4
+  constexpr int kFirstOffset = 8;  // planted: lanes 0-15 never see lanes 16-31
+#else
+  constexpr int kFirstOffset = 16;
+#endif
+#pragma unroll
+  for (int off = kFirstOffset; off > 0; off >>= 1) {
+    bm = max_u32(bm, __shfl_xor_sync(0xffffffffu, bm, off));
+    bv = max_u32(bv, __shfl_xor_sync(0xffffffffu, bv, off));
+  }
+  const float nam = bits_float(bm);
+  const float nav = bits_float(bv);
+  const float im = block_scale(nam);
+  const float iv = block_scale(nav);
+#pragma unroll
+  for (int e = 0; e < kInt8PerLane; ++e) {
+    const int j = lane + 32 * e;
+    if (j < len) {
+      if constexpr (FMAP) {
+        qm[j] = static_cast<uint8_t>(float_map_code_m(op_mul(mb[e], im)));
+        qv[j] = static_cast<uint8_t>(float_map_code_v(op_mul(vb[e], iv)));
+      } else {
+        qm[j] = static_cast<uint8_t>(quantize_code(mb[e], im, tab + kMidM));
+        qv[j] = static_cast<uint8_t>(quantize_code(vb[e], iv, tab + kMidV));
+      }
+    }
+  }
+  if (lane == 0) {
+    d.absmax_m[k] = nam;
+    d.absmax_v[k] = nav;
+  }
+}
+
+// Capturable: step += 1 on the device after the update, unless found_inf. (A template, like every
+// kernel here, so that each file including this one can instantiate it.)
+template <typename S>
+__global__ void bump_device_steps(S* const* steps, int n, const double* found_inf) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n && (found_inf == nullptr || *found_inf == 0.0)) *steps[i] += S(1);
+}
+
+}  // namespace kernels
+}  // namespace onepass

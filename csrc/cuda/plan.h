@@ -1,0 +1,206 @@
+// The CUDA backend's launch description and its planner: which tensor, and which elements of it,
+// each block and thread of a launch updates. Plain C++ with no CUDA runtime call and no ATen, so
+// the real launch (adam_cuda.cu), the emulated one (csrc/emu/) and the planner's unit test
+// (tests/cuda/plan_test.cpp) share it; the device-side lookups are __host__ __device__.
+//
+// Element-wise formats (fp32 / bf16 moments): a block of kThreads threads covers kThreads * VEC
+// consecutive elements of one tensor, VEC = 16 bytes of param (4 fp32, 2 fp64, 8 bf16 / fp16), so
+// a thread reads its param with one 16-byte load when every pointer of the tensor is 16-byte
+// aligned (Desc::aligned) and the VEC elements lie inside the tensor; element by element
+// otherwise. int8 moments: a warp updates one quantization block (kInt8Block elements of a dim-0
+// row), a CUDA block kInt8Warps of them.
+#pragma once
+
+#include "../adam_math.h"
+
+#include <cstdint>
+#include <vector>
+
+#ifndef ONEPASS_PLANTED_BUG
+#define ONEPASS_PLANTED_BUG 0  // tests/emu: 1-4 build the emulated kernels with one planted bug
+#endif
+
+namespace onepass {
+
+constexpr int kThreads = 256;
+constexpr int kInt8Warps = kThreads / 32;      // quantization blocks per CUDA block: one a warp
+constexpr int kInt8PerLane = kInt8Block / 32;  // elements of its block a lane handles
+
+// One tensor of an fp32-state launch.
+struct Desc {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* v_max;
+  const float* step_dev;  // capturable: the step tensor (float32, device), else nullptr
+  int64_t step_host;      // non-capturable: the count after the increment
+  int64_t n;
+  int64_t block_start;
+  int32_t aligned;  // every pointer 16-byte aligned: vector path
+  int32_t pad;
+};
+
+// One tensor of a low-precision launch.
+struct LowpDesc {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* v_max;             // amsgrad (fp32 state only), else nullptr
+  void* comp;              // Kahan compensation (bf16, the walk's layout), else nullptr
+  float* absmax_m;         // int8: [rows, blocks per row], contiguous
+  float* absmax_v;
+  const float* step_dev;   // capturable: the step tensor (float32, device), else nullptr
+  int64_t step_host;       // non-capturable: the count after the increment
+  int64_t n;               // elements; int8: quantization blocks (rows * blocks_per_row)
+  int64_t row_len;         // int8: elements per dim-0 row
+  int64_t blocks_per_row;  // int8
+  int64_t block_start;
+  int32_t aligned;  // element-wise: every pointer 16-byte aligned (vector path)
+  int32_t pad;
+};
+
+// The launch-wide arguments.
+struct Hyper {
+  double lr, beta1, beta2, eps, weight_decay;
+  const float* lr_dev;       // Tensor lr (float32 on the device), else nullptr
+  const double* lr_dev64;    // Tensor lr (float64 on the device), else nullptr
+  const double* grad_scale;  // device, float64 (exact for any grad_scale dtype), or nullptr
+  const double* found_inf;   // device, float64 (non-zero, however small, skips), or nullptr
+  bool decoupled;
+  uint32_t seed;             // low precision: the key of the random streams
+};
+
+// Elements a thread updates: 16 bytes of param.
+constexpr int vec_elems(int param_bytes) { return 16 / param_bytes; }
+
+// The tensor of block b: the last one whose first block is <= b (binary search; descs sorted by
+// block_start, every tensor owning at least one block).
+template <typename D>
+ONEPASS_HD int locate_tensor(const D* descs, int n_tensors, int64_t b) {
+  int lo = 0, hi = n_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+#if ONEPASS_PLANTED_BUG == 1
+    if (descs[mid].block_start < b) lo = mid; else hi = mid - 1;  // planted: off by one
+#else
+    if (descs[mid].block_start <= b) lo = mid; else hi = mid - 1;
+#endif
+  }
+  return lo;
+}
+
+// Element-wise formats: the first element of thread t of block b, whose tensor is d.
+template <typename D>
+ONEPASS_HD int64_t thread_first_element(const D& d, int64_t b, int t, int vec) {
+  return (b - d.block_start) * (static_cast<int64_t>(kThreads) * vec) + static_cast<int64_t>(t) * vec;
+}
+
+// Whether thread t's elements [base, base + vec) take the 16-byte vector path.
+template <typename D>
+ONEPASS_HD bool vector_path(const D& d, int64_t base, int vec) {
+  return d.aligned && base + vec <= d.n;
+}
+
+// int8: the quantization block warp w of block b updates (>= d.n: none), and where it lies.
+ONEPASS_HD int64_t int8_block_of(const LowpDesc& d, int64_t b, int w) {
+  return (b - d.block_start) * kInt8Warps + w;
+}
+struct Int8Span {
+  int64_t start;  // its first element (row-major)
+  int len;        // its elements: kInt8Block, or fewer at the end of a row
+};
+ONEPASS_HD Int8Span int8_span(const LowpDesc& d, int64_t k) {
+  const int64_t row = k / d.blocks_per_row;
+  const int64_t col = (k - row * d.blocks_per_row) * kInt8Block;
+  const int64_t rest = d.row_len - col;
+  return Int8Span{row * d.row_len + col, static_cast<int>(rest < kInt8Block ? rest : kInt8Block)};
+}
+
+// ---- the planner (host) -----------------------------------------------------------------------
+// What the planner needs of one tensor of a batch: addresses (v_max / comp / absmaxes null when
+// absent) and sizes. The walk layout (dense storage order, or row-major for int8) is the glue's
+// choice; the planner only counts.
+struct TensorMeta {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* v_max;
+  void* comp;
+  float* absmax_m;
+  float* absmax_v;
+  const float* step_dev;
+  int64_t step_host;
+  int64_t numel;
+  int64_t rows;  // int8: dim-0 rows (1 for a tensor of fewer than 2 dims)
+};
+
+template <typename D>
+struct Plan {
+  std::vector<D> descs;
+  int64_t blocks = 0;  // the launch's grid
+};
+
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// fp32 state: every non-empty tensor gets ceil(n / (kThreads * vec)) blocks, in order.
+inline Plan<Desc> plan_fp32(const std::vector<TensorMeta>& ts, int param_bytes) {
+  Plan<Desc> out;
+  const int64_t chunk = static_cast<int64_t>(kThreads) * vec_elems(param_bytes);
+  for (const TensorMeta& t : ts) {
+    if (t.numel == 0) continue;
+    Desc d{};
+    d.p = t.p;
+    d.g = t.g;
+    d.m = t.m;
+    d.v = t.v;
+    d.v_max = t.v_max != nullptr ? t.v_max : t.m;  // never read without amsgrad; aligned as m
+    d.step_dev = t.step_dev;
+    d.step_host = t.step_host;
+    d.n = t.numel;
+    d.block_start = out.blocks;
+    d.aligned = aligned16(d.p) && aligned16(d.g) && aligned16(d.m) && aligned16(d.v) &&
+                aligned16(d.v_max);
+    out.blocks += (d.n + chunk - 1) / chunk;
+    out.descs.push_back(d);
+  }
+  return out;
+}
+
+// Low-precision state: element-wise like plan_fp32, or (int8) one warp per quantization block.
+inline Plan<LowpDesc> plan_lowp(const std::vector<TensorMeta>& ts, int param_bytes, bool int8) {
+  Plan<LowpDesc> out;
+  const int64_t chunk = static_cast<int64_t>(kThreads) * vec_elems(param_bytes);
+  for (const TensorMeta& t : ts) {
+    if (t.numel == 0) continue;
+    LowpDesc d{};
+    d.p = t.p;
+    d.g = t.g;
+    d.m = t.m;
+    d.v = t.v;
+    d.v_max = t.v_max;
+    d.comp = t.comp;
+    d.step_dev = t.step_dev;
+    d.step_host = t.step_host;
+    d.block_start = out.blocks;
+    if (int8) {
+      d.row_len = t.numel / t.rows;
+      d.blocks_per_row = (d.row_len + kInt8Block - 1) / kInt8Block;
+      d.n = t.rows * d.blocks_per_row;
+      d.absmax_m = t.absmax_m;
+      d.absmax_v = t.absmax_v;
+      out.blocks += (d.n + kInt8Warps - 1) / kInt8Warps;
+    } else {
+      d.n = t.numel;
+      d.aligned = aligned16(d.p) && aligned16(d.g) && aligned16(d.m) && aligned16(d.v) &&
+                  aligned16(d.v_max) && aligned16(d.comp);
+      out.blocks += (d.n + chunk - 1) / chunk;
+    }
+    out.descs.push_back(d);
+  }
+  return out;
+}
+
+}  // namespace onepass
