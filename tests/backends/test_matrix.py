@@ -53,6 +53,8 @@ def _cases():
             marks = [pytest.mark.cuda] if dev == "cuda" else []
             if backend == "cpu":
                 marks.append(pytest.mark.cpu_kernel)
+            if backend.startswith("cuda-emu"):
+                marks.append(pytest.mark.emu)  # the cuda kernels, emulated (tests/conftest.py)
             yield pytest.param(dev, backend, id=f"{dev}-{backend}", marks=marks)
 
 

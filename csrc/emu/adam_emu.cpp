@@ -1,0 +1,60 @@
+// The emulated CUDA backend as a Python module (test-only: built by the test suite with
+// torch.utils.cpp_extension.load, python/onepass/backends/cuda_emu.py). The same checks and host
+// step as the cuda backend's ops (adam_cuda.cu), on CPU tensors, with the kernels of csrc/cuda/
+// run by the SIMT emulation.
+#include "emu_runtime.h"
+
+#include <torch/csrc/utils/pybind.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+
+using TVec = std::vector<at::Tensor>;
+using OptT = std::optional<at::Tensor>;
+using onepass::BatchArgs;
+using onepass::EmuRuntime;
+
+// adam_step_lowp_'s arguments, plus where the step counts live and whether a graph is "captured".
+void step(const TVec& p, const TVec& g, const TVec& m, const TVec& v, const TVec& vmax,
+          const TVec& steps, double lr, const OptT& lr_t, double b1, double b2, double eps,
+          double wd, bool ams, bool maximize, bool decoupled, const OptT& gs, const OptT& fi,
+          const std::string& fmt, const TVec& am, const TVec& av, const OptT& qt,
+          const std::string& rnd, const TVec& comps, int64_t seed, bool device_steps,
+          bool capturing, bool check_only) {
+  const BatchArgs a{p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize, decoupled,
+                    gs, fi, onepass::parse_state_format(fmt), onepass::parse_param_rounding(rnd),
+                    am, av, qt.has_value() ? &*qt : nullptr, comps, seed};
+  onepass::validate_batch(a, c10::DeviceType::CPU);
+  const EmuRuntime rt{device_steps, capturing};
+  if (p.empty()) return;
+  if (check_only) {
+    onepass::host::check_launch(a, rt);
+    return;
+  }
+  if (a.state_format == onepass::host::kF32 && a.param_rounding == onepass::host::kNearest)
+    onepass::emu_step_fp32(a, rt);
+  else
+    onepass::emu_step_lowp(a, rt);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("step", &step, "one step of the cuda backend's kernels under the SIMT emulation",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),
+        py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("state_format"),
+        py::arg("exp_avg_absmaxs"), py::arg("exp_avg_sq_absmaxs"), py::arg("qtables"),
+        py::arg("param_rounding"), py::arg("kahan_comps"), py::arg("seed"),
+        py::arg("device_steps"), py::arg("capturing"), py::arg("check_only"));
+  m.def("kernels_compiled", &onepass_emu::kernels_compiled,
+        "the kernel instantiations compiled into this module");
+  m.def("kernels_run", &onepass_emu::kernels_run, "the kernel instantiations launched since load");
+  m.def("set_reverse_order", &onepass_emu::set_reverse_order,
+        "run each block's threads from the last to the first");
+  m.attr("planted_bug") = ONEPASS_PLANTED_BUG;
+}

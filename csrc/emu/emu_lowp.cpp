@@ -1,0 +1,7 @@
+// The emulated low-precision kernels (lowp_kernel, int8_kernel): every instantiation the CUDA
+// build has.
+#include "emu_runtime.h"
+
+namespace onepass {
+void emu_step_lowp(const BatchArgs& a, const EmuRuntime& rt) { host::step_lowp(a, rt); }
+}  // namespace onepass
