@@ -373,6 +373,66 @@ def _new_step() -> Tensor:
     return torch.zeros((), dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
 
 
+def _group_backend(name: str, device: torch.device, capturable: bool):
+    """The backend of a group on ``device`` (resolve_backend's), except for capturable=True on CUDA
+    tensors: only the cuda backend keeps the step count on the device, where a CUDA graph can
+    advance it (triton and the reference read it on the host), so "auto" takes cuda for such a
+    group whatever auto's order says, and any other backend is an error that says why."""
+    if not (capturable and device.type == "cuda"):
+        return resolve_backend(name, device)
+    if name == "auto":
+        cuda = BACKENDS["cuda"]
+        why = cuda.auto_reason(device)
+        if why is not None:
+            raise RuntimeError(
+                "onepass: capturable=True needs the cuda backend (it keeps the step count on the "
+                f"device; triton and the reference read it on the host), and backend='auto' cannot "
+                f"use it here: {why}"
+            )
+        return cuda
+    backend = resolve_backend(name, device)
+    if backend.name != "cuda":
+        raise RuntimeError(
+            "onepass: capturable=True needs the cuda backend (it keeps the step count on the "
+            f"device); the {backend.name!r} backend reads it on the host"
+        )
+    return backend
+
+
+#: torch.cuda.is_available(), asked once (see _cuda_available): step() asks whether the current
+#: stream is capturing only where CUDA exists, so a step on a machine without it pays one call.
+_CUDA_AVAILABLE: Optional[bool] = None
+
+
+def _cuda_available() -> bool:
+    global _CUDA_AVAILABLE
+    if _CUDA_AVAILABLE is None:
+        _CUDA_AVAILABLE = bool(torch.cuda.is_available())
+    return _CUDA_AVAILABLE
+
+
+def _capture_health_check(optimizer: "AdamW") -> None:
+    """torch.optim's check (Optimizer._accelerator_graph_capture_health_check, with its wording)
+    for a step() being captured in a CUDA graph, plus onepass's lr check. A graph replays only
+    device work: a capturable=False group's host step counts and a host-side lr would be frozen
+    at their values at capture. Called only while the current stream is capturing."""
+    if not all(group["capturable"] for group in optimizer.param_groups):
+        raise RuntimeError(
+            "Attempting CUDA graph capture of step() for an instance of "
+            + optimizer.__class__.__name__
+            + " but param_groups' capturable is False."
+        )
+    for i, group in enumerate(optimizer.param_groups):
+        lr, params = group["lr"], group["params"]
+        if isinstance(lr, Tensor) and params and lr.device != params[0].device:
+            raise RuntimeError(
+                f"onepass: attempting CUDA graph capture of step() with param group {i}'s lr a "
+                f"Tensor on {lr.device} while its params are on {params[0].device}: the graph "
+                "would keep the lr read at capture. Give the group a one-element lr Tensor on the "
+                "params' device and update it in place (lr.fill_(new_lr))."
+            )
+
+
 class AdamW(Optimizer):
     """AdamW (decoupled weight decay) with torch.optim.AdamW's signature and defaults.
 
@@ -440,6 +500,7 @@ class AdamW(Optimizer):
             statistics=bool(statistics),
         )
         self._batch_cache: Dict[int, tuple] = {}
+        _cuda_available()  # asked once, here, not while a step is traced or captured
         super().__init__(params, defaults)
         self.state = _State()
         # torch.amp.GradScaler hands over grad_scale / found_inf as attributes instead of
@@ -516,6 +577,10 @@ class AdamW(Optimizer):
         # says capturable=True (dynamo's OptimizerVariable), which must not make CPU params'
         # cached lists look stale (a traced step would rebuild them, breaking the graph).
         mode = (amsgrad, bool(group["capturable"]) and params[0].is_cuda, fmt, rounding, min_int8)
+        device = params[0].device
+        # (before any state is created: an error here leaves nothing behind)
+        capturable_cuda = bool(group["capturable"]) and device.type == "cuda"
+        backend = _group_backend(group["backend"], device, capturable_cuda)
         # The state lists of a group are cached between steps: looking up 2000 params' state
         # costs ~2 ms of Python per step, a fifth of the whole `small` step. The cache is valid
         # while the same params have grads and no state dict was written (_STATE_EPOCH).
@@ -537,13 +602,6 @@ class AdamW(Optimizer):
                 self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, parts, dtensors)
             else:  # a plain dict put in by hand: its writes are not seen, so never cache it
                 self._batch_cache.pop(id(group), None)
-        device = params[0].device
-        backend = resolve_backend(group["backend"], device)
-        if group["capturable"] and device.type == "cuda" and backend.name != "cuda":
-            raise RuntimeError(
-                "onepass: capturable=True needs the cuda backend (it keeps the step count on the "
-                f"device); the {backend.name!r} backend reads it on the host"
-            )
         beta1, beta2 = group["betas"]
         out = []
         for (pfmt, prnd), (ps, idx, lists, scratch) in parts.items():
@@ -576,8 +634,12 @@ class AdamW(Optimizer):
             chosen = backend
             why = backend.unsupported_reason(batch)
             if why is not None:
-                if group["backend"] != "auto":
-                    raise RuntimeError(f"onepass: backend {backend.name!r} cannot run this group: {why}")
+                if group["backend"] != "auto" or capturable_cuda:
+                    # (capturable on CUDA tensors: no other backend keeps the step on the device)
+                    for p in created:  # the state this call made goes (step() never sees it)
+                        self.state.pop(p, None)
+                    raise RuntimeError(f"onepass: backend {backend.name!r} cannot run this group: {why}"
+                                       + (" (capturable=True needs it)" if capturable_cuda else ""))
                 # auto: the next backend in auto's order that runs this format (the reference
                 # runs every one)
                 chosen = next((b for b in auto_candidates(device)
@@ -652,6 +714,11 @@ class AdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step. Every input is checked before any param or state is written."""
+        # As torch.optim.Adam(W): refuse a CUDA graph capture that would freeze host-side values
+        # (the compiler handles capture itself while tracing).
+        if (_cuda_available() and not torch.compiler.is_compiling()
+                and torch.cuda.is_current_stream_capturing()):
+            _capture_health_check(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():

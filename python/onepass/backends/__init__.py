@@ -2,8 +2,9 @@
 one param dtype, plus plain flags and numbers) and updates it in place; it never sees param groups
 or hyperparameter dicts, and the optimizer never sees kernels.
 
-``backend="auto"``: CUDA tensors -> cuda, triton, reference (the first available); CPU tensors ->
-cpu, reference. Naming an unavailable backend raises an error that says why it is unavailable.
+``backend="auto"``: CUDA tensors -> triton, cuda, reference (the first available; see _AUTO_ORDER);
+CPU tensors -> cpu, reference. Naming an unavailable backend raises an error that says why it is
+unavailable.
 """
 from __future__ import annotations
 
@@ -28,7 +29,12 @@ BACKENDS: Dict[str, Backend] = {
 }
 
 _AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("cuda", "triton", "reference"),
+    # triton first on CUDA tensors: its fp32 path has passed on a GPU (an H100), while the
+    # hand-written CUDA kernels have only run under emulation. Put "cuda" back first once a
+    # scripts/gpu_check.sh result with the CUDA suite passing is committed under bench/results/.
+    # backend="cuda" stays available by name, and capturable=True groups under "auto" still get
+    # the cuda backend (the optimizer asks for it: triton reads the step count on the host).
+    "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),  # triton on CPU tensors (interpreter) only when named
 }
 

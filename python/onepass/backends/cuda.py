@@ -37,8 +37,8 @@ class CudaBackend(Backend):
         return None
 
     def auto_reason(self, device: torch.device) -> Optional[str]:
-        # "auto" never starts a build of minutes: it takes the prebuilt kernels or moves on
-        # (triton, then the reference).
+        # "auto" never starts a build of minutes: it takes the prebuilt kernels or moves on to
+        # the next backend of its order (backends/__init__.py, _AUTO_ORDER).
         if device.type != "cuda":
             return f"the cuda backend runs CUDA tensors only, not {device.type}"
         if _ops.cuda_module(build=False) is None:
