@@ -3,8 +3,11 @@
 # so that a .cu that does not build never lands. Needs nvcc (13.0 here) and a CUDA build of torch
 # that matches it: torch 2.14.1 (CUDA 13.0), installed into its own venv (reused when present).
 # Exits non-zero on any compile or link error, if the built library does not register the CUDA
-# kernel of onepass::adam_step_, or if the JIT build of the CUDA kernels fails (ONEPASS_CHECK_JIT=0:
-# only the JIT add-on's host sources are compiled, syntax only; CI does that, for time).
+# kernel of onepass::adam_step_, if the generated code breaks a rule of scripts/check_codegen.py
+# (FMA, .approx, .ftz, non-.rn div/sqrt in the PTX; local memory or no 128-bit access in the SASS;
+# the build embeds sm_90 PTX for it: 9.0+PTX), or if the JIT build of the CUDA kernels fails
+# (ONEPASS_CHECK_JIT=0: only the JIT add-on's host sources are compiled, syntax only; CI does
+# that, for time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ONEPASS_CUDA_VENV:-.venv-cuda}
@@ -19,7 +22,7 @@ export CUDA_HOME=${CUDA_HOME:-$(cd "${TOP:-$(dirname "$NVCC")/..}" && pwd)}
 # The CUDA 13 wheels ship the runtime headers torch's own headers include (cuda_runtime_api.h...).
 INC=$("$VENV/bin/python" -c "import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), 'nvidia', 'cu13', 'include'))")
 export CPATH="$INC${CPATH:+:$CPATH}"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} ONEPASS_REQUIRE_EXT=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0+PTX} MAX_JOBS=${MAX_JOBS:-2} ONEPASS_REQUIRE_EXT=1
 OUTDIR=$(mktemp -d)
 trap 'rm -rf "$OUTDIR"' EXIT
 echo "check_cuda_build: nvcc $("$NVCC" --version | tail -1) in $CUDA_HOME, torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'), arch $TORCH_CUDA_ARCH_LIST"
@@ -35,6 +38,9 @@ for key in ("CPU", "CUDA"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key("onepass::adam_step_", key), key
 print("check_cuda_build: onepass::adam_step_ has CPU and CUDA kernels")
 PY
+# Static checks on the generated device code (before the trap removes the library).
+bash scripts/codegen_check.sh "$SO" "$VENV/bin/python" \
+  || { echo "check_cuda_build: codegen check FAILED" >&2; exit 1; }
 if [ "${ONEPASS_CHECK_JIT:-1}" = 1 ]; then
 # The JIT build the cuda backend makes on first use when the installed extension lacks CUDA
 # kernels (python/onepass/_ops.py): the CUDA-only add-on, through torch.utils.cpp_extension.load
