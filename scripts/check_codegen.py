@@ -16,6 +16,9 @@ architecture (sm_90 by default), this extracts the PTX with `cuobjdump -ptx` and
   SASS (every Function):
     local  no local memory: no LDL/STL instruction (register spills, or arrays indexed at run
            time that did not stay in registers)
+    fp64   the float32/bf16/fp16-param update kernels (NO_FP64 below) hold no float64 instruction
+    load_first  the float64-param update kernels issue a 128-bit data load before their first
+           float64 instruction
     ldg128 / stg128  the kernels matched by VECTOR_128 below must contain at least one 128-bit
            global load (LDG.E.128, any suffix) and one 128-bit global store (STG.E.128)
   and that PTX and SASS hold the same set of kernels.
@@ -60,6 +63,22 @@ VECTOR_128: List[Tuple[str, "re.Pattern[str]"]] = [
     ("fp32 lowp_kernel", re.compile(r"\blowp_kernel<float\s*[,>]")),
     ("bf16 lowp_kernel", re.compile(r"\blowp_kernel<(?:[\w:]+::)?Bf16\s*[,>]")),
 ]
+# The update kernels of float32 / bf16 / fp16 params: their per-step scalars are made once per
+# step (on the host, or by step_scalars_kernel), so they must hold no float64 instruction at all
+# (rule fp64). The float64-param update kernels must issue a data load before their first float64
+# instruction (rule load_first): the scalar work no longer stands between a block's start and its
+# loads.
+NO_FP64: List[Tuple[str, "re.Pattern[str]"]] = [
+    ("float-param update kernel",
+     re.compile(r"\b(?:adam|lowp|int8)_kernel<(?:float|(?:[\w:]+::)?Bf16|(?:[\w:]+::)?Fp16)\s*[,>]")),
+]
+LOAD_FIRST: List[Tuple[str, "re.Pattern[str]"]] = [
+    ("fp64 adam_kernel", re.compile(r"\badam_kernel<double\s*[,>]")),
+]
+# SASS float64 opcodes (DADD, DMUL, DFMA, DSETP, DMNMX, ...; conversions to or from F64; the
+# float64 MUFU approximations that double division and square root start from).
+_SASS_FP64 = re.compile(r"^(?:D(?:ADD|MUL|FMA|SETP|SET|MNMX)\b|(?:F2F|F2I|I2F)\.[\w.]*F64|MUFU\.\w+64)")
+
 # Kernels whose LDG/STG widths are reported (not required to be 128-bit): one warp per
 # quantization block, byte-wide codes.
 REPORT_WIDTHS: List[Tuple[str, "re.Pattern[str]"]] = [
@@ -213,6 +232,10 @@ def sass_is_local(opcode: str) -> bool:
     return opcode.split(".")[0] in ("LDL", "STL")
 
 
+def sass_is_fp64(opcode: str) -> bool:
+    return bool(_SASS_FP64.match(opcode))
+
+
 def widths(k: Kernel) -> Dict[str, "collections.Counter[int]"]:
     w: Dict[str, collections.Counter] = {"LDG": collections.Counter(), "STG": collections.Counter()}
     for ins in k.insts:
@@ -280,6 +303,17 @@ def check(ptx: List[Kernel], sass: List[Kernel], demangle: Dict[str, str]):
         for ins in k.insts:
             if sass_is_local(ins.opcode):
                 failures.append(Failure(label, "local", ins.text))
+        if matching(NO_FP64, full):
+            for ins in k.insts:
+                if sass_is_fp64(ins.opcode):
+                    failures.append(Failure(label, "fp64", ins.text))
+        if matching(LOAD_FIRST, full):
+            first_fp64 = next((j for j, ins in enumerate(k.insts) if sass_is_fp64(ins.opcode)), None)
+            first_128 = next((j for j, ins in enumerate(k.insts)
+                              if (sass_width(ins.opcode) or ("", 0)) == ("LDG", 128)), None)
+            if first_fp64 is not None and (first_128 is None or first_128 > first_fp64):
+                failures.append(Failure(label, "load_first", "a float64 instruction before the "
+                                        "first 128-bit data load: " + k.insts[first_fp64].text))
         vec = matching(VECTOR_128, full)
         if vec:
             n_vec += 1

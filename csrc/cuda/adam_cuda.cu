@@ -4,9 +4,10 @@
 // instantiation, step counts) host_step.h -- all shared with the CPU emulation that runs them in
 // CI (csrc/emu/). What is here is what only a GPU has: streams, pinned uploads, graph capture.
 //
-// Step counts: host counts (CPU step tensors) are incremented on the host and passed in the table;
-// with capturable=True the step tensors live on the device, the kernel reads them and a second,
-// tiny kernel increments them afterwards (unless found_inf is set), so a CUDA graph replays it.
+// Step counts: host counts (CPU step tensors) are incremented on the host, and the per-step
+// scalars made from them there; with capturable=True the step tensors live on the device, and a
+// tiny kernel (step_scalars_kernel) makes the scalars and increments the counts (unless found_inf
+// is set) before the update kernels run, so a CUDA graph replays it.
 #include "../adam_math.h"
 #include "../onepass_ops.h"
 #include "host_step.h"
@@ -114,6 +115,10 @@ struct CudaRuntime {
     at::Tensor table = host.to(dev, /*non_blocking=*/true);
     if (capture) hold_for_graph(host, stream);
     return table;
+  }
+
+  at::Tensor alloc(int64_t bytes) const {
+    return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(dev));
   }
 
   template <auto K, typename... Args>

@@ -7,6 +7,7 @@
 //   RT::on_device(t)     whether a tensor lives where the kernels run
 //   RT::capturing()      whether a CUDA graph is being captured on the current stream
 //   RT::upload(p, n)     a table of n bytes, readable by the kernels
+//   RT::alloc(n)         n bytes of device memory
 //   RT::float_maps(q)    whether the int8 tables are quant's float3 maps
 //   RT::run<K>(grid, threads, args...)  launches kernel K
 #pragma once
@@ -15,7 +16,9 @@
 #include "kernels.cuh"
 #include "plan.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <utility>
 #include <vector>
@@ -118,44 +121,77 @@ bool prepare(const BatchArgs& a, const RT& rt, LaunchArgs& L) {
   return true;
 }
 
-// A tensor's step count for the planner: the device tensor, or the host count after the increment.
-inline void step_meta(TensorMeta& t, const at::Tensor& st, bool device_steps) {
-  if (device_steps) {
-    t.step_dev = st.data_ptr<float>();
-  } else {
-    t.step_host = static_cast<int64_t>(read_step(st)) + 1;
+// The batch's per-step scalars, one TensorScalars a param (TensorMeta::slot indexes them): made
+// on the host when every input is there (host step counts, a float or host lr, no grad scale),
+// else by step_scalars_kernel, which with device step counts also advances them. Params that
+// share a step count share the host's float64 work.
+struct ScalarTable {
+  at::Tensor keep;
+  const TensorScalars* table = nullptr;
+};
+
+template <class RT>
+ScalarTable make_scalars(const BatchArgs& a, const RT& rt, const LaunchArgs& L) {
+  const size_t n = a.params.size();
+  const bool on_device = L.device_steps || L.h.lr_dev != nullptr || L.h.lr_dev64 != nullptr ||
+                         L.h.grad_scale != nullptr;
+  ScalarTable out;
+  if (!on_device) {
+    std::vector<TensorScalars> host(n);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t step = static_cast<int64_t>(read_step(a.steps[i])) + 1;
+      const bool f64 = a.params[i].scalar_type() == at::kDouble;
+      if (i > 0 && step == static_cast<int64_t>(read_step(a.steps[i - 1])) + 1 &&
+          f64 == (a.params[i - 1].scalar_type() == at::kDouble))
+        host[i] = host[i - 1];
+      else
+        host[i] = tensor_scalars(step, L.h.lr, 1.0, L.h, f64);
+    }
+    out.keep = rt.upload(host.data(), static_cast<int64_t>(n * sizeof(TensorScalars)));
+    out.table = reinterpret_cast<const TensorScalars*>(out.keep.data_ptr());
+    return out;
   }
+  std::vector<StepSlot> slots(n);
+  for (size_t i = 0; i < n; ++i) {
+    StepSlot& sl = slots[i];
+    sl = StepSlot{};
+    if (L.device_steps)
+      sl.step_dev = a.steps[i].data_ptr<float>();
+    else
+      sl.step_host = static_cast<int64_t>(read_step(a.steps[i])) + 1;
+    sl.f64 = a.params[i].scalar_type() == at::kDouble;
+  }
+  const at::Tensor up = rt.upload(slots.data(), static_cast<int64_t>(n * sizeof(StepSlot)));
+  out.keep = rt.alloc(static_cast<int64_t>(n * sizeof(TensorScalars)));
+  TensorScalars* table = reinterpret_cast<TensorScalars*>(out.keep.data_ptr());
+  const int count = static_cast<int>(n);
+  rt.template run<&kernels::step_scalars_kernel<StepSlot>>((count + kThreads - 1) / kThreads, kThreads,
+                                                 reinterpret_cast<const StepSlot*>(up.data_ptr()),
+                                                 table, count, L.h, L.device_steps);
+  out.table = table;
+  return out;
 }
 
-// step += 1 for every param after the launches: on the device (capturable; skipped there when
-// found_inf is set) or on the host.
-template <class RT>
-void bump_steps(at::TensorList steps, const LaunchArgs& L, const RT& rt) {
-  if (L.device_steps) {
-    std::vector<float*> ptrs(steps.size());
-    for (size_t i = 0; i < steps.size(); ++i) ptrs[i] = steps[i].data_ptr<float>();
-    const at::Tensor table = rt.upload(ptrs.data(), static_cast<int64_t>(ptrs.size() * sizeof(float*)));
-    const int n = static_cast<int>(ptrs.size());
-    rt.template run<&kernels::bump_device_steps<float>>((n + 255) / 256, 256,
-                                                 reinterpret_cast<float* const*>(table.data_ptr()),
-                                                 n, static_cast<const double*>(L.h.found_inf));
-  } else {
-    for (size_t i = 0; i < steps.size(); ++i) {
-      at::Tensor st = steps[i];
-      if (st.scalar_type() == at::kFloat) *st.data_ptr<float>() += 1.0f;
-      else *st.data_ptr<double>() += 1.0;
-    }
+// Host step counts += 1 after the launches (device counts: step_scalars_kernel).
+inline void bump_host_steps(at::TensorList steps, const LaunchArgs& L) {
+  if (L.device_steps) return;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    at::Tensor st = steps[i];
+    if (st.scalar_type() == at::kFloat) *st.data_ptr<float>() += 1.0f;
+    else *st.data_ptr<double>() += 1.0;
   }
 }
 
 // ---- choosing the kernel instantiation ----------------------------------------------------------
 // The four runtime flags (amsgrad, maximize, coupled, scaled) become template arguments.
 template <class RT>
-using Launcher = void (*)(const RT&, const Desc*, int, const Hyper&, int64_t);
+using Launcher = void (*)(const RT&, const Desc*, int, const TensorScalars*, const double*, int64_t);
 
 template <class RT, typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
-void launch_fp32(const RT& rt, const Desc* descs, int n, const Hyper& h, int64_t blocks) {
-  rt.template run<&kernels::adam_kernel<P, AMS, MAX, COUPLED, SCALED>>(blocks, kThreads, descs, n, h);
+void launch_fp32(const RT& rt, const Desc* descs, int n, const TensorScalars* sc,
+                 const double* found_inf, int64_t blocks) {
+  rt.template run<&kernels::adam_kernel<P, AMS, MAX, COUPLED, SCALED>>(blocks, kThreads, descs, n,
+                                                                      sc, found_inf);
 }
 
 template <class RT, typename P, bool... B>
@@ -168,20 +204,21 @@ Launcher<RT> pick(const bool* f) {
 }
 
 template <class RT>
-using LowpLauncher = void (*)(const RT&, const LowpDesc*, int, const Hyper&, const float*, int64_t);
+using LowpLauncher = void (*)(const RT&, const LowpDesc*, int, const TensorScalars*, const double*,
+                              const float*, int64_t);
 
 template <class RT, typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
-void launch_lowp(const RT& rt, const LowpDesc* descs, int n, const Hyper& h, const float*,
-                 int64_t blocks) {
-  rt.template run<&kernels::lowp_kernel<P, AMS, MAX, COUPLED, SCALED, SF, PR>>(blocks, kThreads,
-                                                                              descs, n, h);
+void launch_lowp(const RT& rt, const LowpDesc* descs, int n, const TensorScalars* sc,
+                 const double* found_inf, const float*, int64_t blocks) {
+  rt.template run<&kernels::lowp_kernel<P, AMS, MAX, COUPLED, SCALED, SF, PR>>(
+      blocks, kThreads, descs, n, sc, found_inf);
 }
 
 template <class RT, typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
-void launch_int8(const RT& rt, const LowpDesc* descs, int n, const Hyper& h, const float* tables,
-                 int64_t blocks) {
-  rt.template run<&kernels::int8_kernel<P, MAX, COUPLED, SCALED, PR, FMAP>>(blocks, kThreads,
-                                                                           descs, n, h, tables);
+void launch_int8(const RT& rt, const LowpDesc* descs, int n, const TensorScalars* sc,
+                 const double* found_inf, const float* tables, int64_t blocks) {
+  rt.template run<&kernels::int8_kernel<P, MAX, COUPLED, SCALED, PR, FMAP>>(
+      blocks, kThreads, descs, n, sc, found_inf, tables);
 }
 
 template <class RT, typename P, int SF, int PR, bool FMAP>
@@ -241,6 +278,7 @@ void step_fp32(const BatchArgs& a, const RT& rt) {
   check_launch(a, rt);
   LaunchArgs L;
   if (!prepare(a, rt, L)) return;
+  const ScalarTable sc = make_scalars(a, rt, L);
 
   // One launch per param dtype present (a group normally has one).
   const at::ScalarType dtypes[4] = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
@@ -261,7 +299,7 @@ void step_fp32(const BatchArgs& a, const RT& rt) {
       t.m = a.exp_avgs[i].data_ptr();
       t.v = a.exp_avg_sqs[i].data_ptr();
       t.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
-      step_meta(t, a.steps[i], L.device_steps);
+      t.slot = static_cast<int32_t>(i);
       t.numel = dp.p.numel();
       t.rows = 1;
       metas.push_back(t);
@@ -280,10 +318,10 @@ void step_fp32(const BatchArgs& a, const RT& rt) {
       default: fn = pick<RT, Fp16>(flags); break;
     }
     fn(rt, reinterpret_cast<const Desc*>(table.data_ptr()), static_cast<int>(plan.descs.size()),
-       L.h, plan.blocks);
+       sc.table, L.h.found_inf, plan.blocks);
   }
   for (auto& pw : write_back) pw.first.copy_(pw.second);
-  bump_steps(a.steps, L, rt);
+  bump_host_steps(a.steps, L);
 }
 
 // bf16 / int8 state, stochastic / Kahan bf16 params: a validated, non-empty batch. What the CPU
@@ -295,6 +333,7 @@ void step_lowp(const BatchArgs& a, const RT& rt) {
   check_launch(a, rt);
   LaunchArgs L;
   if (!prepare(a, rt, L)) return;
+  const ScalarTable sc = make_scalars(a, rt, L);
   const int sf = a.state_format;
   const int pr = a.param_rounding;
   const bool int8 = sf == kInt8;
@@ -346,7 +385,7 @@ void step_lowp(const BatchArgs& a, const RT& rt) {
         t.absmax_m = a.exp_avg_absmaxs[i].data_ptr<float>();
         t.absmax_v = a.exp_avg_sq_absmaxs[i].data_ptr<float>();
       }
-      step_meta(t, a.steps[i], L.device_steps);
+      t.slot = static_cast<int32_t>(i);
       t.numel = p.numel();
       t.rows = p.dim() < 2 ? 1 : p.size(0);
       metas.push_back(t);
@@ -361,10 +400,10 @@ void step_lowp(const BatchArgs& a, const RT& rt) {
         rt.upload(plan.descs.data(), static_cast<int64_t>(plan.descs.size() * sizeof(LowpDesc)));
     keep.push_back(table);
     fn(rt, reinterpret_cast<const LowpDesc*>(table.data_ptr()), static_cast<int>(plan.descs.size()),
-       L.h, tables, plan.blocks);
+       sc.table, L.h.found_inf, tables, plan.blocks);
   }
   for (auto& pw : write_back) pw.first.copy_(pw.second);
-  bump_steps(a.steps, L, rt);
+  bump_host_steps(a.steps, L);
 }
 
 // adam_step_lowp_'s dispatch: fp32 state with nearest rounding is what adam_step_ does.

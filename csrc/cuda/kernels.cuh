@@ -24,6 +24,7 @@
 #include "../adam_math.h"
 #include "plan.h"
 
+#include <cstring>
 #include <type_traits>
 
 #ifndef ONEPASS_EMU
@@ -62,19 +63,13 @@ __device__ __forceinline__ void store_pack(X* dst, const Pack<X, N>& src) {
     *reinterpret_cast<Pack<X, W>*>(dst + k) = *reinterpret_cast<const Pack<X, W>*>(&src.x[k]);
 }
 
-// Whether a GradScaler's found_inf says to skip this step.
-__device__ __forceinline__ bool skip_step(const Hyper& h) {
-  return h.found_inf != nullptr && *h.found_inf != 0.0;
-}
-
-// The tensor's step count after the increment (host, or read on the device) and its scalars.
-template <typename T, typename D>
-__device__ __forceinline__ StepScalars<T> device_scalars(const D& d, const Hyper& h, int64_t& step) {
-  step = d.step_dev != nullptr ? static_cast<int64_t>(*d.step_dev) + 1 : d.step_host;
-  const double lr = h.lr_dev != nullptr ? static_cast<double>(*h.lr_dev)
-                    : h.lr_dev64 != nullptr ? *h.lr_dev64 : h.lr;
-  const double gs = h.grad_scale != nullptr ? *h.grad_scale : 1.0;
-  return make_step_scalars<T>(step, lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled, gs);
+// Whether a GradScaler's found_inf says to skip this step: any value but +-0, tested on its bits
+// (an integer test: the float-param kernels hold no float64 instruction, scripts/check_codegen.py).
+__device__ __forceinline__ bool skip_step(const double* found_inf) {
+  if (found_inf == nullptr) return false;
+  uint64_t bits;
+  memcpy(&bits, found_inf, sizeof(bits));
+  return (bits << 1) != 0;
 }
 
 // Whether element i lies past the end of a tensor of n elements (the element-wise tail loops).
@@ -89,15 +84,14 @@ __device__ __forceinline__ bool past_end(int64_t i, int64_t n) {
 // fp32 state, nearest rounding: VEC elements a thread.
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
 __global__ void __launch_bounds__(kThreads)
-adam_kernel(const Desc* __restrict__ descs, int n_tensors, Hyper h) {
+adam_kernel(const Desc* __restrict__ descs, int n_tensors, const TensorScalars* __restrict__ sc,
+            const double* found_inf) {
   using T = typename Storage<P>::math_t;
   constexpr int VEC = Vec<P>::n;
-  if (skip_step(h)) return;
+  if (skip_step(found_inf)) return;
 
   const int64_t b = blockIdx.x;
   const Desc d = descs[locate_tensor(descs, n_tensors, b)];
-  int64_t step;
-  const StepScalars<T> s = device_scalars<T>(d, h, step);
 
   P* __restrict__ p = static_cast<P*>(d.p);
   const P* __restrict__ g = static_cast<const P*>(d.g);
@@ -106,6 +100,8 @@ adam_kernel(const Desc* __restrict__ descs, int n_tensors, Hyper h) {
   T* __restrict__ vm = static_cast<T*>(d.v_max);
   const int64_t base = thread_first_element(d, b, static_cast<int>(threadIdx.x), VEC);
 
+  // The scalars are one table entry (made once per step, TensorScalars), loaded with the data.
+  const StepScalars<T> s = scalars_of<T>(sc[d.slot]);
   if (vector_path(d, base, VEC)) {
     Pack<P, VEC> pp, gg;
     Pack<T, VEC> mm, vv, vmm;
@@ -199,18 +195,14 @@ __device__ __forceinline__ void lowp_element(P* p, const P* g, M* m, M* v, float
 // fp32 or bf16 moments: VEC elements a thread, as adam_kernel.
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
 __global__ void __launch_bounds__(kThreads)
-lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h) {
+lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
+            const TensorScalars* __restrict__ sc, const double* found_inf) {
   using M = std::conditional_t<SF == kBF16, Bf16, float>;
   constexpr int VEC = Vec<P>::n;
-  if (skip_step(h)) return;
+  if (skip_step(found_inf)) return;
 
   const int64_t b = blockIdx.x;
   const LowpDesc d = descs[locate_tensor(descs, n_tensors, b)];
-  int64_t step;
-  const StepScalars<float> s = device_scalars<float>(d, h, step);
-  const uint32_t key_p = stream_key(h.seed, step, kStreamParam);
-  const uint32_t key_m = stream_key(h.seed, step, kStreamM);
-  const uint32_t key_v = stream_key(h.seed, step, kStreamV);
 
   P* __restrict__ p = static_cast<P*>(d.p);
   const P* __restrict__ g = static_cast<const P*>(d.g);
@@ -231,23 +223,27 @@ lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h) {
     load_pack(vv, v + base);
     if constexpr (AMS) load_pack(vmm, vm + base);
     if constexpr (PR == kKahan) load_pack(cc, comp + base);
+    const TensorScalars& ts = sc[d.slot];  // after the loads are issued
+    const StepScalars<float> s = ts.f;
 #pragma unroll
     for (int k = 0; k < VEC; ++k)
       lowp_element<P, AMS, MAX, COUPLED, SCALED, SF, PR>(
-          pp.x, gg.x, mm.x, vv.x, vmm.x, cc.x, k, static_cast<uint64_t>(base + k), s, key_p, key_m,
-          key_v);
+          pp.x, gg.x, mm.x, vv.x, vmm.x, cc.x, k, static_cast<uint64_t>(base + k), s, ts.key_p,
+          ts.key_m, ts.key_v);
     store_pack(p + base, pp);
     store_pack(m + base, mm);
     store_pack(v + base, vv);
     if constexpr (AMS) store_pack(vm + base, vmm);
     if constexpr (PR == kKahan) store_pack(comp + base, cc);
   } else {
+    const TensorScalars& ts = sc[d.slot];
+    const StepScalars<float> s = ts.f;
     for (int k = 0; k < VEC; ++k) {
       const int64_t i = base + k;
       if (past_end(i, d.n)) break;
       lowp_element<P, AMS, MAX, COUPLED, SCALED, SF, PR>(p, g, m, v, vm, comp, i,
-                                                         static_cast<uint64_t>(i), s, key_p, key_m,
-                                                         key_v);
+                                                         static_cast<uint64_t>(i), s, ts.key_p,
+                                                         ts.key_m, ts.key_v);
     }
   }
 }
@@ -255,15 +251,17 @@ lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h) {
 __device__ __forceinline__ uint32_t max_u32(uint32_t a, uint32_t b) { return a > b ? a : b; }
 
 // int8 moments: warp w of CUDA block b updates quantization block int8_block_of(d, b, w) of its
-// tensor; lane l its elements l, l + 32, ... (coalesced). FMAP: the maps are quant's "float3"
-// maps, decoded and searched with integer operations; otherwise code tables and a search of the
-// midpoints, from shared memory.
+// tensor; lane l its elements l, l + 32, ... (coalesced). A lane first loads all of its elements
+// (param, grad, both codes: kInt8PerLane of each in flight), then decodes and updates them, so
+// its loads do not wait behind its stores. FMAP: the maps are quant's "float3" maps, decoded and
+// searched with integer operations; otherwise code tables and a search of the midpoints, from
+// shared memory.
 template <typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
 __global__ void __launch_bounds__(kThreads)
-int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h,
-            const float* __restrict__ tables) {
+int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, const TensorScalars* __restrict__ sc,
+            const double* found_inf, const float* __restrict__ tables) {
   ONEPASS_SHARED(float, tab, FMAP ? 1 : kTablesLen);
-  if (skip_step(h)) return;
+  if (skip_step(found_inf)) return;
   if constexpr (!FMAP) {
     for (int i = threadIdx.x; i < kTablesLen; i += kThreads) tab[i] = tables[i];
 #if ONEPASS_PLANTED_BUG != 3  // planted: the tables are read before every thread has copied its part
@@ -281,16 +279,33 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h,
   const int64_t start = span.start;
   const int len = span.len;
 
-  int64_t step;
-  const StepScalars<float> s = device_scalars<float>(d, h, step);
-  const uint32_t key_p = stream_key(h.seed, step, kStreamParam);
   P* __restrict__ p = static_cast<P*>(d.p) + start;
   const P* __restrict__ g = static_cast<const P*>(d.g) + start;
   uint8_t* __restrict__ qm = static_cast<uint8_t*>(d.m) + start;
   uint8_t* __restrict__ qv = static_cast<uint8_t*>(d.v) + start;
   Bf16* __restrict__ comp = PR == kKahan ? static_cast<Bf16*>(d.comp) + start : nullptr;
+
+  // Every load of the lane first.
+  float pb[kInt8PerLane], gb[kInt8PerLane];
+  uint8_t cm[kInt8PerLane], cv[kInt8PerLane];
+#pragma unroll
+  for (int e = 0; e < kInt8PerLane; ++e) {
+    const int j = lane + 32 * e;
+    pb[e] = 0.0f;
+    gb[e] = 0.0f;
+    cm[e] = 0;
+    cv[e] = 0;
+    if (j < len) {
+      pb[e] = load_param<P, PR>(p, comp, j);
+      gb[e] = Storage<P>::load(g + j);
+      cm[e] = qm[j];
+      cv[e] = qv[j];
+    }
+  }
   const float am = d.absmax_m[k];
   const float av = d.absmax_v[k];
+  const TensorScalars& ts = sc[d.slot];
+  const StepScalars<float> s = ts.f;
 
   float mb[kInt8PerLane], vb[kInt8PerLane];
   uint32_t bm = 0, bv = 0;
@@ -300,18 +315,18 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h,
     mb[e] = 0.0f;
     vb[e] = 0.0f;
     if (j < len) {
-      float pj = load_param<P, PR>(p, comp, j);
+      float pj = pb[e];
       float mj, vj;
       if constexpr (FMAP) {
-        mj = op_mul(float_map_value_m(qm[j]), am);
-        vj = op_mul(float_map_value_v(qv[j]), av);
+        mj = op_mul(float_map_value_m(cm[e]), am);
+        vj = op_mul(float_map_value_v(cv[e]), av);
       } else {
-        mj = dequantize_code(qm[j], am, tab + kCodeM);
-        vj = dequantize_code(qv[j], av, tab + kCodeV);
+        mj = dequantize_code(cm[e], am, tab + kCodeM);
+        vj = dequantize_code(cv[e], av, tab + kCodeV);
       }
       float unused = 0.0f;
-      adam_element<float, false, MAX, COUPLED, SCALED>(pj, Storage<P>::load(g + j), mj, vj, unused, s);
-      store_param<P, PR>(p, comp, j, pj, key_p, static_cast<uint64_t>(start + j));
+      adam_element<float, false, MAX, COUPLED, SCALED>(pj, gb[e], mj, vj, unused, s);
+      store_param<P, PR>(p, comp, j, pj, ts.key_p, static_cast<uint64_t>(start + j));
       mb[e] = mj;
       vb[e] = vj;
       bm = max_u32(bm, abs_bits(mj));
@@ -352,12 +367,25 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, Hyper h,
   }
 }
 
-// Capturable: step += 1 on the device after the update, unless found_inf. (A template, like every
-// kernel here, so that each file including this one can instantiate it.)
-template <typename S>
-__global__ void bump_device_steps(S* const* steps, int n, const double* found_inf) {
+// The per-step scalars of every tensor of a batch (thread i: slot i), when an input lives on the
+// device: capturable step counts, a Tensor lr or a GradScaler's scale. With `bump` (capturable),
+// it also advances the device step counts, unless found_inf: the update kernels that follow read
+// the scalars, not the counts, so a CUDA graph replays both. (A template, like every kernel here,
+// so that each file including this one may instantiate it: Slot is StepSlot.)
+template <typename Slot>
+__global__ void __launch_bounds__(kThreads)
+step_scalars_kernel(const Slot* __restrict__ slots, TensorScalars* __restrict__ out, int n,
+                    Hyper h, bool bump) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n && (found_inf == nullptr || *found_inf == 0.0)) *steps[i] += S(1);
+  if (i >= n) return;
+  const Slot sl = slots[i];
+  const int64_t step = sl.step_dev != nullptr ? static_cast<int64_t>(*sl.step_dev) + 1 : sl.step_host;
+  const double lr = h.lr_dev != nullptr ? static_cast<double>(*h.lr_dev)
+                    : h.lr_dev64 != nullptr ? *h.lr_dev64 : h.lr;
+  const double gs = h.grad_scale != nullptr ? *h.grad_scale : 1.0;
+  out[i] = tensor_scalars(step, lr, gs, h, sl.f64 != 0);
+  if (bump && sl.step_dev != nullptr && !skip_step(h.found_inf))
+    *sl.step_dev = static_cast<float>(step);
 }
 
 }  // namespace kernels

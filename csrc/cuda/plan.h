@@ -33,12 +33,10 @@ struct Desc {
   void* m;
   void* v;
   void* v_max;
-  const float* step_dev;  // capturable: the step tensor (float32, device), else nullptr
-  int64_t step_host;      // non-capturable: the count after the increment
   int64_t n;
   int64_t block_start;
   int32_t aligned;  // every pointer 16-byte aligned: vector path
-  int32_t pad;
+  int32_t slot;     // its entry in the batch's table of per-step scalars (TensorScalars)
 };
 
 // One tensor of a low-precision launch.
@@ -51,17 +49,41 @@ struct LowpDesc {
   void* comp;              // Kahan compensation (bf16, the walk's layout), else nullptr
   float* absmax_m;         // int8: [rows, blocks per row], contiguous
   float* absmax_v;
-  const float* step_dev;   // capturable: the step tensor (float32, device), else nullptr
-  int64_t step_host;       // non-capturable: the count after the increment
   int64_t n;               // elements; int8: quantization blocks (rows * blocks_per_row)
   int64_t row_len;         // int8: elements per dim-0 row
   int64_t blocks_per_row;  // int8
   int64_t block_start;
   int32_t aligned;  // element-wise: every pointer 16-byte aligned (vector path)
+  int32_t slot;     // its entry in the batch's table of per-step scalars (TensorScalars)
+};
+
+// The per-step scalars of one tensor (make_step_scalars of its step count, in its math type)
+// and the keys of its random streams. Computed once per step for the whole batch -- on the host
+// when every input is there, else by step_scalars_kernel -- so the update kernels issue their
+// loads without waiting on the float64 work (pow_int, a division, a square root) and run no
+// float64 instruction for float params.
+struct TensorScalars {
+  union {
+    StepScalars<float> f;
+    StepScalars<double> d;
+  };
+  uint32_t key_p, key_m, key_v, pad;
+};
+
+template <typename T> ONEPASS_HD const StepScalars<T>& scalars_of(const TensorScalars& t);
+template <> ONEPASS_HD const StepScalars<float>& scalars_of<float>(const TensorScalars& t) { return t.f; }
+template <> ONEPASS_HD const StepScalars<double>& scalars_of<double>(const TensorScalars& t) { return t.d; }
+
+// Where one tensor's step count lives, for step_scalars_kernel: the device tensor (capturable)
+// or the host count after the increment.
+struct StepSlot {
+  float* step_dev;
+  int64_t step_host;
+  int32_t f64;  // float64 math (float64 params)
   int32_t pad;
 };
 
-// The launch-wide arguments.
+// The launch-wide arguments (of step_scalars_kernel, and the host's twin of it).
 struct Hyper {
   double lr, beta1, beta2, eps, weight_decay;
   const float* lr_dev;       // Tensor lr (float32 on the device), else nullptr
@@ -71,6 +93,24 @@ struct Hyper {
   bool decoupled;
   uint32_t seed;             // low precision: the key of the random streams
 };
+
+// One tensor's TensorScalars for its step count (after the increment), the learning rate and
+// the grad scale: the same function on the host and in step_scalars_kernel.
+ONEPASS_HD TensorScalars tensor_scalars(int64_t step, double lr, double grad_scale, const Hyper& h,
+                                        bool f64) {
+  TensorScalars t;
+  if (f64)
+    t.d = make_step_scalars<double>(step, lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
+                                    grad_scale);
+  else
+    t.f = make_step_scalars<float>(step, lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
+                                   grad_scale);
+  t.key_p = stream_key(h.seed, step, kStreamParam);
+  t.key_m = stream_key(h.seed, step, kStreamM);
+  t.key_v = stream_key(h.seed, step, kStreamV);
+  t.pad = 0;
+  return t;
+}
 
 // Elements a thread updates: 16 bytes of param.
 constexpr int vec_elems(int param_bytes) { return 16 / param_bytes; }
@@ -131,10 +171,9 @@ struct TensorMeta {
   void* comp;
   float* absmax_m;
   float* absmax_v;
-  const float* step_dev;
-  int64_t step_host;
   int64_t numel;
   int64_t rows;  // int8: dim-0 rows (1 for a tensor of fewer than 2 dims)
+  int32_t slot;  // its index in the batch (its TensorScalars)
 };
 
 template <typename D>
@@ -157,8 +196,7 @@ inline Plan<Desc> plan_fp32(const std::vector<TensorMeta>& ts, int param_bytes) 
     d.m = t.m;
     d.v = t.v;
     d.v_max = t.v_max != nullptr ? t.v_max : t.m;  // never read without amsgrad; aligned as m
-    d.step_dev = t.step_dev;
-    d.step_host = t.step_host;
+    d.slot = t.slot;
     d.n = t.numel;
     d.block_start = out.blocks;
     d.aligned = aligned16(d.p) && aligned16(d.g) && aligned16(d.m) && aligned16(d.v) &&
@@ -182,8 +220,7 @@ inline Plan<LowpDesc> plan_lowp(const std::vector<TensorMeta>& ts, int param_byt
     d.v = t.v;
     d.v_max = t.v_max;
     d.comp = t.comp;
-    d.step_dev = t.step_dev;
-    d.step_host = t.step_host;
+    d.slot = t.slot;
     d.block_start = out.blocks;
     if (int8) {
       d.row_len = t.numel / t.rows;

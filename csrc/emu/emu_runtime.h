@@ -28,6 +28,10 @@ struct EmuRuntime {
     return t;
   }
 
+  at::Tensor alloc(int64_t bytes) const {
+    return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  }
+
   template <auto K, typename... Args>
   void run(int64_t grid, int threads, Args... args) const {
     (void)onepass_emu::KernelRecord<K>::id;  // lists K among the kernels compiled in
