@@ -30,6 +30,32 @@ _STATE_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat
 #: and kernel cost would outweigh the bytes saved: a 4096-element tensor saves 24 KB).
 MIN_INT8_NUMEL = 4096
 
+# ---- complex params ---------------------------------------------------------------------------------
+# As torch.optim.Adam(W) does, a complex param is optimized as torch.view_as_real(p): its real and
+# imaginary parts are independent real params, and the update runs on view_as_real of the param,
+# its grad and its moments. The optimizer makes those views; backends only ever see real tensors
+# (a complex64 param is a float32 [..., 2] tensor to them), so every backend takes complex params
+# and gives the reference's bits on them. The state is kept as torch keeps it: moments of the
+# param's complex dtype and shape (the real math dtype of a complex64 param is float32, of a
+# complex128 param float64), so state dicts move between onepass and torch.optim.AdamW unchanged.
+# Complex params always keep that full-precision state: no complex bf16 dtype exists, and bf16 or
+# int8 moments of shape [..., 2] would no longer look like torch's (so state_dtype="bf16"/"int8"
+# applies to a group's real params only, as int8 applies only to large tensors).
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def _real(t: Any) -> Any:
+    """torch.view_as_real(t) for a complex tensor (resolving a lazy conjugate first), else t."""
+    if isinstance(t, Tensor) and t.is_complex():
+        return torch.view_as_real(t.resolve_conj() if t.is_conj() else t)
+    return t
+
+
+def _moment_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of a param's full-precision moments: the math dtype of a real param (float32 for
+    bf16/fp16/fp32, float64 for fp64), the param's own dtype for a complex one (as torch)."""
+    return p.dtype if p.is_complex() else math_dtype(p.dtype)
+
 
 def _state_dtype(x) -> str:
     key = str(x).replace("torch.", "")
@@ -41,8 +67,9 @@ def _state_dtype(x) -> str:
 def param_state_format(p: Tensor, state_dtype: str, min_int8_numel: int = MIN_INT8_NUMEL) -> str:
     """The state format a param gets in a group with ``state_dtype``: float64 params always keep
     float64 ("fp32", the math dtype) state; int8 only for tensors of >= 2 dims (blocks lie within
-    dim-0 rows, so dim-0 sharding cannot change them) with at least ``min_int8_numel`` elements."""
-    if p.dtype == torch.float64:
+    dim-0 rows, so dim-0 sharding cannot change them) with at least ``min_int8_numel`` elements;
+    complex params always keep full-precision (complex) state, as torch does."""
+    if p.dtype == torch.float64 or p.is_complex():
         return "fp32"
     if state_dtype == "int8" and (p.dim() < 2 or p.numel() < min_int8_numel):
         return "fp32"
@@ -64,7 +91,7 @@ def decode_moments(p: Tensor, st: Dict[str, Any]) -> Dict[str, Tensor]:
         local = decode_moments(_local(p), {k: _local(v) for k, v in st.items()})
         return {k: _wrap_state(p, k, v) for k, v in local.items()}
     fmt = _stored_format(st)
-    dt = math_dtype(p.dtype)
+    dt = _moment_dtype(p)
     out = {}
     for k, signed in (("exp_avg", True), ("exp_avg_sq", False)):
         x = st[k]
@@ -94,7 +121,7 @@ def encode_moments(p: Tensor, moments: Dict[str, Tensor], fmt: str) -> Dict[str,
         elif fmt == "bf16":
             out[k] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format).copy_(x)
         else:
-            out[k] = torch.zeros_like(p, dtype=math_dtype(p.dtype), memory_format=torch.preserve_format).copy_(x)
+            out[k] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format).copy_(x)
     if "max_exp_avg_sq" in moments:
         out["max_exp_avg_sq"] = moments["max_exp_avg_sq"]
     return out
@@ -120,7 +147,7 @@ def _new_moments(p: Tensor, fmt: str) -> Dict[str, Tensor]:
             "exp_avg_absmax": torch.zeros(rows_blocks, dtype=torch.float32, device=p.device),
             "exp_avg_sq_absmax": torch.zeros(rows_blocks, dtype=torch.float32, device=p.device),
         }
-    dt = torch.bfloat16 if fmt == "bf16" else math_dtype(p.dtype)
+    dt = torch.bfloat16 if fmt == "bf16" else _moment_dtype(p)
     return {"exp_avg": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)}
 
@@ -234,27 +261,40 @@ def _as_float(x: Union[float, Tensor], what: str) -> float:
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    """Raise ValueError for values torch.optim.AdamW rejects (and NaN)."""
+    """Raise ValueError for values torch.optim.AdamW rejects (and NaN), with torch's wording (the
+    messages of torch/optim/adam.py, checked in its order: lr, eps, betas, weight_decay, mixed
+    betas), so code that catches or matches torch's errors sees the same ones
+    (tests/test_conformance.py runs torch's own error inputs). Not refused (torch refuses them
+    only for its foreach implementation, which onepass does not have): a Tensor lr or Tensor
+    betas with foreach=True. Refused in onepass's words where torch fails by accident: betas
+    that are not a pair (torch: IndexError, or a third value ignored) and a multi-element Tensor
+    beta (torch: RuntimeError "Boolean value of Tensor with more than one value is ambiguous";
+    here torch's own "Tensor betas[i] must be 1-element")."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"onepass: a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
         # Not while torch.compile traces a step: reading the value (.item()) would break the
         # graph at every step; the check ran eagerly at construction (as torch.optim's does).
         if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
                 and not float(lr.item()) >= 0.0):
-            raise ValueError(f"Invalid learning rate: {float(lr.item())}")
+            raise ValueError(f"Invalid learning rate: {lr}")
     elif not float(lr) >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
+    if not float(eps) >= 0.0:
+        raise ValueError(f"Invalid epsilon value: {eps}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"onepass: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
-        b = _as_float(b, f"betas[{i}]")
-        if not 0.0 <= b < 1.0:
+        if isinstance(b, Tensor) and b.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element, got shape {tuple(b.shape)}")
+        if not 0.0 <= _as_float(b, f"betas[{i}]") < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-    if not float(eps) >= 0.0:
-        raise ValueError(f"Invalid epsilon value: {eps}")
     if not float(weight_decay) >= 0.0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    # (numbers of any kind count as floats: torch's check is isinstance(b, float), which also
+    # refuses betas=(0, 0.99); onepass takes that)
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
 
 
 def _resolve_decay_mode(decay_mode: Optional[str], decoupled: Optional[bool],
@@ -458,7 +498,8 @@ class AdamW(Optimizer):
     ``foreach`` and ``fused`` are accepted for compatibility and ignored: onepass always runs one
     fused pass. ``differentiable=True`` is rejected. State keys and the ``step`` tensor match
     torch's, so state dicts load in both directions. Every backend gives the bits of
-    ``onepass.reference``.
+    ``onepass.reference``. Complex (complex64/complex128) params are optimized as torch does, as
+    ``torch.view_as_real(p)``, with complex moments of the param's dtype (whatever state_dtype).
     """
 
     _decoupled_default = True
@@ -519,12 +560,9 @@ class AdamW(Optimizer):
         for p in params:
             if not isinstance(p, Tensor):
                 continue  # torch's own check reports it
-            if p.is_complex():
-                raise TypeError(
-                    "onepass: complex params are not supported; optimize torch.view_as_real(p) instead"
-                )
-            if p.dtype not in PARAM_DTYPES:
-                raise TypeError(f"onepass: params must be float32, float64, bfloat16 or float16, got {p.dtype}")
+            if p.dtype not in PARAM_DTYPES and p.dtype not in COMPLEX_DTYPES:
+                raise TypeError("onepass: params must be float32, float64, bfloat16, float16, "
+                                f"complex64 or complex128, got {p.dtype}")
             devices.add(p.device)
         if len(devices) > 1:
             raise ValueError(
@@ -546,10 +584,24 @@ class AdamW(Optimizer):
         _check_group(merged)
         super().add_param_group(param_group)
 
+    #: Public attributes set after construction that copy.deepcopy and pickle keep (torch's
+    #: Optimizer.__getstate__ keeps defaults, state and param_groups only).
+    _PICKLED_ATTRIBUTES = ("last_backends",)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        for k in self._PICKLED_ATTRIBUTES:
+            if k in self.__dict__:
+                state[k] = self.__dict__[k]
+        return state
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        # (also called by load_state_dict with state and param_groups only: what it does not
+        # name, e.g. last_backends, stays as it is)
         super().__setstate__(state)
         self.state = _tracked(self.state)
         self._batch_cache = {}
+        self._step_supports_amp_scaling = True  # (a copy takes GradScaler's scale as we do)
         # Groups loaded from a torch.optim state dict lack onepass's keys: use this optimizer's.
         for group in self.param_groups:
             if "decay_mode" not in group and "decoupled" in group:  # saved before decay modes
@@ -591,15 +643,17 @@ class AdamW(Optimizer):
             cache is not None and cache[0] == ids and cache[1] == _STATE_EPOCH[0]
             and cache[2] is self.state and cache[3] == mode
         ):
-            parts, dtensors = cache[4], cache[5]
+            parts, dtensors, complexes = cache[4], cache[5], cache[6]
         else:
             parts, tracked = self._state_lists(params, amsgrad, created,
                                                bool(group["capturable"]), fmt, rounding, min_int8)
             # FSDP2's params are DTensors (see _local): found once here, not per step (torch
             # imports DTensor itself, so the test would cost ~0.5 us a param every step)
             dtensors = _dtensor_type() is not None and any(_is_dtensor(p) for p in params)
+            complexes = any(p.is_complex() for p in params)
             if tracked:
-                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, parts, dtensors)
+                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, parts,
+                                                dtensors, complexes)
             else:  # a plain dict put in by hand: its writes are not seen, so never cache it
                 self._batch_cache.pop(id(group), None)
         beta1, beta2 = group["betas"]
@@ -617,6 +671,12 @@ class AdamW(Optimizer):
                 # (FSDP2 may give a param a new local tensor, e.g. in load_state_dict or .to()).
                 gs = [_local_grad(p, g) for p, g in zip(ps, gs)]
                 ps = [_local(p) for p in ps]
+            if complexes:
+                # complex params: the kernels update view_as_real of param and grad (the state
+                # lists hold view_as_real of the moments already). Made every step, never cached:
+                # a view would not follow a param whose .data is replaced.
+                gs = [_real(g) for g in gs]
+                ps = [_real(p) for p in ps]
             batch = Batch(
                 params=ps, grads=gs, exp_avgs=lists[0], exp_avg_sqs=lists[1],
                 max_exp_avg_sqs=lists[2], steps=lists[3], lr=group["lr"],
@@ -700,10 +760,11 @@ class AdamW(Optimizer):
             idx.append(j)
             # (DTensor state: its local shards; a no-op for plain tensors)
             lists[3].append(st["step"])
-            lists[0].append(_local(st["exp_avg"]))
-            lists[1].append(_local(st["exp_avg_sq"]))
+            # (complex params: view_as_real of their complex moments; a no-op for real ones)
+            lists[0].append(_real(_local(st["exp_avg"])))
+            lists[1].append(_real(_local(st["exp_avg_sq"])))
             if amsgrad:
-                lists[2].append(_local(st["max_exp_avg_sq"]))
+                lists[2].append(_real(_local(st["max_exp_avg_sq"])))
             if pfmt == "int8":
                 lists[4].append(_local_absmax(st["exp_avg_absmax"]))
                 lists[5].append(_local_absmax(st["exp_avg_sq_absmax"]))
@@ -881,12 +942,18 @@ class AdamW(Optimizer):
             return AdamW._load_lowp_state(p, st, pid, fmt, out)
         if "kahan_comp" in st:
             out["kahan_comp"] = AdamW._load_like(p, st["kahan_comp"], p.dtype, "kahan_comp", pid)
-        dt = math_dtype(p.dtype)
+        dt = _moment_dtype(p)
         for k in _MOMENT_KEYS:
             if k not in st:
                 continue
             v = st[k]
-            if not isinstance(v, Tensor) or not v.is_floating_point():
+            if p.is_complex():
+                # a complex param's moments are complex (torch's and ours); a real moment would
+                # load as imaginary parts of zero, a silent corruption
+                if not isinstance(v, Tensor) or not v.is_complex():
+                    raise ValueError(f"onepass: state {k!r} of complex param {pid!r} must be a "
+                                     "complex tensor")
+            elif not isinstance(v, Tensor) or not v.is_floating_point():
                 raise ValueError(f"onepass: state {k!r} of param {pid!r} must be a floating-point tensor")
             if v.shape != p.shape:
                 raise ValueError(
@@ -908,6 +975,9 @@ class AdamW(Optimizer):
     def _load_lowp_state(p: Tensor, st: Dict[str, Any], pid: Any, fmt: str, out: Dict[str, Any]):
         if "max_exp_avg_sq" in st:
             raise ValueError(f"onepass: param {pid!r}: amsgrad state needs fp32 moments")
+        if p.is_complex():
+            raise ValueError(f"onepass: param {pid!r} is {p.dtype}; its state must be {p.dtype} "
+                             f"(complex params keep full-precision moments), got {fmt} state")
         if fmt == "bf16":
             if p.dtype == torch.float64:
                 raise ValueError(f"onepass: param {pid!r} is float64; its state must be float64")
