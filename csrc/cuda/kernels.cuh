@@ -19,6 +19,15 @@
 // device) so CUDA graphs replay them too. The int8 code search is float_map_code_* (integer ops)
 // when qtables hold quant's "float3" maps, else code_search over the midpoints copied to shared
 // memory; decoding likewise. Both are adam_math.h, as on the CPU.
+//
+// Bytes in flight (sm_90 build, registers from cuobjdump -res-usage; a block is 256 threads, an SM
+// has 64K registers): HBM needs bandwidth x latency in flight, about 4.8 TB/s x ~0.7 us / 132 SMs
+// = ~25 KB per SM on an H200 (~18 KB on an H100). The fp32 kernel uses 34-40 registers, so 6
+// blocks (1536 threads) fit an SM, each thread with four 16-byte loads (p, g, m, v) issued before
+// any math: ~96 KB per SM. bf16 params (44-56 registers, 4-5 blocks): 96 bytes a thread, ~100 KB.
+// int8 (64-77 registers, 3 blocks): 8 elements a lane, 10 bytes each, all loaded first: ~60 KB.
+// Each is 2.4x or more of what the bandwidth needs; measured speed waits for a GPU
+// (scripts/gpu_check.sh).
 #pragma once
 
 #include "../adam_math.h"
