@@ -1,38 +1,52 @@
-"""Optimizer-step benchmark: onepass.AdamW against torch's AdamW variants and optional peers.
+"""Optimizer-step benchmark: onepass.AdamW against torch's AdamW variants and its peers.
 
-This module is the one definition of the benchmark cases, contestants and byte accounting
-(ARCHITECTURE.md section 5). ``python -m onepass`` and the pytest-benchmark files under ``bench/``
-both use it, so a case means the same thing everywhere.
+This module is the one definition of the benchmark cases, contestants, byte accounting and accuracy
+protocol (ARCHITECTURE.md section 5). ``python -m onepass`` and the pytest-benchmark files under
+``bench/`` both use it, so a case means the same thing everywhere.
 
 It imports only the standard library and torch at module level. ``onepass.AdamW`` and every peer
-(optimi, bitsandbytes, torchao, matplotlib) are imported lazily inside the function that needs them,
-and a contestant that cannot be imported or cannot take a step is *skipped with a reason*, never an
-error: the benchmark must run on a machine that has none of the peers, and while the optimizer itself
-is still being written.
+(optimi, bitsandbytes, torchao, matplotlib, tqdm) are imported lazily inside the function that needs
+them, and a contestant that cannot be imported or cannot take a step is *skipped with a reason*, never
+an error: the benchmark must run on a machine that has none of the peers.
 
 What is measured
 ----------------
-* Every contestant steps the **same** parameter and gradient tensors (each optimizer keeps its own
-  state), so all of them see identical shapes, dtypes, alignment and memory placement, and the
-  parameters are only allocated once (gpt2 is 0.5 GB of params plus 0.5 GB of grads in fp32; every
-  optimizer adds ~1 GB of state).
-* After a warm-up (which also creates the lazily allocated state), the contestants and the
-  bandwidth ceiling take turns: one step each per round, in an order rotated every round, so clock,
-  thermal and neighbour drift hit all of them alike. The figure reported is the median over rounds.
-* Effective bandwidth = bytes an AdamW step must move / time. For each parameter element: read
+* **Speed.** Every contestant steps the **same** parameter and gradient tensors (each optimizer keeps
+  its own state), so all of them see identical shapes, dtypes, alignment and memory placement, and
+  the parameters are only allocated once (gpt2 is 0.5 GB of params plus 0.5 GB of grads in fp32).
+  After a warm-up (which creates the lazily allocated state and, for torchao, compiles), the
+  contestants and the bandwidth ceiling take turns: one step each per round, in an order rotated
+  every round, so clock, thermal and neighbour drift hit all of them alike. The figure reported is
+  the median over rounds. A contestant whose warm-up steps say that ``rounds`` steps would exceed
+  the time budget (``budget_s``, per contestant and case) takes part in fewer rounds, at least
+  ``min_rounds``, spread evenly over the run; the table says how many each got. Warm-up steps
+  (the first one includes torch.compile for torchao) are timed and reported apart, never in the
+  median.
+* **Effective bandwidth** = bytes an AdamW step must move / time. For each parameter element: read
   param, grad and the state, write param and state. With fp32 params and fp32 state that is
-  4 + 4 + 8 (read) + 4 + 8 (write) = 28 bytes. The state bytes are measured from each optimizer's own
-  state after warm-up, so a contestant with a different state format is charged for its own bytes.
-* The ceiling is measured in the same run: on CPU an in-place ``x.mul_(c)`` on a float32 buffer four
-  times the case's element count (read + write, large enough to leave the caches, like the step's
-  four streams), on GPU a device-to-device ``dst.copy_(src)``.
+  4 + 4 + 8 (read) + 4 + 8 (write) = 28 bytes. The ceiling is measured in the same run: on CPU an
+  in-place ``x.mul_(c)`` on a float32 buffer four times the case's element count (read + write,
+  large enough to leave the caches, like the step's four streams), on GPU a device-to-device
+  ``dst.copy_(src)``.
+* **Memory.** State bytes per param are measured from each optimizer's own state after warm-up
+  (``state_nbytes``): every tensor reachable from ``optimizer.state``, tensor subclasses (torchao's
+  low-bit state) counted through their inner tensors, quantization maps and absmax tensors
+  (bitsandbytes, onepass int8) included, each buffer once.
+* **Accuracy** (``accuracy``): each contestant and ``torch.optim.AdamW`` with fp32 state step
+  identical fp32 params with identical gradients for ``ACCURACY_STEPS`` steps; reported are the max
+  and the norm-wise relative error of the accumulated update (params after minus params before).
+  The gradients are built to find the failure of blockwise 8-bit state: within every 256-element
+  block their magnitudes span ``ACCURACY_DECADES`` decades, and a quarter of them are exactly zero
+  at each step (see ``accuracy_grads``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import importlib.metadata
+import logging
 import math
 import os
 import platform
@@ -40,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -48,6 +63,8 @@ import torch
 __all__ = [
     "LR",
     "WEIGHT_DECAY",
+    "BETAS",
+    "EPS",
     "GPT2_TENSORS",
     "GPT2_PARAMS",
     "CASES",
@@ -70,7 +87,17 @@ __all__ = [
     "available_contestants",
     "bytes_per_param",
     "state_nbytes",
+    "state_tensors",
     "bytes_moved",
+    "ACCURACY_SHAPES",
+    "ACCURACY_STEPS",
+    "ACCURACY_DECADES",
+    "ACCURACY_ZERO_FRACTION",
+    "accuracy_grads",
+    "accumulated_update",
+    "accuracy",
+    "measure_accuracy",
+    "plan_rounds",
     "machine_info",
     "cpu_busy",
     "run_case",
@@ -78,7 +105,7 @@ __all__ = [
     "derive",
     "format_table",
     "plot",
-    "Progress",
+    "progress_bar",
     "Timer",
 ]
 
@@ -89,6 +116,10 @@ Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 # small enough that hundreds of steps on fixed gradients leave the parameters in a normal range.
 LR = 1e-4
 WEIGHT_DECAY = 1e-2
+# Passed to every contestant explicitly: the peers' defaults differ (optimi: betas (0.9, 0.99),
+# eps 1e-6), and the accuracy column must compare state precision, not conventions.
+BETAS = (0.9, 0.999)
+EPS = 1e-8
 
 # ---------------------------------------------------------------------------------------------------
 # Cases: functions returning the list of parameter shapes.
@@ -212,7 +243,9 @@ class Contestant:
     """``build(params, lr, weight_decay)`` returns an optimizer; it may raise ImportError (or anything
     else) when the contestant is unavailable, which ``available_contestants`` turns into a skip.
     ``cuda_only`` contestants are skipped without trying on other devices. ``slow`` ones can be left
-    out of large cases by the caller (``slow_limit``)."""
+    out of large cases by the caller (``slow_limit``); otherwise the time budget gives them fewer
+    rounds. ``peer`` is the distribution whose version the table reports; ``compiles`` says that the
+    first step runs torch.compile (its time is reported apart)."""
 
     name: str
     build: Callable[[list[torch.Tensor], float, float], torch.optim.Optimizer]
@@ -220,6 +253,8 @@ class Contestant:
     slow: bool = False
     cuda_only: bool = False
     default: bool = True
+    peer: str | None = None
+    compiles: bool = False
 
 
 def _onepass(backend: str, **extra):
@@ -231,63 +266,96 @@ def _onepass(backend: str, **extra):
             cls = onepass.AdamW
         except Exception as e:  # ImportError, AttributeError, or whatever a half-written package raises
             raise ImportError(f"onepass.AdamW not importable ({type(e).__name__}: {e})") from e
-        return cls(params, lr=lr, weight_decay=weight_decay, backend=backend, **extra)
+        return cls(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, backend=backend,
+                   **extra)
     return build
 
 
 def _torch(**kw):
     def build(params, lr, weight_decay):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kw)
+        return torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay, **kw)
     return build
+
+
+@contextlib.contextmanager
+def _quiet_import():
+    """Silence what a peer's import logs while it probes for optional parts (torchao logs a warning
+    for each CUDA library it cannot load on a CPU-only machine; torch warns about its pytree enums)."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree", "bitsandbytes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _optimi(params, lr, weight_decay):
     import optimi  # torch-optimi
-    return optimi.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return optimi.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay)
 
 
-def _bitsandbytes(params, lr, weight_decay):
-    import bitsandbytes as bnb
-    return bnb.optim.AdamW(params, lr=lr, weight_decay=weight_decay, optim_bits=32)
+def _bitsandbytes(bits: int):
+    def build(params, lr, weight_decay):
+        with _quiet_import():
+            import bitsandbytes as bnb
+        if bits == 8:
+            return bnb.optim.AdamW8bit(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay)
+        return bnb.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
+                               optim_bits=32)
+    return build
 
 
-def _bitsandbytes_8bit(params, lr, weight_decay):
-    import bitsandbytes as bnb
-    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-
-
-def _torchao(params, lr, weight_decay):
-    # torchao's full-precision AdamW (torch.compile'd); its low-bit variants use tensor-subclass state
-    # whose bytes this benchmark would not account correctly. Older releases keep it in prototype.
-    try:
-        from torchao.optim import _AdamW
-    except ImportError:
-        from torchao.prototype.low_bit_optim import _AdamW
-    return _AdamW(params, lr=lr, weight_decay=weight_decay)
+def _torchao(cls_name: str):
+    """torchao.optim's AdamW8bit / AdamW4bit / AdamWFp8 (tensor-subclass state, one torch.compile'd
+    function per param) or ``_AdamW`` (its full-precision one). Older releases keep them in
+    torchao.prototype.low_bit_optim."""
+    def build(params, lr, weight_decay):
+        with _quiet_import():
+            try:
+                import torchao.optim as ao
+            except ImportError:
+                import torchao.prototype.low_bit_optim as ao
+        return getattr(ao, cls_name)(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay)
+    return build
 
 
 CONTESTANTS: dict[str, Contestant] = {
     c.name: c
     for c in [
         Contestant("onepass", _onepass("auto"), 'onepass.AdamW(backend="auto")'),
-        Contestant("torch-fused", _torch(fused=True), "torch.optim.AdamW(fused=True)"),
-        Contestant("torch-foreach", _torch(foreach=True), "torch.optim.AdamW(foreach=True)"),
-        Contestant("torch-forloop", _torch(foreach=False), "torch.optim.AdamW(foreach=False)",
-                   slow=True),
-        Contestant("optimi", _optimi, "optimi.AdamW (torch-optimi)"),
-        Contestant("bitsandbytes", _bitsandbytes, "bitsandbytes.optim.AdamW(optim_bits=32)"),
-        Contestant("torchao", _torchao, "torchao.optim._AdamW", cuda_only=True),
         # Low-precision state: bf16 moments (4 B/param) and blockwise 8-bit moments (~2.03 B/param).
         Contestant("onepass-bf16", _onepass("auto", state_dtype="bf16"),
                    'onepass.AdamW(state_dtype="bf16")'),
         Contestant("onepass-int8", _onepass("auto", state_dtype="int8"),
                    'onepass.AdamW(state_dtype="int8")'),
-        # The fused statistics (‖w‖, ‖Δw‖ per param inside the pass): their cost next to "onepass".
+        Contestant("torch-fused", _torch(fused=True), "torch.optim.AdamW(fused=True)"),
+        Contestant("torch-foreach", _torch(foreach=True), "torch.optim.AdamW(foreach=True)"),
+        Contestant("torch-forloop", _torch(foreach=False), "torch.optim.AdamW(foreach=False)",
+                   slow=True),
+        Contestant("optimi", _optimi, "optimi.AdamW (torch-optimi)", peer="torch-optimi"),
+        Contestant("bitsandbytes", _bitsandbytes(32), "bitsandbytes.optim.AdamW(optim_bits=32)",
+                   peer="bitsandbytes"),
+        Contestant("bitsandbytes-8bit", _bitsandbytes(8), "bitsandbytes.optim.AdamW8bit",
+                   slow=True, peer="bitsandbytes"),
+        Contestant("torchao-8bit", _torchao("AdamW8bit"), "torchao.optim.AdamW8bit",
+                   slow=True, peer="torchao", compiles=True),
+        Contestant("torchao-4bit", _torchao("AdamW4bit"), "torchao.optim.AdamW4bit",
+                   slow=True, peer="torchao", compiles=True),
+        Contestant("torchao-fp8", _torchao("AdamWFp8"), "torchao.optim.AdamWFp8",
+                   slow=True, peer="torchao", compiles=True),
+        # Not run by default: torchao's full-precision AdamW (a private class) ...
+        Contestant("torchao", _torchao("_AdamW"), "torchao.optim._AdamW", slow=True,
+                   default=False, peer="torchao", compiles=True),
+        # ... the fused statistics (‖w‖, ‖Δw‖ per param inside the pass), their cost next to
+        # "onepass" ...
         Contestant("onepass-stats", _onepass("auto", statistics=True),
                    'onepass.AdamW(statistics=True)', default=False),
-        Contestant("bitsandbytes-8bit", _bitsandbytes_8bit, "bitsandbytes.optim.AdamW8bit",
-                   slow=True, default=False),
-        # Not run by default: a named backend, to compare onepass's own backends side by side.
+        # ... and a named backend, to compare onepass's own backends side by side.
         *[Contestant(f"onepass-{b}", _onepass(b), f'onepass.AdamW(backend="{b}")', default=False)
           for b in ("reference", "cpu", "cuda", "triton")],
     ]
@@ -334,12 +402,15 @@ def _reason(e: BaseException) -> str:
 
 def available_contestants(device: str | torch.device = "cpu", names: Iterable[str] | None = None,
                           dtype: str | torch.dtype = torch.float32, lr: float = LR,
-                          weight_decay: float = WEIGHT_DECAY) -> tuple[dict[str, Factory], dict[str, str]]:
+                          weight_decay: float = WEIGHT_DECAY,
+                          progress: bool | None = False) -> tuple[dict[str, Factory], dict[str, str]]:
     """Probe contestants on ``device``/``dtype``: ``(factories, skipped)``.
 
-    A contestant is available when it builds and takes two steps on a tiny parameter; otherwise it
-    goes into ``skipped`` with the reason (not installed, no GPU, unsupported dtype, ...). Unknown
-    names are a caller error (ValueError)."""
+    A contestant is available when it builds and takes two steps on the accuracy protocol's params
+    (``ACCURACY_SHAPES``: one of them large enough, and a multiple of every block size, for the
+    blockwise 8/4-bit formats to quantize it, so their real path and torch.compile run here);
+    otherwise it goes into ``skipped`` with the reason (not installed, no GPU, unsupported dtype or
+    device, ...). Unknown names are a caller error (ValueError)."""
     device = torch.device(device)
     dtype = parse_dtype(dtype)
     names = list(DEFAULT_CONTESTANTS if names is None else names)
@@ -348,23 +419,32 @@ def available_contestants(device: str | torch.device = "cpu", names: Iterable[st
             raise ValueError(f"unknown contestant {n!r}; known: {', '.join(CONTESTANTS)}")
     factories: dict[str, Factory] = {}
     skipped: dict[str, str] = {}
+    bar = progress_bar(len(names), "probe", progress)
     for n in names:
+        bar.set_postfix_str(n)
+        bar.update(1)
         c = CONTESTANTS[n]
         if c.cuda_only and device.type != "cuda":
             skipped[n] = "CUDA only"
             continue
         factory = make_factory(n, lr, weight_decay)
         try:
-            probe = make_params([(67,), (3, 5)], device, dtype, seed=1)
+            probe = make_params(ACCURACY_SHAPES, device, dtype, seed=1)
             opt = factory(probe)
             opt.step()
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            bad = [i for i, p in enumerate(probe) if not torch.isfinite(p).all()]
+            if bad:
+                raise RuntimeError(f"non-finite params after two steps (tensor {bad[0]})")
         except Exception as e:  # noqa: BLE001 - any failure of a peer means "skip it", never "fail"
             skipped[n] = _reason(e)
             continue
+        finally:
+            probe = opt = None  # noqa: F841 - free the probe's state before the next contestant
         factories[n] = factory
+    bar.close()
     return factories, skipped
 
 
@@ -383,18 +463,45 @@ def bytes_per_param(param_bytes: int = 4, grad_bytes: int | None = None,
     return 2 * param_bytes + grad_bytes + 2 * state_bytes_per_param
 
 
+def state_tensors(value: Any) -> Iterable[torch.Tensor]:
+    """The plain tensors that hold ``value``'s data: a tensor itself; a tensor subclass (torchao's
+    OptimState8bit/4bit/Fp8, DTensor) through ``__tensor_flatten__``, recursively (codes, scales
+    and quantization maps); lists, tuples and dicts element by element. Anything else holds none."""
+    if isinstance(value, torch.Tensor):
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+        if is_traceable_wrapper_subclass(value):
+            names, _ = value.__tensor_flatten__()
+            for name in names:
+                yield from state_tensors(getattr(value, name))
+        else:
+            yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from state_tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from state_tensors(v)
+
+
 def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of per-element optimizer state (all tensors in ``optimizer.state`` except the 0-dim
-    ones such as ``step``; each tensor object counted once, so shared buffers are not double counted)."""
-    seen: set[int] = set()
+    """Bytes of per-element optimizer state: every tensor reachable from ``optimizer.state``
+    (``state_tensors``: subclass state through its inner tensors, bitsandbytes' and onepass's absmax
+    and bitsandbytes' quantization maps included) except 0-dim ones such as ``step``. Each buffer is
+    counted once (by device, address and size), so a map shared by every param's state, as
+    bitsandbytes' is, or one tensor under two keys, is not double counted."""
+    seen: set[tuple[str, int, int]] = set()
     total = 0
     for st in optimizer.state.values():
-        if not isinstance(st, dict):
-            continue
-        for v in st.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and id(v) not in seen:
-                seen.add(id(v))
-                total += v.numel() * v.element_size()
+        for t in state_tensors(st):
+            if t.dim() == 0:
+                continue
+            nbytes = t.numel() * t.element_size()
+            key = (str(t.device), t.data_ptr(), nbytes)
+            if nbytes == 0 or key in seen:
+                continue
+            seen.add(key)
+            total += nbytes
     return total
 
 
@@ -409,6 +516,135 @@ def bytes_moved(params: Sequence[torch.Tensor], state_bytes: int | None = None) 
         n += p.numel() * (2 * p.element_size() + g.element_size())
         nominal_state += 2 * p.numel() * p.element_size()
     return n + 2 * (nominal_state if state_bytes is None else state_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accuracy: drift from torch.optim.AdamW with fp32 state on identical params and gradients
+# ---------------------------------------------------------------------------------------------------
+
+# A (64, 1024) weight (65,536 elements: every blockwise format quantizes it, 256 blocks of 256,
+# 512 of 128), a bias-like vector and an odd-shaped tensor (kept in fp32 by the 8/4-bit formats).
+ACCURACY_SHAPES: list[Shape] = [(64, 1024), (1024,), (3, 5)]
+ACCURACY_STEPS = 100
+# Gradient magnitudes within a block span this many decades (log-uniform per element; the first
+# layer of a ReLU MLP showed max/5th-percentile ratios of 1.7e2 to 5.2e3 per 256-element block) ...
+ACCURACY_DECADES = 4.0
+# ... and this fraction of the elements gets an exact zero at each step.
+ACCURACY_ZERO_FRACTION = 0.25
+
+
+def accuracy_grads(shapes: Sequence[Shape] = ACCURACY_SHAPES, steps: int = ACCURACY_STEPS,
+                   device: str | torch.device = "cpu", seed: int = 0,
+                   decades: float = ACCURACY_DECADES,
+                   zero_fraction: float = ACCURACY_ZERO_FRACTION) -> Iterable[list[torch.Tensor]]:
+    """The gradients of the accuracy protocol, one list per step, the same for every contestant.
+
+    Element ``i`` gets ``scale_i * N(0, 1)`` at every step, with ``scale_i = 10**(-D u_i)``,
+    ``u_i`` uniform in [0, 1) and fixed, D = ``decades``: in every 256-element block the
+    magnitudes span D decades, so the squares in the second moment span 2D. At each step a fresh
+    ``zero_fraction`` of the elements gets an exact zero (a ReLU unit that did not fire, an
+    embedding row absent from the batch). The largest scale is 1, so eps (1e-8) stays far below
+    every sqrt(v) that is not a quantization artefact (the protocol compares state precision, not
+    where an optimizer adds eps), and the failure below is not hidden by small gradients.
+
+    Why this finds the failure of blockwise 8-bit state: a block's codes are scaled by its absmax,
+    so the second moment of a small element, ~(g/g_max)**2 of the block's largest and smaller still
+    once the large elements' v has grown over the steps, falls below the smallest nonzero code
+    (3.25e-7 of the absmax in the dynamic maps of bitsandbytes and torchao, 2**-32 in onepass's
+    float3 map) and dequantizes to 0 while its first moment, ~g/g_max, still has a code. A step
+    whose gradient is exactly zero then divides m by ``0 + eps``: the update is ``lr * m / eps``
+    instead of about ``lr``. Each ingredient widens the window: at one scale only randn's rare
+    near-zero values fall into it, and a tiny nonzero gradient divides m by about
+    ``sqrt(1 - beta2) * |g|`` instead of eps. Relative errors measured on the 2-core EPYC
+    (100 steps; one scale with zeros / four decades without zeros / both): onepass int8 6.1e-2 /
+    7.2e-2 / 8.1, bitsandbytes AdamW8bit 2.3e-2 / 0.51 / 0.51, torchao AdamW8bit 64 / 35 / 2.8e3.
+    torchao's own test (Linear-ReLU-Linear, 2 steps) shows it when its ReLU units are inactive."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed + 1)
+    scales = [torch.pow(10.0, torch.rand(s, generator=gen, device=device) * -decades) for s in shapes]
+    for _ in range(steps):
+        grads = []
+        for sc in scales:
+            g = torch.randn(sc.shape, generator=gen, device=device).mul_(sc)
+            zero = torch.rand(sc.shape, generator=gen, device=device) < zero_fraction
+            grads.append(g.masked_fill_(zero, 0.0))
+        yield grads
+
+
+def accumulated_update(factory: Factory, shapes: Sequence[Shape] = ACCURACY_SHAPES,
+                       steps: int = ACCURACY_STEPS, device: str | torch.device = "cpu",
+                       seed: int = 0, decades: float = ACCURACY_DECADES,
+                       zero_fraction: float = ACCURACY_ZERO_FRACTION) -> torch.Tensor:
+    """``steps`` steps of ``factory``'s optimizer on fp32 params ``randn * 0.02`` with the protocol's
+    gradients; returns params after minus params before, flattened, in float64 on the CPU."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    start = [torch.randn(s, generator=gen, device=device).mul_(0.02) for s in shapes]
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = factory(params)
+    for grads in accuracy_grads(shapes, steps, device, seed, decades, zero_fraction):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    _sync(device)
+    return torch.cat([(p.detach().double() - q.double()).flatten() for p, q in zip(params, start)]).cpu()
+
+
+def accuracy(factory: Factory, reference: torch.Tensor | None = None, *, lr: float = LR,
+             weight_decay: float = WEIGHT_DECAY, steps: int = ACCURACY_STEPS,
+             shapes: Sequence[Shape] = ACCURACY_SHAPES, device: str | torch.device = "cpu",
+             seed: int = 0, decades: float = ACCURACY_DECADES,
+             zero_fraction: float = ACCURACY_ZERO_FRACTION) -> dict[str, Any]:
+    """Drift of ``factory``'s optimizer from ``torch.optim.AdamW`` (fp32 state, same lr and weight
+    decay) after ``steps`` steps on identical params and gradients (``accumulated_update``).
+
+    Returns ``max_abs`` = max |Δ - Δ_ref| (in param units; lr * steps bounds |Δ_ref| from weight
+    decay aside), ``rel`` = ‖Δ - Δ_ref‖ / ‖Δ_ref‖ (Euclidean norms over all elements), ``ref_max``
+    = max |Δ_ref|, ``finite`` and ``steps``. A non-finite Δ gives ``max_abs``/``rel`` None and
+    ``finite`` False. ``reference`` (Δ_ref) may be passed to avoid recomputing it."""
+    if reference is None:
+        reference = accumulated_update(_reference_factory(lr, weight_decay), shapes, steps, device,
+                                       seed, decades, zero_fraction)
+    delta = accumulated_update(factory, shapes, steps, device, seed, decades, zero_fraction)
+    finite = bool(torch.isfinite(delta).all())
+    diff = delta - reference
+    ref_norm = float(reference.norm())
+    return {
+        "steps": steps,
+        "decades": decades,
+        "max_abs": float(diff.abs().max()) if finite else None,
+        "rel": float(diff.norm()) / ref_norm if finite and ref_norm > 0 else None,
+        "ref_max": float(reference.abs().max()),
+        "finite": finite,
+    }
+
+
+def _reference_factory(lr: float, weight_decay: float) -> Factory:
+    return lambda ps: torch.optim.AdamW(ps, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
+                                        foreach=False)
+
+
+def measure_accuracy(factories: dict[str, Factory], device: str | torch.device = "cpu", *,
+                     lr: float = LR, weight_decay: float = WEIGHT_DECAY, steps: int = ACCURACY_STEPS,
+                     shapes: Sequence[Shape] = ACCURACY_SHAPES, seed: int = 0,
+                     progress: Any = None) -> dict[str, dict[str, Any]]:
+    """``accuracy`` for every factory against one reference run. A contestant that fails here gets
+    ``{"error": reason}`` (and keeps its speed figures)."""
+    reference = accumulated_update(_reference_factory(lr, weight_decay), shapes, steps, device, seed)
+    out: dict[str, dict[str, Any]] = {}
+    for n, factory in factories.items():
+        if progress is not None:
+            progress.set_postfix_str(f"accuracy {n}")
+        try:
+            out[n] = accuracy(factory, reference, lr=lr, weight_decay=weight_decay, steps=steps,
+                              shapes=shapes, device=device, seed=seed)
+        except Exception as e:  # noqa: BLE001 - a peer's failure is reported, never fatal
+            out[n] = {"steps": steps, "error": _reason(e)}
+        if progress is not None:
+            progress.update(1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -476,31 +712,53 @@ def make_ceiling(device: str | torch.device, case_numel: int) -> Ceiling:
     return Ceiling("mul_", 2 * buf.numel() * 4, fn, (buf,))
 
 
-class Progress:
-    """``\\r[#####     ] case contestant i/n`` on stderr; silent when disabled or not a tty."""
+class _NoBar:
+    """What ``progress_bar`` returns when there is nothing to show: tqdm's methods, doing nothing."""
 
-    def __init__(self, enabled: bool | None = None, stream=None, width: int = 30):
-        self.stream = sys.stderr if stream is None else stream
-        isatty = getattr(self.stream, "isatty", lambda: False)()
-        self.enabled = isatty if enabled is None else (enabled and isatty)
-        self.width = width
-        self._last = 0
+    total = 0
 
-    def update(self, done: int, total: int, label: str) -> None:
-        if not self.enabled:
-            return
-        filled = int(self.width * done / max(total, 1))
-        line = f"\r[{'#' * filled}{' ' * (self.width - filled)}] {label} {done}/{total}"
-        pad = max(0, self._last - len(line))
-        self.stream.write(line + " " * pad)
-        self.stream.flush()
-        self._last = len(line)
+    def update(self, n: int = 1) -> None:
+        pass
 
-    def clear(self) -> None:
-        if self.enabled and self._last:
-            self.stream.write("\r" + " " * self._last + "\r")
-            self.stream.flush()
-            self._last = 0
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None = None, file=None):
+    """A tqdm bar on stderr (``enabled=None``: only when stderr is a terminal; False: never), or a
+    do-nothing stand-in when tqdm is not installed or the bar is off. The label of the step under
+    way goes in ``set_postfix_str``."""
+    if enabled is False:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    file = sys.stderr if file is None else file
+    if not getattr(file, "isatty", lambda: False)():
+        return _NoBar()
+    return tqdm(total=total, desc=desc, file=file, leave=False, unit="step", dynamic_ncols=True)
+
+
+def plan_rounds(step_ms: float | None, rounds: int, budget_s: float | None, min_rounds: int) -> int:
+    """How many timed rounds a contestant takes part in: ``rounds``, or fewer when ``rounds`` steps
+    of ``step_ms`` would exceed ``budget_s`` seconds, but at least ``min_rounds`` (and never more
+    than ``rounds``). No estimate or no budget: ``rounds``."""
+    if budget_s is None or step_ms is None or step_ms <= 0 or math.isnan(step_ms):
+        return rounds
+    fit = int(budget_s * 1e3 // step_ms)
+    return max(min(min_rounds, rounds), min(rounds, fit))
+
+
+def _takes_part(r: int, planned: int, rounds: int) -> bool:
+    """Round ``r`` of ``rounds`` is one of the ``planned`` rounds, spread evenly over the run."""
+    return (r + 1) * planned // rounds > r * planned // rounds
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,19 +780,25 @@ def _free(device: torch.device) -> None:
 def run_case(name: str, shapes: Sequence[Shape], factories: dict[str, Factory],
              device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32,
              rounds: int = 10, warmup: int = 2, skipped: dict[str, str] | None = None,
-             slow_limit: int | None = None, progress: Progress | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             slow_limit: int | None = None, progress: bool | None = False,
+             seed: int = 0, budget_s: float | None = None, min_rounds: int = 3) -> dict[str, Any]:
     """Time one case. Returns a JSON-serialisable dict (see ``derive`` for the derived fields).
 
     ``factories`` maps contestant name -> factory(params); all share one set of params/grads.
-    Contestants flagged slow are skipped when the case has more than ``slow_limit`` params.
-    A contestant that raises during the run (e.g. out of memory) is dropped and listed in ``errors``
-    instead of aborting the whole benchmark."""
+    Each contestant takes ``warmup`` timed warm-up steps (kept apart: ``warmup_ms``), then up to
+    ``rounds`` interleaved rounds: ``plan_rounds`` gives a contestant fewer (at least
+    ``min_rounds``) when its steps (the faster of its second warm-up step and the median of its
+    timed steps so far, re-planned each round) say ``rounds`` steps would exceed ``budget_s``
+    seconds, spread evenly over the rounds. Contestants flagged slow are skipped when the case has
+    more than ``slow_limit`` params. A contestant that raises during the run (e.g. out of memory) is
+    dropped and listed in ``errors`` instead of aborting the whole benchmark. ``progress``: a tqdm
+    bar (None: when stderr is a terminal)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if min_rounds < 1:
+        raise ValueError(f"min_rounds must be >= 1, got {min_rounds}")
     device = torch.device(device)
     dtype = parse_dtype(dtype)
-    progress = progress or Progress(enabled=False)
     skipped = dict(skipped or {})
     errors: dict[str, str] = {}
     n_params = count_params(shapes)
@@ -552,10 +816,11 @@ def run_case(name: str, shapes: Sequence[Shape], factories: dict[str, Factory],
     timer = Timer(device)
     opts: dict[str, torch.optim.Optimizer] = {}
     times: dict[str, list[float]] = {n: [] for n in names}
+    warm_times: dict[str, list[float]] = {n: [] for n in names}
+    planned: dict[str, int] = {}
+    estimates: dict[str, float | None] = {}
     ceil_times: list[float] = []
-
-    total = len(names) * (warmup + rounds) + rounds
-    done = 0
+    bar = progress_bar(len(names) * (warmup + rounds) + rounds, name, progress)
 
     def fail(n: str, e: BaseException) -> None:
         # Called inside the except block; the memory (e.g. after an OOM) is released by _free once
@@ -565,47 +830,62 @@ def run_case(name: str, shapes: Sequence[Shape], factories: dict[str, Factory],
         times.pop(n, None)
 
     try:
-        # Warm-up: builds each optimizer and its state (the first step allocates and page-faults it).
+        # Warm-up: builds each optimizer and its state (the first step allocates and page-faults
+        # it; torchao's compiles). Timed, to plan the rounds and to report the first step apart.
         for n in names:
             try:
                 opts[n] = factories[n](params)
                 for _ in range(warmup):
-                    opts[n].step()
-                    done += 1
-                    progress.update(done, total, f"{name} {n} (warm-up)")
+                    bar.set_postfix_str(f"{n} (warm-up)")
+                    warm_times[n].append(timer(opts[n].step))
+                    bar.update(1)
                 _sync(device)
             except Exception as e:  # noqa: BLE001 - drop this contestant, keep the others
                 fail(n, e)
             if n in errors:
                 _free(device)
+                continue
+            w = warm_times[n]
+            estimates[n] = min(w[1:]) if len(w) > 1 else (w[0] if w else None)
+            planned[n] = plan_rounds(estimates[n], rounds, budget_s, min_rounds)
+        bar.total = len(names) * warmup + sum(planned.values()) + rounds
+        bar.refresh()
         for _ in range(max(1, warmup)):
             ceiling.fn()
         _sync(device)
 
-        # Rounds: every contestant and the ceiling once per round, rotating the order.
+        # Rounds: every contestant (that takes part in this round) and the ceiling once per round,
+        # rotating the order.
         gc.collect()
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a collection inside one contestant's timing would be noise charged to it
         try:
             for r in range(rounds):
+                # Re-plan with the steps timed so far: a second warm-up step can still be slow
+                # (first touches), and the plan only ever grows.
+                for n in opts:
+                    if times[n] and estimates[n] is not None:
+                        estimates[n] = min(estimates[n], statistics.median(times[n]))
+                        planned[n] = max(planned[n], plan_rounds(estimates[n], rounds, budget_s,
+                                                                 min_rounds))
+                bar.total = len(names) * warmup + sum(planned.values()) + rounds
                 order = ["<ceiling>"] + list(opts)
                 k = r % len(order)
                 for n in order[k:] + order[:k]:
                     if n == "<ceiling>":
+                        bar.set_postfix_str("ceiling")
                         ceil_times.append(timer(ceiling.fn))
-                        label = f"{name} ceiling"
-                    elif n in opts:
+                    elif n in opts and _takes_part(r, planned[n], rounds):
+                        bar.set_postfix_str(n)
                         try:
                             times[n].append(timer(opts[n].step))
                         except Exception as e:  # noqa: BLE001
                             fail(n, e)
                         if n in errors:
                             _free(device)
-                        label = f"{name} {n}"
                     else:
                         continue
-                    done += 1
-                    progress.update(done, total, label)
+                    bar.update(1)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -619,6 +899,8 @@ def run_case(name: str, shapes: Sequence[Shape], factories: dict[str, Factory],
                 "ms": statistics.median(ts),
                 "ms_min": min(ts),
                 "ms_all": ts,
+                "rounds": len(ts),
+                "warmup_ms": warm_times[n],
                 "state_bytes": sb,
                 # 0 means the optimizer keeps its state outside optimizer.state: assume torch's
                 # layout (two state tensors in the param dtype) rather than report nonsense.
@@ -637,6 +919,8 @@ def run_case(name: str, shapes: Sequence[Shape], factories: dict[str, Factory],
             "n_params": n_params,
             "dtype": _dtype_name(dtype),
             "rounds": rounds,
+            "min_rounds": min_rounds,
+            "budget_s": budget_s,
             "warmup": warmup,
             "ceiling": {"kind": ceiling.kind, "bytes": ceiling.bytes, "ms": ceiling_ms,
                         "ms_all": ceil_times},
@@ -645,7 +929,7 @@ def run_case(name: str, shapes: Sequence[Shape], factories: dict[str, Factory],
             "errors": errors,
         }
     finally:
-        progress.clear()
+        bar.close()
         opts.clear()
         del params, ceiling
         _free(device)
@@ -789,18 +1073,27 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 
 
+DEFAULT_BUDGET_S = 10.0  # seconds of timed steps per contestant and case before it gets fewer rounds
+DEFAULT_MIN_ROUNDS = 3
+
+
 def run_benchmark(cases: Iterable[str] = DEFAULT_CASES, device: str | torch.device | None = None,
                   dtype: str | torch.dtype = "fp32", rounds: int | None = None, warmup: int = 2,
                   contestants: Iterable[str] | None = None, exclude: Iterable[str] = (),
                   slow_limit: int | None = None, quick: bool = False,
                   progress: bool | None = None, lr: float = LR,
-                  weight_decay: float = WEIGHT_DECAY) -> dict[str, Any]:
+                  weight_decay: float = WEIGHT_DECAY, budget_s: float | None = DEFAULT_BUDGET_S,
+                  min_rounds: int = DEFAULT_MIN_ROUNDS,
+                  accuracy_steps: int = ACCURACY_STEPS) -> dict[str, Any]:
     """Run the named cases and return the full (JSON-serialisable) result.
 
-    ``device`` defaults to cuda when available, else cpu. ``rounds`` defaults to 10 on CPU, 50 on
-    CUDA (3 when ``quick``). ``contestants`` defaults to every default contestant; ``exclude`` removes
-    some (e.g. ``("torch-forloop",)``); ``slow_limit`` drops slow contestants only for cases with more
-    params than that. ``progress=None`` shows the bar when stderr is a tty."""
+    ``device`` defaults to cuda when available, else cpu. ``rounds`` (the most a contestant gets)
+    defaults to 10 on CPU, 50 on CUDA (3 when ``quick``); ``budget_s`` and ``min_rounds`` give slow
+    contestants fewer (``run_case``; ``budget_s=None``: everyone gets ``rounds``). ``contestants``
+    defaults to every default contestant; ``exclude`` removes some (e.g. ``("torch-forloop",)``);
+    ``slow_limit`` drops slow contestants only for cases with more params than that.
+    ``accuracy_steps`` > 0 runs the accuracy protocol (``measure_accuracy``) for every available
+    contestant first; 0 skips it. ``progress=None`` shows tqdm bars when stderr is a terminal."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -809,6 +1102,10 @@ def run_benchmark(cases: Iterable[str] = DEFAULT_CASES, device: str | torch.devi
     dtype = parse_dtype(dtype)
     if rounds is None:
         rounds = 3 if quick else (50 if device.type == "cuda" else 10)
+    if rounds < 1 or min_rounds < 1:
+        raise ValueError(f"rounds and min_rounds must be >= 1, got {rounds} and {min_rounds}")
+    if budget_s is not None and budget_s <= 0:
+        budget_s = None
     if quick:
         warmup = min(warmup, 1)
     cases = list(cases)
@@ -819,25 +1116,51 @@ def run_benchmark(cases: Iterable[str] = DEFAULT_CASES, device: str | torch.devi
     names = [n for n in (DEFAULT_CONTESTANTS if contestants is None else contestants) if n not in exclude]
     busy = cpu_busy()
     others = _OtherLoad()
-    factories, skipped = available_contestants(device, names, dtype, lr, weight_decay)
+    t0 = time.perf_counter()
+    factories, skipped = available_contestants(device, names, dtype, lr, weight_decay, progress)
+    probe_s = time.perf_counter() - t0
 
-    bar = Progress(enabled=progress)
-    case_results = [
-        run_case(c, case_shapes(c, device, quick), factories, device, dtype, rounds, warmup,
-                 skipped=skipped, slow_limit=slow_limit, progress=bar)
-        for c in cases
-    ]
+    acc: dict[str, dict[str, Any]] = {}
+    acc_s = 0.0
+    if accuracy_steps > 0 and factories:
+        t0 = time.perf_counter()
+        bar = progress_bar(len(factories), "accuracy", progress)
+        try:
+            acc = measure_accuracy(factories, device, lr=lr, weight_decay=weight_decay,
+                                   steps=accuracy_steps, progress=bar)
+        finally:
+            bar.close()
+        acc_s = time.perf_counter() - t0
+
+    case_results = []
+    for c in cases:
+        t0 = time.perf_counter()
+        res = run_case(c, case_shapes(c, device, quick), factories, device, dtype, rounds, warmup,
+                       skipped=skipped, slow_limit=slow_limit, progress=progress,
+                       budget_s=budget_s, min_rounds=min_rounds)
+        res["elapsed_s"] = time.perf_counter() - t0
+        for entry in res["contestants"]:
+            if entry["name"] in acc:
+                entry["accuracy"] = acc[entry["name"]]
+        case_results.append(res)
     machine = machine_info(device)
     machine["cpu_busy_before"] = busy
     machine["cpu_others_during"] = others.fraction()
     return {
-        "schema": 1,
+        "schema": 2,
         "machine": machine,
         "config": {"device": str(device), "dtype": _dtype_name(dtype), "rounds": rounds,
+                   "min_rounds": min_rounds, "budget_s": budget_s,
                    "warmup": warmup, "quick": quick, "lr": lr, "weight_decay": weight_decay,
                    "slow_limit": slow_limit,
                    "contestants": {n: CONTESTANTS[n].description for n in names},
-                   "reference": REFERENCE_CONTESTANT},
+                   "reference": REFERENCE_CONTESTANT,
+                   "accuracy": {"steps": accuracy_steps, "shapes": [list(s) for s in ACCURACY_SHAPES],
+                                "decades": ACCURACY_DECADES, "zero_fraction": ACCURACY_ZERO_FRACTION,
+                                "params": "fp32", "reference": "torch.optim.AdamW(foreach=False), fp32 state"}},
+        "timing_s": {"probe": probe_s, "accuracy": acc_s},
+        "accuracy": acc,
+        "skipped": skipped,
         "cases": case_results,
     }
 
@@ -851,8 +1174,20 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _acc_cells(c: dict[str, Any]) -> list[str]:
+    a = c.get("accuracy")
+    if not a:
+        return ["-", "-"]
+    if "error" in a:
+        return ["error", "error"]
+    if not a.get("finite", True):
+        return ["non-finite", "non-finite"]
+    return [_fmt(a.get("max_abs"), ".1e"), _fmt(a.get("rel"), ".1e")]
+
+
 def format_table(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
-    """Plain-text table: one row per case x contestant, then the ceiling and any skips/errors.
+    """Plain-text table: one row per case x contestant (speed, rounds, memory, accuracy), then the
+    ceiling and notes (skips, errors, first steps that were not timed).
 
     Accepts the dict from ``run_benchmark`` or a list of case dicts (from ``run_case``)."""
     if isinstance(results, dict):
@@ -860,20 +1195,33 @@ def format_table(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
         header = _header(results)
     else:
         cases, header = list(results), []
-    cols = ["case", "contestant", "ms/step", "GB/s", "B/param", "state B/p", "of ceiling",
-            "x torch-fused"]
+    cols = ["case", "contestant", "ms/step", "n", "x torch-fused", "GB/s", "of ceiling",
+            "state B/p", "max|Δ-ref|", "rel err"]
     rows: list[list[str]] = []
     notes: list[tuple[str, str]] = []  # (case, "name skipped: why" / "name ERROR: why")
     for case in cases:
+        first_steps: list[str] = []
         for c in case["contestants"]:
             label = c["name"] + (f" [{c['backend']}]" if c.get("backend") else "")
-            rows.append([case["case"], label, _fmt(c["ms"], ".3f"), _fmt(c.get("gbps"), ".1f"),
-                         _fmt(c.get("bytes_per_param"), ".1f"),
-                         _fmt(c.get("state_bytes_per_param"), ".2f"),
-                         _fmt(c.get("frac_ceiling"), ".2f"), _fmt(c.get("x_torch_fused"), ".2f")])
+            n = c.get("rounds", len(c.get("ms_all", [])) or None)
+            rows.append([case["case"], label, _fmt(c["ms"], ".3f" if c["ms"] < 1000 else ".0f"),
+                         str(n) if n else "-",
+                         _fmt(c.get("x_torch_fused"), ".3f" if (c.get("x_torch_fused") or 1) < 0.1 else ".2f"),
+                         _fmt(c.get("gbps"), ".1f"), _fmt(c.get("frac_ceiling"), ".2f"),
+                         _fmt(c.get("state_bytes_per_param"), ".2f"), *_acc_cells(c)])
+            warm = c.get("warmup_ms") or []
+            if warm and getattr(CONTESTANTS.get(c["name"]), "compiles", False):
+                first_steps.append(f"{c['name']} {warm[0] / 1e3:.1f} s")
+            a = c.get("accuracy") or {}
+            if "error" in a:
+                notes.append((case["case"], f"{c['name']} accuracy ERROR: {a['error']}"))
+        if first_steps:
+            notes.append((case["case"], "first step, with torch.compile, not timed: "
+                                        + ", ".join(first_steps)))
         ceil = case["ceiling"]
         rows.append([case["case"], f"(ceiling {ceil['kind']})", _fmt(ceil["ms"], ".3f"),
-                     _fmt(ceil.get("gbps"), ".1f"), "", "", "1.00", ""])
+                     str(len(ceil.get("ms_all", []))) if ceil.get("ms_all") else "", "",
+                     _fmt(ceil.get("gbps"), ".1f"), "1.00", "", "", ""])
         notes += [(case["case"], f"{n} skipped: {why}") for n, why in case.get("skipped", {}).items()]
         notes += [(case["case"], f"{n} ERROR: {why}") for n, why in case.get("errors", {}).items()]
     widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
@@ -889,7 +1237,8 @@ def format_table(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
             out.append("")
         out.append(line(r if r[0] != prev else [""] + r[1:]))
         prev = r[0]
-    # A skip from the availability probe repeats in every case: say it once, without the case name.
+    # A note seen in every case (a skip from the availability probe, an accuracy error) is said
+    # once, without the case name.
     texts: list[str] = []
     for case_name, text in notes:
         everywhere = len(cases) > 1 and sum(t == text for _, t in notes) == len(cases)
@@ -898,6 +1247,11 @@ def format_table(results: dict[str, Any] | Sequence[dict[str, Any]]) -> str:
             texts.append(t)
     if texts:
         out += [""] + texts
+    if isinstance(results, dict) and results.get("timing_s"):
+        t = results["timing_s"]
+        parts = [f"probe {t.get('probe', 0):.0f} s", f"accuracy {t.get('accuracy', 0):.0f} s"]
+        parts += [f"{c['case']} {c['elapsed_s']:.0f} s" for c in cases if c.get("elapsed_s") is not None]
+        out += ["", "took: " + ", ".join(parts)]
     return "\n".join(out)
 
 
@@ -911,20 +1265,45 @@ def _header(results: dict[str, Any]) -> list[str]:
     if (busy or 0) > BUSY_WARNING or (others or 0) > BUSY_WARNING:
         busy_warning = [f"WARNING: other processes used the CPU ({busy or 0:.0%} busy before the run, "
                         f"{others or 0:.0%} of all cores during it): the figures are not reliable"]
-    return [
+    peers = ", ".join(f"{d} {v}" for d, v in (m.get("peers") or {}).items() if v)
+    budget = cfg.get("budget_s")
+    rounds = (f"median of up to {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up steps"
+              + (f"; n = rounds a contestant got (fewer when its steps would exceed {budget:g} s, "
+                 f"at least {cfg.get('min_rounds', 1)})" if budget else ""))
+    acc = cfg.get("accuracy") or {}
+    lines = [
         f"onepass {m.get('onepass') or '(not importable)'} benchmark, {m['date']}, git {commit}",
         f"{cfg['device']}: {m['device_name']}, {m['threads']} threads, torch {m['torch']}, "
-        f"{cfg['dtype']}, median of {cfg['rounds']} rounds after {cfg['warmup']} warm-up steps"
-        + (" (quick)" if cfg.get("quick") else ""),
-        "GB/s = bytes an AdamW step must move / time; x torch-fused > 1 is faster than torch fused",
-        *busy_warning,
-        "",
+        f"{cfg['dtype']} params" + (" (quick)" if cfg.get("quick") else ""),
+        rounds,
     ]
+    if peers:
+        lines.append(f"peers: {peers}")
+    lines.append("GB/s = bytes an AdamW step must move / time; x torch-fused > 1 is faster than torch "
+                 "fused; state B/p: measured bytes of optimizer state per param")
+    if acc.get("steps"):
+        lines.append(f"max|Δ-ref|, rel err: the update accumulated over {acc['steps']} steps against "
+                     f"torch.optim.AdamW with fp32 state, same fp32 params and grads:")
+        lines.append(f"  max abs difference and ‖Δ-ref‖/‖ref‖ (grad magnitudes spanning "
+                     f"{acc.get('decades', ACCURACY_DECADES):g} decades in every block, "
+                     f"{acc.get('zero_fraction', ACCURACY_ZERO_FRACTION):.0%} zeros each step)")
+    return lines + busy_warning + [""]
+
+
+def _family_color(name: str) -> str:
+    for prefix, color in (("onepass", "tab:red"), ("torch-", "tab:blue"), ("optimi", "tab:purple"),
+                          ("bitsandbytes", "tab:green"), ("torchao", "tab:orange")):
+        if name.startswith(prefix):
+            return color
+    return "tab:gray"
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    """Bar chart (PNG): effective GB/s per contestant, one panel per case, ceiling as a dashed line,
-    bars labelled with the ratio to torch fused. Needs matplotlib (imported here, not at load time)."""
+    """PNG with speed, memory and accuracy side by side. Top row, one panel per case: effective GB/s
+    per contestant, the ceiling as a dashed line, bars labelled with the ratio to torch fused and
+    the rounds timed. Bottom row: measured state bytes per param (first case) and the relative
+    error of the accumulated update against torch.optim.AdamW fp32 (log scale). Needs matplotlib
+    (imported here, not at load time)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -933,32 +1312,80 @@ def plot(results: dict[str, Any], path: str) -> None:
         raise RuntimeError("--plot needs matplotlib, which is not installed "
                            "(pip install matplotlib)") from e
     cases = results["cases"]
-    fig, axes = plt.subplots(1, len(cases), figsize=(max(7.0, 4.5 * len(cases) + 1), 4.6),
+    ncols = max(len(cases), 2)
+    n_max = max([len(c["contestants"]) for c in cases] + [1])
+    fig, axes = plt.subplots(2, ncols, figsize=(max(7.0, (0.45 * n_max + 1.6) * ncols), 9.0),
                              squeeze=False)
     for ax, case in zip(axes[0], cases):
-        names = [c["name"] + (f"\n[{c['backend']}]" if c.get("backend") else "")
-                 for c in case["contestants"]]
-        vals = [c["gbps"] or 0.0 for c in case["contestants"]]
-        colors = ["tab:red" if n.startswith("onepass") else "tab:blue" for n in names]
-        bars = ax.bar(range(len(names)), vals, color=colors)
-        for b, c in zip(bars, case["contestants"]):
-            if c.get("x_torch_fused") is not None:
-                ax.annotate(f"{c['x_torch_fused']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=8)
+        cs = case["contestants"]
+        names = [c["name"] for c in cs]
+        vals = [c["gbps"] or 0.0 for c in cs]
+        bars = ax.bar(range(len(names)), vals, color=[_family_color(n) for n in names])
+        for b, c in zip(bars, cs):
+            x = c.get("x_torch_fused")
+            label = (f"{x:.2f}x" if x is not None and x >= 0.1 else f"{x:.3f}x" if x is not None else "")
+            label += f"\nn={c.get('rounds', len(c.get('ms_all', [])))}"
+            ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
         cg = case["ceiling"].get("gbps")
         if cg:
             ax.axhline(cg, color="k", ls="--", lw=1,
                        label=f"ceiling ({case['ceiling']['kind']}) {cg:.0f} GB/s")
             ax.legend(fontsize=8, loc="upper right")
-        ax.set_ylim(0, 1.2 * max(vals + [cg or 0.0, 1e-9]))  # headroom for the legend and labels
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.3 * max(vals + [cg or 0.0, 1e-9]))  # headroom for the legend and labels
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         n_t = case["n_tensors"]
-        ax.set_title(f"{case['case']}: {n_t} tensor{'s' if n_t != 1 else ''}, "
+        ax.set_title(f"speed, {case['case']}: {n_t} tensor{'s' if n_t != 1 else ''}, "
                      f"{case['n_params'] / 1e6:.1f}M params", fontsize=9)
-        ax.set_ylabel("effective GB/s")
+        ax.set_ylabel("effective GB/s (label: x torch fused, rounds)")
+    for ax in axes[0][len(cases):]:
+        ax.axis("off")
+
+    first = cases[0] if cases else {"contestants": [], "case": ""}
+    cs = first["contestants"]
+    names = [c["name"] for c in cs]
+    ax = axes[1][0]
+    vals = [c.get("state_bytes_per_param") or 0.0 for c in cs]
+    bars = ax.bar(range(len(names)), vals, color=[_family_color(n) for n in names])
+    for b, v in zip(bars, vals):
+        ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.15 * max(vals + [1e-9]))
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("optimizer state, bytes per param")
+    ax.set_title(f"memory ({first['case']}): measured state bytes per param", fontsize=9)
+
+    ax = axes[1][1]
+    rel = []
+    for c in cs:
+        a = c.get("accuracy") or {}
+        rel.append(a.get("rel") if a.get("finite", True) and "error" not in a else float("inf"))
+    finite = [r for r in rel if r is not None and math.isfinite(r) and r > 0]
+    lo = min(finite + [1e-8]) / 3
+    hi = max(finite + [10.0]) * 30
+    heights = [hi / 3 if r is None or not math.isfinite(r) else max(r, lo) for r in rel]
+    bars = ax.bar(range(len(names)), heights, bottom=0, color=[_family_color(n) for n in names])
+    for b, r in zip(bars, rel):
+        text = ("-" if r is None else "fail" if not math.isfinite(r) else "0" if r == 0
+                else f"{r:.1e}")
+        ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    ax.axhline(1.0, color="k", ls=":", lw=1, label="error as large as the update")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    acc_cfg = (results.get("config") or {}).get("accuracy") or {}
+    ax.set_ylabel("‖Δ - Δ_ref‖ / ‖Δ_ref‖")
+    ax.set_title(f"accuracy after {acc_cfg.get('steps', ACCURACY_STEPS)} steps vs torch AdamW fp32",
+                 fontsize=9)
+    for ax in axes[1][2:]:
+        ax.axis("off")
+
     m = results.get("machine", {})
-    fig.suptitle(f"AdamW step on {m.get('device_name', '')}, {results.get('config', {}).get('dtype', '')}, "
-                 f"torch {m.get('torch', '')}\nbar labels: speed relative to torch fused", fontsize=9)
+    fig.suptitle(f"AdamW step on {m.get('device_name', '')}, "
+                 f"{results.get('config', {}).get('dtype', '')} params, torch {m.get('torch', '')}",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
