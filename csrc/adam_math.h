@@ -273,6 +273,15 @@ ONEPASS_HD int32_t order_key(float x) {
   return a > 0x7f800000 ? INT32_MIN : k;
 }
 
+// The code of a second-moment value y = v * (1 / absmax): the search's code q, but never code 0
+// (zero) for a positive y (reference.quantize_blocks, keep_positive). A v that dequantizes to 0
+// while its m keeps a code turns the next small or zero gradient into a step of lr * m / eps,
+// thousands of times the usual one (the failure of blockwise 8-bit optimizers that the main
+// job's accuracy protocol shows); the smallest code instead bounds |m| / sqrt(v) near 1.
+ONEPASS_HD uint32_t keep_positive(uint32_t q, float y) {
+  return q + static_cast<uint32_t>(q == 0u && y > 0.0f);
+}
+
 // code[q] * absmax (one multiply).
 ONEPASS_HD float dequantize_code(uint32_t q, float absmax, const float* code) {
   return op_mul(code[q], absmax);

@@ -454,6 +454,8 @@ def quantize(x, mask, mid_ptr, FMAP: tl.constexpr, SIGNED: tl.constexpr):
         for s in tl.static_range(8):
             q = tl.where(tl.load(mid_ptr + q + ((128 >> s) - 1)) < xn, q + (128 >> s), q)
         q = tl.where(xn != xn, 0, q)
+    if not SIGNED:  # reference.quantize_blocks' keep_positive: a positive v never gets code 0
+        q = tl.where((q == 0) & (xn > 0.0), 1, q)
     return q.to(tl.uint8), absmax
 
 

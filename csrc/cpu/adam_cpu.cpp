@@ -460,7 +460,8 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
 #pragma omp simd
       for (int i = 0; i < len; ++i) {
         cm[i] = float_map_code_m(op_mul(mb[i], im));
-        cv[i] = float_map_code_v(op_mul(vb[i], iv));
+        const float y = op_mul(vb[i], iv);
+        cv[i] = keep_positive(float_map_code_v(y), y);
       }
 #pragma omp simd
       for (int i = 0; i < len; ++i) {
@@ -489,12 +490,14 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
         qm[i] = static_cast<uint8_t>(la + (mk_m[la] < a) + (mk_m[la + 1] < a));
         const int32_t b = kv[i];
         const int32_t lb = lo_v[(b - kKeyMin) >> sh_v];
-        qv[i] = static_cast<uint8_t>(lb + (mk_v[lb] < b) + (mk_v[lb + 1] < b));
+        const int32_t qb = lb + (mk_v[lb] < b) + (mk_v[lb + 1] < b);
+        qv[i] = static_cast<uint8_t>(qb + (qb == 0 && b > 0));  // keep_positive: key > 0 <=> y > 0
       }
     } else {
       for (int i = 0; i < len; ++i) {
         qm[i] = static_cast<uint8_t>(quantize_code(mb[i], im, mid_m));
-        qv[i] = static_cast<uint8_t>(quantize_code(vb[i], iv, mid_v));
+        const float y = op_mul(vb[i], iv);
+        qv[i] = static_cast<uint8_t>(keep_positive(code_search(y, mid_v), y));
       }
     }
     w.absmax_m[k] = nam;

@@ -361,12 +361,13 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, const TensorScala
   for (int e = 0; e < kInt8PerLane; ++e) {
     const int j = lane + 32 * e;
     if (j < len) {
+      const float y = op_mul(vb[e], iv);
       if constexpr (FMAP) {
         qm[j] = static_cast<uint8_t>(float_map_code_m(op_mul(mb[e], im)));
-        qv[j] = static_cast<uint8_t>(float_map_code_v(op_mul(vb[e], iv)));
+        qv[j] = static_cast<uint8_t>(keep_positive(float_map_code_v(y), y));
       } else {
         qm[j] = static_cast<uint8_t>(quantize_code(mb[e], im, tab + kMidM));
-        qv[j] = static_cast<uint8_t>(quantize_code(vb[e], iv, tab + kMidV));
+        qv[j] = static_cast<uint8_t>(keep_positive(code_search(y, tab + kMidV), y));
       }
     }
   }

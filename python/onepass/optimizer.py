@@ -116,7 +116,8 @@ def encode_moments(p: Tensor, moments: Dict[str, Tensor], fmt: str) -> Dict[str,
         x = moments[k]
         if fmt == "int8":
             mid = quant.midpoints(quant.SIGNED_MAP if signed else quant.UNSIGNED_MAP, signed)
-            q, a = reference.quantize_blocks(x.contiguous().to(torch.float32), mid)
+            q, a = reference.quantize_blocks(x.contiguous().to(torch.float32), mid,
+                                             keep_positive=not signed)
             out[k], out[k + "_absmax"] = q.contiguous(), a.contiguous()
         elif fmt == "bf16":
             out[k] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format).copy_(x)

@@ -44,7 +44,8 @@ Storage (low precision; each rule is one function below, shared by every backend
   256-value map (onepass.quant: signed for m, unsigned for v), and one float32 absmax per block of
   ``INT8_BLOCK`` = 256 elements of a dim-0 row. Load: ``code[q] * absmax``. Store: the updated
   block's absmax, then the nearest code of ``x * (1 / absmax)`` (:func:`quantize_blocks`: one
-  division per block, one multiply per element).
+  division per block, one multiply per element), except that a positive v never gets v's zero
+  code (``keep_positive``: v dequantizing to 0 under a nonzero m would make the step lr * m / eps).
 * bf16 params: ``param_rounding="stochastic"`` rounds the new param stochastically;
   ``"kahan"`` keeps a bf16 compensation c: the param's value is ``p + c`` (one float32 add) and,
   after the update, ``p = nearest(p_new)``, ``c = nearest(p_new - p)``.
@@ -386,8 +387,14 @@ def dequantize_blocks(q: Tensor, absmax: Tensor, code: Tensor) -> Tensor:
     return torch.mul(vals, scale).view(q.shape)
 
 
-def quantize_blocks(x: Tensor, mid: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_blocks(x: Tensor, mid: Tensor, keep_positive: bool = False) -> tuple[Tensor, Tensor]:
     """(codes uint8 of x's shape, absmax float32 [rows, blocks]) of float32 ``x``.
+
+    ``keep_positive`` (the second moment v): a positive ``x * r`` never gets code 0 but at least
+    code 1, the map's smallest positive value. A v that dequantized to 0 while its m kept a code
+    would turn the next small or zero gradient into a step of lr * m / eps, thousands of times
+    the usual one (the failure of blockwise 8-bit optimizers the main job's accuracy protocol
+    shows); the smallest code bounds |m| / sqrt(v) near 1 instead.
 
     absmax = max |x| over the block (NaN if any element is NaN). Its scale r = 1 / absmax (one
     correctly rounded division per block; 0 when absmax is below the smallest normal float32, inf
@@ -408,6 +415,8 @@ def quantize_blocks(x: Tensor, mid: Tensor) -> tuple[Tensor, Tensor]:
     xn = torch.mul(x2, scale)
     q = torch.searchsorted(mid.to(x.device), xn.contiguous())
     q = torch.where(torch.isnan(xn), torch.zeros_like(q), q)
+    if keep_positive:
+        q = torch.where((q == 0) & (xn > 0), torch.ones_like(q), q)
     return q.to(torch.uint8).view(x.shape), absmax
 
 
@@ -575,9 +584,10 @@ def _load_moment(x: Tensor, absmax: Optional[Tensor], fmt: str, dt: torch.dtype,
 
 
 def _store_moment(dst: Tensor, absmax: Optional[Tensor], value: Tensor, fmt: str,
-                  mid: Optional[Tensor], key: Optional[int], index: Optional[Tensor]) -> None:
+                  mid: Optional[Tensor], key: Optional[int], index: Optional[Tensor],
+                  keep_positive: bool = False) -> None:
     if fmt == "int8":
-        q, a = quantize_blocks(value, mid)
+        q, a = quantize_blocks(value, mid, keep_positive)
         dst.copy_(q)
         absmax.copy_(a)
     elif fmt == "bf16":
@@ -631,7 +641,7 @@ def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: StepScalars, *,
     key_m = stream_key(seed, t, STREAM_M) if fmt == "bf16" else None
     key_v = stream_key(seed, t, STREAM_V) if fmt == "bf16" else None
     _store_moment(exp_avg, absmax_m, m, fmt, codes[1], key_m, index)
-    _store_moment(exp_avg_sq, absmax_v, v, fmt, codes[3], key_v, index)
+    _store_moment(exp_avg_sq, absmax_v, v, fmt, codes[3], key_v, index, keep_positive=True)
     if stochastic:
         param.copy_(round_bf16_stochastic(p, random_bits(stream_key(seed, t, STREAM_PARAM), index)))
     elif comp is not None:
