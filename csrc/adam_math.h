@@ -278,8 +278,9 @@ ONEPASS_HD int32_t order_key(float x) {
 // while its m keeps a code turns the next small or zero gradient into a step of lr * m / eps,
 // thousands of times the usual one (the failure of blockwise 8-bit optimizers that the main
 // job's accuracy protocol shows); the smallest code instead bounds |m| / sqrt(v) near 1.
+// (Bitwise &, not &&: the CPU kernel's code loops stay vectorized; with && they ran 3x slower.)
 ONEPASS_HD uint32_t keep_positive(uint32_t q, float y) {
-  return q + static_cast<uint32_t>(q == 0u && y > 0.0f);
+  return q + static_cast<uint32_t>((q == 0u) & (y > 0.0f));
 }
 
 // code[q] * absmax (one multiply).

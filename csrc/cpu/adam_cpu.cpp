@@ -491,7 +491,7 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
         const int32_t b = kv[i];
         const int32_t lb = lo_v[(b - kKeyMin) >> sh_v];
         const int32_t qb = lb + (mk_v[lb] < b) + (mk_v[lb + 1] < b);
-        qv[i] = static_cast<uint8_t>(qb + (qb == 0 && b > 0));  // keep_positive: key > 0 <=> y > 0
+        qv[i] = static_cast<uint8_t>(qb + ((qb == 0) & (b > 0)));  // keep_positive: key > 0 <=> y > 0
       }
     } else {
       for (int i = 0; i < len; ++i) {
