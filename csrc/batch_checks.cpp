@@ -14,7 +14,7 @@ namespace {
 bool same_strides_as_param_layout(const at::Tensor& state, const at::Tensor& param) {
   // State is created with zeros_like(param, preserve_format): the param's strides when the param
   // is dense, contiguous strides otherwise. Elements correspond by storage position.
-  if (param.is_non_overlapping_and_dense()) return state.strides() == param.strides();
+  if (param.is_non_overlapping_and_dense()) return same_dims(state.strides(), param.strides());
   return state.is_contiguous();
 }
 
@@ -24,7 +24,7 @@ void check_state(const at::Tensor& s, const at::Tensor& p, at::ScalarType math, 
               " but its param is on ", p.device());
   ONEPASS_CHECK(s.scalar_type() == math, "onepass: ", name, "[", i, "] must be ", math,
               " for a ", p.scalar_type(), " param, got ", s.scalar_type());
-  ONEPASS_CHECK(s.sizes() == p.sizes(), "onepass: ", name, "[", i, "] has shape ", s.sizes(),
+  ONEPASS_CHECK(same_dims(s.sizes(), p.sizes()), "onepass: ", name, "[", i, "] has shape ", s.sizes(),
               " but its param has shape ", p.sizes());
   if (contiguous) {
     ONEPASS_CHECK(s.is_contiguous(), "onepass: ", name, "[", i,
@@ -49,6 +49,29 @@ void check_absmax(const at::Tensor& s, const at::Tensor& p, const char* name, si
                 s.sizes(), " on ", s.device());
 }
 
+// Param i's state tensors against it (validate_batch's per-param state checks).
+void check_batch_state(const BatchArgs& a, size_t i, at::ScalarType math) {
+  const at::Tensor& p = a.params[i];
+  const int fmt = a.state_format;
+  const int rnd = a.param_rounding;
+  const at::ScalarType sdt = fmt == 0 ? math : fmt == 1 ? at::kBFloat16 : at::kByte;
+  check_state(a.exp_avgs[i], p, sdt, "exp_avgs", i, fmt == 2);
+  check_state(a.exp_avg_sqs[i], p, sdt, "exp_avg_sqs", i, fmt == 2);
+  if (fmt == 2) {
+    check_absmax(a.exp_avg_absmaxs[i], p, "exp_avg_absmaxs", i);
+    check_absmax(a.exp_avg_sq_absmaxs[i], p, "exp_avg_sq_absmaxs", i);
+  }
+  if (rnd == 2) {
+    const at::Tensor& c = a.kahan_comps[i];
+    ONEPASS_CHECK(c.device() == p.device() && c.scalar_type() == at::kBFloat16 &&
+                      same_dims(c.sizes(), p.sizes()) && c.layout() == at::kStrided,
+                  "onepass: kahan_comps[", i, "] must be a bfloat16 tensor of shape ", p.sizes(),
+                  " on ", p.device(), ", got ", c.scalar_type(), " ", c.sizes(), " on ",
+                  c.device());
+  }
+  if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
+}
+
 }  // namespace
 
 double read_step(const at::Tensor& st) {
@@ -63,7 +86,7 @@ void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i) {
                 " but its param is ", p.scalar_type());
   ONEPASS_CHECK(g.device() == p.device(), "onepass: grads[", i, "] is on ", g.device(),
                 " but its param on ", p.device());
-  ONEPASS_CHECK(g.sizes() == p.sizes(), "onepass: grads[", i, "] has shape ", g.sizes(),
+  ONEPASS_CHECK(same_dims(g.sizes(), p.sizes()), "onepass: grads[", i, "] has shape ", g.sizes(),
                 " but its param has shape ", p.sizes());
 }
 
@@ -75,7 +98,7 @@ DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad) {
     out.p = param.contiguous();
     out.copy_back = true;
   }
-  if (grad.strides() != out.p.strides() || !grad.is_non_overlapping_and_dense()) {
+  if (!same_dims(grad.strides(), out.p.strides()) || !grad.is_non_overlapping_and_dense()) {
     // A transposed or strided grad is copied into the param's layout first (torch's own fused
     // CPU AdamW reads it in the wrong order instead).
     out.g = at::empty_like(out.p);
@@ -148,6 +171,13 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
     const at::Tensor& g = a.grads[i];
+    if (a.state_checked) {
+      // The params, their state and step counts passed every check below and have not changed
+      // (the plan's gather saw each param's storage, shape and dtype unchanged); the caller
+      // checks the counts' values (check_step_value) as it reads them.
+      check_grad(p, g, i);
+      continue;
+    }
     const at::ScalarType dtype = p.scalar_type();
     ONEPASS_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 ||
                     dtype == at::kHalf,
@@ -162,22 +192,7 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
                   " state is for float32/bf16/fp16 params, got ", dtype);
     ONEPASS_CHECK(rnd == 0 || dtype == at::kBFloat16, "onepass: param_rounding=",
                   rnd == 1 ? "'stochastic'" : "'kahan'", " is for bfloat16 params, got ", dtype);
-    const at::ScalarType sdt = fmt == 0 ? math : fmt == 1 ? at::kBFloat16 : at::kByte;
-    check_state(a.exp_avgs[i], p, sdt, "exp_avgs", i, fmt == 2);
-    check_state(a.exp_avg_sqs[i], p, sdt, "exp_avg_sqs", i, fmt == 2);
-    if (fmt == 2) {
-      check_absmax(a.exp_avg_absmaxs[i], p, "exp_avg_absmaxs", i);
-      check_absmax(a.exp_avg_sq_absmaxs[i], p, "exp_avg_sq_absmaxs", i);
-    }
-    if (rnd == 2) {
-      const at::Tensor& c = a.kahan_comps[i];
-      ONEPASS_CHECK(c.device() == p.device() && c.scalar_type() == at::kBFloat16 &&
-                        c.sizes() == p.sizes() && c.layout() == at::kStrided,
-                    "onepass: kahan_comps[", i, "] must be a bfloat16 tensor of shape ", p.sizes(),
-                    " on ", p.device(), ", got ", c.scalar_type(), " ", c.sizes(), " on ",
-                    c.device());
-    }
-    if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
+    check_batch_state(a, i, math);
     const at::Tensor& st = a.steps[i];
     // Host step counts, or (capturable, CUDA) counts on the params' device.
     ONEPASS_CHECK(st.numel() == 1 && (st.device().is_cpu() || st.device() == dev) &&
@@ -185,12 +200,13 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
                 "onepass: steps[", i, "] must be a one-element float32/float64 tensor on the CPU",
                 " or the params' device, got ", st.scalar_type(), " with ", st.numel(),
                 " elements on ", st.device());
-    if (st.device().is_cpu()) {  // a device count cannot be read here without a sync
-      const double t = read_step(st);
-      ONEPASS_CHECK(t >= 0.0 && t == std::floor(t) && t < 16777216.0, "onepass: steps[", i,
-                    "] holds ", t, ", not a whole number in [0, 2**24) (a float32 step count)");
-    }
+    if (st.device().is_cpu()) check_step_value(read_step(st), i);  // (a device count: no sync)
   }
+}
+
+void check_step_value(double t, size_t i) {
+  ONEPASS_CHECK(t >= 0.0 && t == std::floor(t) && t < 16777216.0, "onepass: steps[", i,
+                "] holds ", t, ", not a whole number in [0, 2**24) (a float32 step count)");
 }
 
 }  // namespace onepass

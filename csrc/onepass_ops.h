@@ -50,6 +50,15 @@ std::string msg(const Args&... args) {
 // TORCH_CHECK with a message made by msg() (one string: c10::str passes it through untouched).
 #define ONEPASS_CHECK(cond, ...) TORCH_CHECK((cond), ::onepass::msg(__VA_ARGS__))
 
+// a == b for shapes and strides: a loop over the few dims a tensor has (IntArrayRef's == calls
+// memcmp, 7% of a 2000-tensor step's instructions when the checks used it).
+inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
 // The arguments of onepass::adam_step_ (one batch: the tensors of one group on one device, of one
 // param dtype), as the kernels see them. Backends never see param groups or hyperparameter dicts.
 struct BatchArgs {
@@ -72,6 +81,10 @@ struct BatchArgs {
   // Fused statistics (onepass::adam_step_stats_; reference.update_statistics): float64
   // [params, 2] receiving (sum of w^2, sum of dw^2) per param; null: none.
   const at::Tensor* stats = nullptr;
+  // The params, their state tensors and step counts passed these checks before and have not
+  // changed since (the optimizer's cached plan, group_plan.h): validate_batch checks the grads
+  // and settings only, and the caller the step counts' values.
+  bool state_checked = false;
 };
 
 // "fp32"/"bf16"/"int8" -> 0/1/2 and "nearest"/"stochastic"/"kahan" -> 0/1/2 (errors otherwise).
@@ -92,6 +105,8 @@ void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i);
 
 // A host step-count tensor's value (float32 or float64, one element).
 double read_step(const at::Tensor& st);
+// Raises unless t is a step count a step can advance: a whole number in [0, 2**24); i names it.
+void check_step_value(double t, size_t i);
 
 // Checks everything a kernel relies on before anything is written, so a bad batch raises a clear
 // error and changes nothing.
@@ -180,6 +195,13 @@ void adam_check_lowp_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                           const std::string& param_rounding, at::TensorList kahan_comps,
                           int64_t seed);
 #endif
+
+// Increments one-element CPU step-count tensors and returns the new counts (for the triton
+// backend, whose kernels take the counts from the host).
+std::vector<int64_t> bump_steps(at::TensorList steps);
+// Checks each (param, grad) pair as validate_batch does and returns an int64 [n, 3] table of
+// (param address, grad address, flags: 1 = param contiguous, 2 = grad contiguous).
+at::Tensor pair_table(at::TensorList params, at::TensorList grads);
 
 std::string cpu_isa_get();
 std::vector<std::string> cpu_isa_supported();

@@ -107,6 +107,48 @@ TORCH_LIBRARY(onepass, m) {
 
 #endif  // ONEPASS_CUDA_ADDON
 
+namespace onepass {
+
+// Increments CPU step-count tensors and returns the new counts: for backends whose kernels take
+// the counts from the host (triton), where 2000 Python-side add_ calls cost ~7 ms a step.
+std::vector<int64_t> bump_steps(at::TensorList steps) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    ONEPASS_CHECK(s.numel() == 1 && s.device().is_cpu() &&
+                      (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                  "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor");
+  }
+  std::vector<int64_t> out(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    void* d = steps[i].data_ptr();
+    if (steps[i].scalar_type() == at::kFloat)
+      out[i] = static_cast<int64_t>(*static_cast<float*>(d) += 1.0f);
+    else
+      out[i] = static_cast<int64_t>(*static_cast<double*>(d) += 1.0);
+  }
+  return out;
+}
+// Checks each (param, grad) pair as validate_batch does and returns an int64 [n, 3] table of
+// (param address, grad address, flags: 1 = param contiguous, 2 = grad contiguous). For backends
+// that build device tables on the host (triton): ~2 us of Python per param otherwise.
+at::Tensor pair_table(at::TensorList params, at::TensorList grads) {
+  ONEPASS_CHECK(params.size() == grads.size(), "onepass: ", params.size(), " params but ",
+                grads.size(), " grads");
+  at::Tensor out = at::empty({static_cast<int64_t>(params.size()), 3}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    check_grad(p, g, i);
+    o[3 * i] = reinterpret_cast<int64_t>(p.data_ptr());
+    o[3 * i + 1] = reinterpret_cast<int64_t>(g.data_ptr());
+    o[3 * i + 2] = (p.is_contiguous() ? 1 : 0) | (g.is_contiguous() ? 2 : 0);
+  }
+  return out;
+}
+
+}  // namespace onepass
+
 // The extension is loaded as the Python module onepass._C; importing it runs the registrations.
 // It also binds the CPU kernel directly: calling torch.ops.onepass.adam_step_ from Python converts
 // six lists through the dispatcher's boxed IValue path, ~1.2 us per param (2.4 ms per step for
@@ -157,49 +199,21 @@ void check_lowp_direct(const TVec& p, const TVec& g, const TVec& m, const TVec& 
                                decoupled, gs, fi, fmt, am, av, qt, rnd, comps, seed);
 }
 #endif  // ONEPASS_CUDA_ADDON
-// Increments CPU step-count tensors and returns the new counts: for backends whose kernels take
-// the counts from the host (triton), where 2000 Python-side add_ calls cost ~7 ms a step.
-std::vector<int64_t> bump_steps(const TVec& steps) {
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    ONEPASS_CHECK(s.numel() == 1 && s.device().is_cpu() &&
-                      (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                  "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor");
-  }
-  std::vector<int64_t> out(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    void* d = steps[i].data_ptr();
-    if (steps[i].scalar_type() == at::kFloat)
-      out[i] = static_cast<int64_t>(*static_cast<float*>(d) += 1.0f);
-    else
-      out[i] = static_cast<int64_t>(*static_cast<double*>(d) += 1.0);
-  }
-  return out;
-}
-// Checks each (param, grad) pair as validate_batch does and returns an int64 [n, 3] table of
-// (param address, grad address, flags: 1 = param contiguous, 2 = grad contiguous). For backends
-// that build device tables on the host (triton): ~2 us of Python per param otherwise.
-at::Tensor pair_table(const TVec& params, const TVec& grads) {
-  ONEPASS_CHECK(params.size() == grads.size(), "onepass: ", params.size(), " params but ",
-                grads.size(), " grads");
-  at::Tensor out = at::empty({static_cast<int64_t>(params.size()), 3}, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
-    onepass::check_grad(p, g, i);
-    o[3 * i] = reinterpret_cast<int64_t>(p.data_ptr());
-    o[3 * i + 1] = reinterpret_cast<int64_t>(g.data_ptr());
-    o[3 * i + 2] = (p.is_contiguous() ? 1 : 0) | (g.is_contiguous() ? 2 : 0);
-  }
-  return out;
-}
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pair_table", &pair_table, "check (param, grad) pairs; int64 [n, 3] of addresses, flags");
-  m.def("bump_steps", &bump_steps, "step += 1 for each CPU step tensor; returns the new counts");
 #ifndef ONEPASS_CUDA_ADDON
+namespace onepass {
+void bind_group_plan(pybind11::module& m);  // group_plan.cpp
+}  // namespace onepass
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pair_table", [](const TVec& p, const TVec& g) { return onepass::pair_table(p, g); },
+        "check (param, grad) pairs; int64 [n, 3] of addresses, flags");
+  m.def("bump_steps", [](const TVec& s) { return onepass::bump_steps(s); },
+        "step += 1 for each CPU step tensor; returns the new counts");
+#ifndef ONEPASS_CUDA_ADDON
+  onepass::bind_group_plan(m);
   m.def("adam_step_cpu", &step_direct, "onepass::adam_step_ on CPU tensors (eager)",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
         py::arg("max_exp_avg_sqs"), py::arg("steps"), py::kw_only(), py::arg("lr"),

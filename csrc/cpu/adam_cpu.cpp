@@ -13,6 +13,7 @@
 // depend on the vector width (no reductions, no FMA contraction), so all three give the same bits;
 // the tests run each one this CPU has.
 #include "../adam_math.h"
+#include "../group_plan.h"
 #include "../onepass_ops.h"
 
 #include <ATen/Parallel.h>
@@ -25,6 +26,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -691,166 +693,307 @@ void add_scalars(std::vector<StepScalars<T>>& table, int64_t& last_step, int64_t
 
 namespace {
 
-void step_impl(const BatchArgs& a) {
-  const size_t n = a.params.size();
+void check_stats(const at::Tensor& stats, size_t n) {
+  ONEPASS_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kDouble &&
+                    stats.is_contiguous() && stats.dim() == 2 &&
+                    stats.size(0) == static_cast<int64_t>(n) && stats.size(1) == 2,
+                "onepass: stats must be a contiguous float64 CPU tensor of shape [", n, ", 2]");
+}
+
+// What the walk of a batch needs that is the same for all its tensors: the loops chosen by its
+// flags and the ISA, and the int8 tables with their code search. The TensorWork entries point
+// into it, so it lives as long as they do.
+struct WalkCtx {
+  bool lowp, int8;
+  int sf, pr, isa;
+  bool flags[4];  // amsgrad, maximize, coupled, scaled
+  uint32_t seed;
+  const float* tables = nullptr;
+  CodeIndex index_m, index_v;
+  bool float_map = false, indexed = false;
+  RangeFn fns[4] = {nullptr, nullptr, nullptr, nullptr};  // by param dtype: f32, f64, bf16, f16
+
+  explicit WalkCtx(const BatchArgs& a)
+      : lowp(a.state_format != kF32 || a.param_rounding != kNearest),
+        int8(a.state_format == kInt8),
+        sf(a.state_format),
+        pr(a.param_rounding),
+        isa(g_isa.load(std::memory_order_relaxed)),
+        flags{a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()},
+        seed(static_cast<uint32_t>(a.seed)) {
+    if (int8) {
+      tables = a.qtables->data_ptr<float>();
+      float_map = is_float_map(tables);
+      indexed = !float_map && index_m.build(tables + kMidM) && index_v.build(tables + kMidV);
+    }
+  }
+
+  // Whether this context's loops are the ones a batch with these settings needs.
+  bool fits(const BatchArgs& a) const {
+    return isa == g_isa.load(std::memory_order_relaxed) && flags[0] == a.amsgrad &&
+           flags[1] == a.maximize && flags[2] == !a.decoupled &&
+           flags[3] == a.grad_scale.has_value() && seed == static_cast<uint32_t>(a.seed);
+  }
+
+  RangeFn fn_for(at::ScalarType dt) {
+    const int slot = dt == at::kFloat ? 0 : dt == at::kDouble ? 1 : dt == at::kBFloat16 ? 2 : 3;
+    if (fns[slot] == nullptr) {
+      if (lowp) {
+        fns[slot] = pick_lowp(dt, sf, pr, flags);
+      } else {
+        const bool* f = flags;
+        switch (slot) {
+          case 0: fns[slot] = pick<float>(f[0], f[1], f[2], f[3]); break;
+          case 1: fns[slot] = pick<double>(f[0], f[1], f[2], f[3]); break;
+          case 2: fns[slot] = pick<Bf16>(f[0], f[1], f[2], f[3]); break;
+          default: fns[slot] = pick<Fp16>(f[0], f[1], f[2], f[3]); break;
+        }
+      }
+    }
+    return fns[slot];
+  }
+};
+
+// Whether the kernels walk a param in place (else through a working copy): int8 blocks are rows
+// of the row-major order, so int8 walks contiguous tensors; the other formats walk any dense
+// layout in storage order.
+bool walks_in_place(const at::Tensor& p, bool int8) {
+  return int8 ? p.is_contiguous() : p.is_non_overlapping_and_dense();
+}
+// Whether a grad (or a Kahan compensation) is in the walk layout of its param `p`.
+bool in_walk_layout(const at::Tensor& t, const at::Tensor& p, bool int8) {
+  return int8 ? t.is_contiguous()
+              : same_dims(t.strides(), p.strides()) && t.is_non_overlapping_and_dense();
+}
+
+// The fields of batch tensor i's work that stay while its tensors keep their storage. `p` is the
+// tensor walked (the param or its working copy), `comp` its Kahan compensation in p's layout.
+void fill_static(TensorWork& w, const BatchArgs& a, size_t i, const at::Tensor& p, void* comp,
+                 WalkCtx& ctx) {
+  w.p = p.data_ptr();
+  w.m = a.exp_avgs[i].data_ptr();
+  w.v = a.exp_avg_sqs[i].data_ptr();
+  w.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
+  w.comp = comp;
+  w.fn = ctx.fn_for(p.scalar_type());
+  w.n = p.numel();
+  w.index = static_cast<int64_t>(i);
+  if (ctx.int8) {
+    const int64_t rows = p.dim() < 2 ? 1 : p.size(0);
+    w.blocks = true;
+    w.row_len = w.n / rows;
+    w.blocks_per_row = (w.row_len + kInt8Block - 1) / kInt8Block;
+    w.units = rows * w.blocks_per_row * kUnit;
+    w.absmax_m = a.exp_avg_absmaxs[i].data_ptr<float>();
+    w.absmax_v = a.exp_avg_sq_absmaxs[i].data_ptr<float>();
+    w.tables = ctx.tables;
+    w.index_m = ctx.indexed ? &ctx.index_m : nullptr;
+    w.index_v = ctx.indexed ? &ctx.index_v : nullptr;
+    w.float_map = ctx.float_map;
+    w.block_stats = pick_block_stats(p.scalar_type());
+  } else {
+    w.units = (w.n + kUnit - 1) / kUnit;
+  }
+}
+
+// The per-step scalars of a batch: params with the same step count in a row share an entry.
+// Reserved for every param up front, so the entries TensorWork points to never move.
+struct ScalarTables {
+  std::vector<StepScalars<float>> f;
+  std::vector<StepScalars<double>> d;
+  int64_t last_f = -1, last_d = -1;
+
+  void reset(size_t n) {
+    f.clear();
+    d.clear();
+    f.reserve(n);
+    d.reserve(n);
+    last_f = last_d = -1;
+  }
+};
+
+// The fields of a tensor's work that change every step: its grad and its step's scalars (and the
+// random streams' keys of the low-precision loops).
+// `step` is the count this step makes (the stored count + 1).
+void fill_step(TensorWork& w, const void* g, int64_t step, bool f64, ScalarTables& sc,
+               const BatchArgs& a, double lr, double grad_scale, const WalkCtx& ctx) {
+  w.g = g;
+  if (f64) {
+    add_scalars(sc.d, sc.last_d, step, a, lr, grad_scale);
+    w.scalars = &sc.d.back();
+  } else {
+    add_scalars(sc.f, sc.last_f, step, a, lr, grad_scale);
+    w.scalars = &sc.f.back();
+  }
+  if (ctx.lowp) {
+    w.key_p = stream_key(ctx.seed, step, kStreamParam);
+    w.key_m = stream_key(ctx.seed, step, kStreamM);
+    w.key_v = stream_key(ctx.seed, step, kStreamV);
+  }
+}
+
+// lr (a Tensor lr read here) and the grad scale of a checked batch.
+std::pair<double, double> host_lr_and_scale(const BatchArgs& a) {
   const double lr = a.lr_tensor.has_value() ? a.lr_tensor->item<double>() : a.lr;
   ONEPASS_CHECK(lr >= 0.0, "onepass: invalid learning rate ", lr);
   const double grad_scale = a.grad_scale.has_value() ? a.grad_scale->item<double>() : 1.0;
-  const bool coupled = !a.decoupled;
-  const bool scaled = a.grad_scale.has_value();
-  const RangeFn fns[4] = {pick<float>(a.amsgrad, a.maximize, coupled, scaled),
-                          pick<double>(a.amsgrad, a.maximize, coupled, scaled),
-                          pick<Bf16>(a.amsgrad, a.maximize, coupled, scaled),
-                          pick<Fp16>(a.amsgrad, a.maximize, coupled, scaled)};
+  return {lr, grad_scale};
+}
 
-  // Reserved up front: TensorWork points into these tables, so they must never reallocate.
-  std::vector<StepScalars<float>> scalars_f;
-  std::vector<StepScalars<double>> scalars_d;
-  scalars_f.reserve(n);
-  scalars_d.reserve(n);
-  int64_t last_f = -1, last_d = -1;
+// Runs the work (with the fused statistics when the batch has them), then bumps the counts.
+void run_and_count(const BatchArgs& a, std::vector<TensorWork>& work, int64_t units) {
+  std::vector<double> partials;
+  if (a.stats != nullptr) units = setup_stats(work, partials);
+  run(work, units);
+  if (a.stats != nullptr) finish_stats(work, *a.stats);
+}
+
+// One checked batch, any state format: every tensor in one parallel region. Params the kernels
+// cannot walk in place, and grads or compensations in another layout, go through working copies
+// (written back after the run).
+void step_walk(const BatchArgs& a) {
+  const size_t n = a.params.size();
+  const auto [lr, grad_scale] = host_lr_and_scale(a);
+  WalkCtx ctx(a);
+  ScalarTables sc;
+  sc.reset(n);
   std::vector<TensorWork> work;
   work.reserve(n);
   std::vector<at::Tensor> keep;  // temporaries that must outlive the kernel
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (param, dense working copy)
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, working copy)
   int64_t units = 0;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p0 = a.params[i];
     if (p0.numel() == 0) continue;
-    const DensePair dp = dense_pair(p0, a.grads[i]);
-    if (dp.copy_back) write_back.emplace_back(p0, dp.p);
-    keep.push_back(dp.g);
-    const at::Tensor& p = dp.p;
-    TensorWork w;
-    w.p = p.data_ptr();
-    w.g = dp.g.data_ptr();
-    w.m = a.exp_avgs[i].data_ptr();
-    w.v = a.exp_avg_sqs[i].data_ptr();
-    w.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
-    const int64_t step = static_cast<int64_t>(read_step(a.steps[i])) + 1;
-    if (p.scalar_type() == at::kDouble) {
-      add_scalars(scalars_d, last_d, step, a, lr, grad_scale);
-      w.scalars = &scalars_d.back();
-      w.fn = fns[1];
-    } else {
-      add_scalars(scalars_f, last_f, step, a, lr, grad_scale);
-      w.scalars = &scalars_f.back();
-      w.fn = fns[p.scalar_type() == at::kFloat ? 0 : p.scalar_type() == at::kBFloat16 ? 2 : 3];
+    at::Tensor p = p0, g = a.grads[i];
+    if (!walks_in_place(p0, ctx.int8)) {
+      p = p0.contiguous();
+      write_back.emplace_back(p0, p);
     }
-    w.n = p.numel();
+    if (!in_walk_layout(g, p, ctx.int8)) {
+      // a transposed or strided grad is copied into the walk's layout first (torch's own fused
+      // CPU AdamW reads it in the wrong order instead)
+      g = at::empty_like(p);
+      g.copy_(a.grads[i]);
+    }
+    keep.push_back(g);
+    void* comp = nullptr;
+    if (a.param_rounding == kKahan) {
+      at::Tensor c = a.kahan_comps[i];
+      if (!in_walk_layout(c, p, ctx.int8)) {
+        c = at::empty_like(p, c.options());
+        c.copy_(a.kahan_comps[i]);
+        write_back.emplace_back(a.kahan_comps[i], c);
+      }
+      comp = c.data_ptr();
+    }
+    TensorWork w;
+    fill_static(w, a, i, p, comp, ctx);
+    fill_step(w, g.data_ptr(), static_cast<int64_t>(read_step(a.steps[i])) + 1,
+              p.scalar_type() == at::kDouble, sc, a, lr, grad_scale, ctx);
     w.unit_begin = units;
-    w.units = (w.n + kUnit - 1) / kUnit;
-    w.index = static_cast<int64_t>(i);
     units += w.units;
     work.push_back(w);
   }
-  std::vector<double> partials;
-  if (a.stats != nullptr) units = setup_stats(work, partials);
-  run(work, units);
-  if (a.stats != nullptr) finish_stats(work, *a.stats);
+  run_and_count(a, work, units);
   for (auto& pw : write_back) pw.first.copy_(pw.second);
   for (size_t i = 0; i < n; ++i) bump_step(a.steps[i]);
 }
 
-// The low-precision batch: every tensor in one parallel region, as step_impl.
-void step_impl_lowp(const BatchArgs& a) {
-  const size_t n = a.params.size();
-  const double lr = a.lr_tensor.has_value() ? a.lr_tensor->item<double>() : a.lr;
-  ONEPASS_CHECK(lr >= 0.0, "onepass: invalid learning rate ", lr);
-  const double grad_scale = a.grad_scale.has_value() ? a.grad_scale->item<double>() : 1.0;
-  const bool flags[4] = {a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()};
-  const int sf = a.state_format;
-  const int pr = a.param_rounding;
-  const bool int8 = sf == kInt8;
-  const uint32_t seed = static_cast<uint32_t>(a.seed);
-  const float* tables = int8 ? a.qtables->data_ptr<float>() : nullptr;
-  CodeIndex index_m, index_v;
-  const bool float_map = int8 && is_float_map(tables);
-  const bool indexed = int8 && !float_map && index_m.build(tables + kMidM) &&
-                       index_v.build(tables + kMidV);
-
-  std::vector<StepScalars<float>> scalars_f;
-  scalars_f.reserve(n);
-  int64_t last_f = -1;
-  std::vector<TensorWork> work;
-  work.reserve(n);
-  std::vector<at::Tensor> keep;
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, working copy)
-  RangeFn fns[3] = {nullptr, nullptr, nullptr};  // by param dtype: float, bf16, fp16
+// A plan part's walk, kept between steps (group_plan.h: PlanPart::cpu_work): the static fields
+// of every tensor's work, made once while the part's tensors keep their storage and its flags.
+struct PlannedWalk {
+  explicit PlannedWalk(const BatchArgs& a) : ctx(a) {}
+  WalkCtx ctx;
+  std::vector<TensorWork> work;  // one per non-empty param, in order
+  std::vector<size_t> index;     // the batch index of each
   int64_t units = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p0 = a.params[i];
-    if (p0.numel() == 0) continue;
-    at::Tensor p, g;
-    if (int8) {
-      // int8 blocks are rows of the row-major order: walk contiguous working copies
-      p = p0.is_contiguous() ? p0 : p0.contiguous();
-      if (!p0.is_contiguous()) write_back.emplace_back(p0, p);
-      g = a.grads[i].is_contiguous() ? a.grads[i] : a.grads[i].contiguous();
-    } else {
-      const DensePair dp = dense_pair(p0, a.grads[i]);
-      if (dp.copy_back) write_back.emplace_back(p0, dp.p);
-      p = dp.p;
-      g = dp.g;
-    }
-    keep.push_back(g);
-    TensorWork w;
-    w.p = p.data_ptr();
-    w.g = g.data_ptr();
-    w.m = a.exp_avgs[i].data_ptr();
-    w.v = a.exp_avg_sqs[i].data_ptr();
-    w.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
-    if (pr == kKahan) {
-      const at::Tensor& c0 = a.kahan_comps[i];
-      at::Tensor c = c0;
-      if (c0.strides() != p.strides() || !c0.is_non_overlapping_and_dense()) {
-        c = at::empty_like(p, c0.options());
-        c.copy_(c0);
-        write_back.emplace_back(c0, c);
-      }
-      w.comp = c.data_ptr();
-    }
-    const int64_t step = static_cast<int64_t>(read_step(a.steps[i])) + 1;
-    add_scalars(scalars_f, last_f, step, a, lr, grad_scale);
-    w.scalars = &scalars_f.back();
-    w.key_p = stream_key(seed, step, kStreamParam);
-    w.key_m = stream_key(seed, step, kStreamM);
-    w.key_v = stream_key(seed, step, kStreamV);
-    const at::ScalarType dt = p.scalar_type();
-    const int slot = dt == at::kFloat ? 0 : dt == at::kBFloat16 ? 1 : 2;
-    if (fns[slot] == nullptr) fns[slot] = pick_lowp(dt, sf, pr, flags);
-    w.fn = fns[slot];
-    w.n = p.numel();
-    w.unit_begin = units;
-    if (int8) {
-      const int64_t rows = p.dim() < 2 ? 1 : p.size(0);
-      w.blocks = true;
-      w.row_len = w.n / rows;
-      w.blocks_per_row = (w.row_len + kInt8Block - 1) / kInt8Block;
-      w.units = rows * w.blocks_per_row * kUnit;
-      w.absmax_m = a.exp_avg_absmaxs[i].data_ptr<float>();
-      w.absmax_v = a.exp_avg_sq_absmaxs[i].data_ptr<float>();
-      w.tables = tables;
-      w.index_m = indexed ? &index_m : nullptr;
-      w.index_v = indexed ? &index_v : nullptr;
-      w.float_map = float_map;
-    } else {
-      w.units = (w.n + kUnit - 1) / kUnit;
-    }
-    w.index = static_cast<int64_t>(i);
-    if (int8) w.block_stats = pick_block_stats(dt);
-    units += w.units;
-    work.push_back(w);
+  ScalarTables sc;
+  bool usable = true;  // false: some param or compensation needs a working copy (step_walk)
+  // Every param's step count (float32 or float64, one element), read and bumped in place.
+  std::vector<void*> count_data;
+  std::vector<uint8_t> count_f64;
+
+  double count(size_t i) const {
+    return count_f64[i] ? *static_cast<const double*>(count_data[i])
+                        : static_cast<double>(*static_cast<const float*>(count_data[i]));
   }
-  std::vector<double> partials;
-  if (a.stats != nullptr) units = setup_stats(work, partials);
-  run(work, units);
-  if (a.stats != nullptr) finish_stats(work, *a.stats);
-  for (auto& pw : write_back) pw.first.copy_(pw.second);
-  for (size_t i = 0; i < n; ++i) bump_step(a.steps[i]);
+  void bump_counts() {
+    for (size_t i = 0; i < count_data.size(); ++i) {
+      if (count_f64[i]) *static_cast<double*>(count_data[i]) += 1.0;
+      else *static_cast<float*>(count_data[i]) += 1.0f;
+    }
+  }
+};
+
+std::shared_ptr<PlannedWalk> make_planned_walk(const BatchArgs& a) {
+  auto pw = std::make_shared<PlannedWalk>(a);
+  const size_t n = a.params.size();
+  pw->work.reserve(n);
+  for (const at::Tensor& st : a.steps) {
+    pw->count_data.push_back(st.data_ptr());
+    pw->count_f64.push_back(st.scalar_type() == at::kDouble);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    if (p.numel() == 0) continue;
+    void* comp = nullptr;
+    if (a.param_rounding == kKahan) {
+      if (!in_walk_layout(a.kahan_comps[i], p, pw->ctx.int8)) pw->usable = false;
+      comp = a.kahan_comps[i].data_ptr();
+    }
+    if (!walks_in_place(p, pw->ctx.int8)) pw->usable = false;
+    if (!pw->usable) return pw;
+    TensorWork w;
+    fill_static(w, a, i, p, comp, pw->ctx);
+    w.unit_begin = pw->units;
+    pw->units += w.units;
+    pw->work.push_back(w);
+    pw->index.push_back(i);
+  }
+  return pw;
 }
 
 }  // namespace
+
+void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stats,
+                      bool check_only) {
+  BatchArgs a = plan_args(part, h, stats);
+  const bool counts_unchecked = part.state_checked;  // validate_batch leaves them to us then
+  a.state_checked = part.state_checked;
+  validate_batch(a, c10::DeviceType::CPU);
+  part.state_checked = true;  // unchanged until the optimizer makes a new plan
+  if (stats != nullptr) check_stats(*stats, a.params.size());
+  if (a.params.empty()) return;
+  auto* pw = static_cast<PlannedWalk*>(part.cpu_work.get());
+  if (pw == nullptr || !pw->ctx.fits(a)) {
+    part.cpu_work = make_planned_walk(a);
+    pw = static_cast<PlannedWalk*>(part.cpu_work.get());
+  }
+  if (counts_unchecked)
+    for (size_t i = 0; i < a.params.size(); ++i) check_step_value(pw->count(i), i);
+  if (check_only) return;
+  if (a.found_inf.has_value() && a.found_inf->item<double>() != 0.0) return;  // AMP: skip
+  if (!pw->usable || stats != nullptr) {  // (statistics re-lay the units: the general walk)
+    step_walk(a);
+    return;
+  }
+  const auto [lr, grad_scale] = host_lr_and_scale(a);
+  pw->sc.reset(a.params.size());
+  for (size_t k = 0; k < pw->work.size(); ++k) {
+    const size_t i = pw->index[k];
+    const at::Tensor& p = a.params[i];
+    const at::Tensor& g = a.grads[i];
+    if (!in_walk_layout(g, p, pw->ctx.int8)) {  // this step's grad needs a copy: nothing written yet
+      step_walk(a);
+      return;
+    }
+    fill_step(pw->work[k], g.data_ptr(), static_cast<int64_t>(pw->count(i)) + 1,
+              p.scalar_type() == at::kDouble, pw->sc, a, lr, grad_scale, pw->ctx);
+  }
+  run_and_count(a, pw->work, pw->units);
+  pw->bump_counts();
+}
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
@@ -864,7 +1007,7 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   validate_batch(a, c10::DeviceType::CPU);
   if (params.empty()) return;
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // AMP overflow: skip
-  step_impl(a);
+  step_walk(a);
 }
 
 // The checks of adam_step_ without the step: a multi-group optimizer step checks every batch
@@ -898,10 +1041,7 @@ void adam_step_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   validate_batch(a, c10::DeviceType::CPU);
   if (params.empty()) return;
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // AMP overflow: skip
-  if (a.state_format == kF32 && a.param_rounding == kNearest)
-    step_impl(a);  // what adam_step_ does
-  else
-    step_impl_lowp(a);
+  step_walk(a);
 }
 
 void adam_step_stats_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -919,17 +1059,10 @@ void adam_step_stats_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                     parse_param_rounding(param_rounding), exp_avg_absmaxs, exp_avg_sq_absmaxs,
                     qtables.has_value() ? &*qtables : nullptr, kahan_comps, seed, &stats};
   validate_batch(a, c10::DeviceType::CPU);
-  ONEPASS_CHECK(stats.device().is_cpu() && stats.scalar_type() == at::kDouble &&
-                    stats.is_contiguous() && stats.dim() == 2 &&
-                    stats.size(0) == static_cast<int64_t>(params.size()) && stats.size(1) == 2,
-                "onepass: stats must be a contiguous float64 CPU tensor of shape [", params.size(),
-                ", 2]");
+  check_stats(stats, params.size());
   if (params.empty()) return;
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // AMP overflow: skip
-  if (a.state_format == kF32 && a.param_rounding == kNearest)
-    step_impl(a);
-  else
-    step_impl_lowp(a);
+  step_walk(a);
 }
 
 void adam_check_lowp_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

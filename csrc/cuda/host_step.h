@@ -373,7 +373,7 @@ void step_lowp(const BatchArgs& a, const RT& rt) {
       if (pr == kKahan) {
         const at::Tensor& c0 = a.kahan_comps[i];
         at::Tensor c = c0;
-        if (c0.strides() != p.strides() || !c0.is_non_overlapping_and_dense()) {
+        if (!same_dims(c0.strides(), p.strides()) || !c0.is_non_overlapping_and_dense()) {
           c = at::empty_like(p, c0.options());
           c.copy_(c0);
           write_back.emplace_back(c0, c);

@@ -4,6 +4,8 @@
 // run by the SIMT emulation.
 #include "emu_runtime.h"
 
+#include "../group_plan.h"
+
 #include <torch/csrc/utils/pybind.h>
 
 #include <string>
@@ -16,6 +18,20 @@ using OptT = std::optional<at::Tensor>;
 using onepass::BatchArgs;
 using onepass::EmuRuntime;
 
+// The cuda backend's step on a batch: its checks, then the kernels (or the checks only).
+void run(const BatchArgs& a, const EmuRuntime& rt, bool check_only) {
+  onepass::validate_batch(a, c10::DeviceType::CPU);
+  if (a.params.empty()) return;
+  if (check_only) {
+    onepass::host::check_launch(a, rt);
+    return;
+  }
+  if (a.state_format == onepass::host::kF32 && a.param_rounding == onepass::host::kNearest)
+    onepass::emu_step_fp32(a, rt);
+  else
+    onepass::emu_step_lowp(a, rt);
+}
+
 // adam_step_lowp_'s arguments, plus where the step counts live and whether a graph is "captured".
 void step(const TVec& p, const TVec& g, const TVec& m, const TVec& v, const TVec& vmax,
           const TVec& steps, double lr, const OptT& lr_t, double b1, double b2, double eps,
@@ -26,17 +42,33 @@ void step(const TVec& p, const TVec& g, const TVec& m, const TVec& v, const TVec
   const BatchArgs a{p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize, decoupled,
                     gs, fi, onepass::parse_state_format(fmt), onepass::parse_param_rounding(rnd),
                     am, av, qt.has_value() ? &*qt : nullptr, comps, seed};
-  onepass::validate_batch(a, c10::DeviceType::CPU);
-  const EmuRuntime rt{device_steps, capturing};
-  if (p.empty()) return;
-  if (check_only) {
-    onepass::host::check_launch(a, rt);
-    return;
-  }
-  if (a.state_format == onepass::host::kF32 && a.param_rounding == onepass::host::kNearest)
-    onepass::emu_step_fp32(a, rt);
-  else
-    onepass::emu_step_lowp(a, rt);
+  run(a, EmuRuntime{device_steps, capturing, false}, check_only);
+}
+
+// One part of the optimizer's cached plan (onepass._C.GroupPlan, csrc/group_plan.h), reached by
+// the address GroupPlan.address() gives: that module and this one are built from the same header
+// by the same compiler, and this module has no other way to reach a C++ object of the other.
+// stub_launch: the whole host step without the kernels (bench/host_time.py).
+void step_plan(uintptr_t address, size_t part, double lr, const OptT& lr_t, double b1, double b2,
+               double eps, double wd, bool maximize, bool decoupled, const OptT& gs,
+               const OptT& fi, int64_t seed, bool device_steps, bool capturing, bool check_only,
+               bool stub_launch) {
+  const auto* plan = reinterpret_cast<const onepass::GroupPlan*>(address);
+  ONEPASS_CHECK(part < plan->parts.size(), "onepass: plan part ", part, " of ", plan->parts.size());
+  onepass::StepHyper h;
+  h.lr = lr;
+  h.lr_tensor = lr_t;
+  h.beta1 = b1;
+  h.beta2 = b2;
+  h.eps = eps;
+  h.weight_decay = wd;
+  h.maximize = maximize;
+  h.decoupled = decoupled;
+  h.grad_scale = gs;
+  h.found_inf = fi;
+  h.seed = seed;
+  run(onepass::plan_args(plan->parts[part], h, nullptr),
+      EmuRuntime{device_steps, capturing, stub_launch}, check_only);
 }
 
 }  // namespace
@@ -51,6 +83,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("exp_avg_absmaxs"), py::arg("exp_avg_sq_absmaxs"), py::arg("qtables"),
         py::arg("param_rounding"), py::arg("kahan_comps"), py::arg("seed"),
         py::arg("device_steps"), py::arg("capturing"), py::arg("check_only"));
+  m.def("step_plan", &step_plan, "a part of a onepass._C.GroupPlan, by its address",
+        py::arg("address"), py::arg("part"), py::kw_only(), py::arg("lr"), py::arg("lr_tensor"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("maximize"), py::arg("decoupled"), py::arg("grad_scale"), py::arg("found_inf"),
+        py::arg("seed"), py::arg("device_steps"), py::arg("capturing"), py::arg("check_only"),
+        py::arg("stub_launch"));
   m.def("kernels_compiled", &onepass_emu::kernels_compiled,
         "the kernel instantiations compiled into this module");
   m.def("kernels_run", &onepass_emu::kernels_run, "the kernel instantiations launched since load");

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import quant, reference
+from . import _ops, quant, reference
 from .backends import BACKENDS, Batch, auto_candidates, resolve_backend
 from .reference import PARAM_DTYPES, math_dtype
 
@@ -271,16 +272,7 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     that are not a pair (torch: IndexError, or a third value ignored) and a multi-element Tensor
     beta (torch: RuntimeError "Boolean value of Tensor with more than one value is ambiguous";
     here torch's own "Tensor betas[i] must be 1-element")."""
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        # Not while torch.compile traces a step: reading the value (.item()) would break the
-        # graph at every step; the check ran eagerly at construction (as torch.optim's does).
-        if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not float(lr.item()) >= 0.0):
-            raise ValueError(f"Invalid learning rate: {lr}")
-    elif not float(lr) >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
+    _check_lr(lr)
     if not float(eps) >= 0.0:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -312,7 +304,27 @@ def _resolve_decay_mode(decay_mode: Optional[str], decoupled: Optional[bool],
     return decay_mode, decay_mode != "coupled"
 
 
-def _check_group(group: Dict[str, Any]) -> None:
+#: A group's settings but lr: _check_group's memo key, and what a group's cached batches were
+#: made with (the step reuses them while it is the same).
+_SETTING_KEYS = ("betas", "eps", "weight_decay", "differentiable", "state_dtype", "amsgrad",
+                 "param_rounding", "seed", "min_int8_numel", "decay_mode", "decoupled", "lr_max",
+                 "backend", "maximize", "capturable", "statistics")
+
+
+def _check_group(group: Dict[str, Any], memo: Optional[Dict[int, tuple]] = None) -> tuple:
+    """Raises for a group setting onepass cannot run (torch's wording where torch has one);
+    returns the group's settings key (_SETTING_KEYS). ``memo`` (the optimizer's, by group)
+    skips the settings that are the same objects or equal values as at the last check: ~8 us of
+    Python a group a step otherwise. lr is checked every time (a scheduler changes it every
+    step)."""
+    key = tuple(map(group.get, _SETTING_KEYS))
+    if memo is not None:
+        try:
+            if memo.get(id(group)) == key:
+                _check_lr(group["lr"])
+                return key
+        except RuntimeError:  # a Tensor compared with another by value: check them all
+            pass
     _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
     if group.get("differentiable"):
         raise ValueError("onepass: differentiable=True is not supported (the update is not differentiated)")
@@ -322,11 +334,8 @@ def _check_group(group: Dict[str, Any]) -> None:
     rounding = group.get("param_rounding", "nearest")
     if rounding not in reference.PARAM_ROUNDINGS:
         raise ValueError(f"onepass: param_rounding must be one of {reference.PARAM_ROUNDINGS}, got {rounding!r}")
-    if rounding != "nearest":
-        for p in group["params"]:
-            if isinstance(p, Tensor) and p.dtype == torch.float16:
-                raise ValueError(f"onepass: param_rounding={rounding!r} is for bfloat16 params "
-                                 "(float16 params round to nearest; keep an fp32 master copy)")
+    if memo is None:  # (a step checks the params with grads when it makes their state lists)
+        _check_rounding_dtypes(group["params"], rounding)
     seed = group.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise ValueError(f"onepass: seed must be an int in [0, 2**32), got {seed!r}")
@@ -339,6 +348,35 @@ def _check_group(group: Dict[str, Any]) -> None:
     name = group["backend"]
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"onepass: unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}")
+    if memo is not None:
+        memo[id(group)] = key
+    return key
+
+
+def _check_rounding_dtypes(params: List[Tensor], rounding: str) -> None:
+    """A rounding other than nearest is for bfloat16 params: float16 ones are refused. (On the
+    params with grads, whenever the group's state lists are made: the cached plan holds the same
+    param objects with the same dtypes.)"""
+    if rounding == "nearest":
+        return
+    for p in params:
+        if isinstance(p, Tensor) and p.dtype == torch.float16:
+            raise ValueError(f"onepass: param_rounding={rounding!r} is for bfloat16 params "
+                             "(float16 params round to nearest; keep an fp32 master copy)")
+
+
+def _check_lr(lr) -> None:
+    """_check_hyperparameters' lr part."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        # Not while torch.compile traces a step: reading the value (.item()) would break the
+        # graph at every step; the check ran eagerly at construction (as torch.optim's does).
+        if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not float(lr.item()) >= 0.0):
+            raise ValueError(f"Invalid learning rate: {lr}")
+    elif not float(lr) >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
 
 
 # Bumped by every write to a tracked optimizer state (below): the per-group cache of state lists
@@ -474,6 +512,62 @@ def _capture_health_check(optimizer: "AdamW") -> None:
             )
 
 
+class _GroupCache:
+    """What a group's steps reuse while its state is unchanged (``epoch``, ``state``) and its
+    settings (``mode``) are the same: the params that had grads (``ids``), their state lists by
+    part (``parts``: {(state format, rounding): (params, positions, lists, scratch)}), whether
+    any is a DTensor or complex, the C++ plan of the parts (None where none applies), and the
+    last step's batches."""
+
+    __slots__ = ("ids", "epoch", "state", "mode", "parts", "dtensors", "complexes", "plan",
+                 "batches", "batch_key")
+
+    def __init__(self, ids, epoch, state, mode, parts, dtensors, complexes):
+        self.ids, self.epoch, self.state, self.mode = ids, epoch, state, mode
+        self.parts, self.dtensors, self.complexes = parts, dtensors, complexes
+        self.plan = None
+        #: The last step's [(backend, batch)] and the settings key they were made with: reused
+        #: while the plan applies (not with statistics, whose tensor is new every step).
+        self.batches = None
+        self.batch_key = None
+
+
+def _make_plan(all_params: List[Tensor], parts, cache: _GroupCache, device: torch.device):
+    """The group's onepass._C.GroupPlan, or None where none applies: without the extension, and
+    for DTensor or complex params (the kernels take views of them, made every step)."""
+    if cache.dtensors or cache.complexes or not _ops.HAS_EXT or type(all_params) is not list:
+        return None
+    qt = quant.tables(device) if any(k[0] == "int8" for k in parts) else None
+    return _ops._C.GroupPlan(all_params, [
+        (idx, ps, lists[0], lists[1], lists[2], lists[3], lists[4], lists[5], lists[6],
+         qt if pfmt == "int8" else None, pfmt, prnd, cache.mode[0])
+        for (pfmt, prnd), (ps, idx, lists, _) in parts.items()])
+
+
+class _PlanGrads(Sequence):
+    """A batch's grads as the plan read them, made a Python list only when a backend asks (the
+    kernels behind the plan take them from C++)."""
+
+    __slots__ = ("_plan", "_part", "_n", "_list")
+
+    def __init__(self, plan, part: int, n: int):
+        self._plan, self._part, self._n, self._list = plan, part, n, None
+
+    def _get(self) -> List[Tensor]:
+        if self._list is None:
+            self._list = self._plan.grads(self._part)
+        return self._list
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __iter__(self):
+        return iter(self._get())
+
+
 class AdamW(Optimizer):
     """AdamW (decoupled weight decay) with torch.optim.AdamW's signature and defaults.
 
@@ -541,7 +635,8 @@ class AdamW(Optimizer):
             min_int8_numel=min_int8_numel, decay_mode=decay_mode, lr_max=lr_max,
             statistics=bool(statistics),
         )
-        self._batch_cache: Dict[int, tuple] = {}
+        self._batch_cache: Dict[int, _GroupCache] = {}
+        self._checked: Dict[int, tuple] = {}  # _check_group's memo
         _cuda_available()  # asked once, here, not while a step is traced or captured
         super().__init__(params, defaults)
         self.state = _State()
@@ -602,6 +697,7 @@ class AdamW(Optimizer):
         super().__setstate__(state)
         self.state = _tracked(self.state)
         self._batch_cache = {}
+        self._checked = {}
         self._step_supports_amp_scaling = True  # (a copy takes GradScaler's scale as we do)
         # Groups loaded from a torch.optim state dict lack onepass's keys: use this optimizer's.
         for group in self.param_groups:
@@ -611,57 +707,84 @@ class AdamW(Optimizer):
                 group.setdefault(k, v)
 
     # ---- step ----------------------------------------------------------------------------------------
-    def _group_batch(self, group: Dict[str, Any], grad_scale, found_inf) -> List[Tuple[Any, Batch, list]]:
+    def _group_batch(self, group: Dict[str, Any], grad_scale, found_inf,
+                     key: Optional[tuple] = None) -> List[Tuple[Any, Batch, list]]:
         """The batches of one group (every param with a grad, one batch per state format and
         param rounding), their backend, and the params whose state this call created (so a
-        failed step can take them back)."""
-        params = group["params"]
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            params = [p for p, g in zip(params, grads) if g is not None]
-            grads = [g for g in grads if g is not None]
-        if not params:
+        failed step can take them back). ``key``: the group's settings (_check_group's)."""
+        all_params = group["params"]
+        if not all_params:
             return []
+        cache = self._batch_cache.get(id(group))
+        if (key is not None and cache is not None and cache.batches is not None
+                and cache.batch_key == key and cache.epoch == _STATE_EPOCH[0]
+                and cache.state is self.state and not torch.compiler.is_compiling()
+                and cache.plan.gather(all_params)):
+            # Same settings, state and params as the last step, and the plan has read this
+            # step's grads: last step's batches with this step's lr, grad scale and statistics.
+            return self._reuse_batches(group, cache, grad_scale, found_inf)
         amsgrad = bool(group["amsgrad"])
         fmt = _state_dtype(group.get("state_dtype", "fp32"))
         rounding = group.get("param_rounding", "nearest")
         min_int8 = group.get("min_int8_numel", MIN_INT8_NUMEL)
+        device = all_params[0].device
         # capturable changes only CUDA params' state; and torch.compile's view of every group
         # says capturable=True (dynamo's OptimizerVariable), which must not make CPU params'
         # cached lists look stale (a traced step would rebuild them, breaking the graph).
-        mode = (amsgrad, bool(group["capturable"]) and params[0].is_cuda, fmt, rounding, min_int8)
-        device = params[0].device
+        mode = (amsgrad, bool(group["capturable"]) and device.type == "cuda", fmt, rounding, min_int8)
         # (before any state is created: an error here leaves nothing behind)
         capturable_cuda = bool(group["capturable"]) and device.type == "cuda"
         backend = _group_backend(group["backend"], device, capturable_cuda)
-        # The state lists of a group are cached between steps: looking up 2000 params' state
-        # costs ~2 ms of Python per step, a fifth of the whole `small` step. The cache is valid
-        # while the same params have grads and no state dict was written (_STATE_EPOCH).
-        ids = [id(p) for p in params]
-        cache = self._batch_cache.get(id(group))
         created: list = []
-        if (
-            cache is not None and cache[0] == ids and cache[1] == _STATE_EPOCH[0]
-            and cache[2] is self.state and cache[3] == mode
-        ):
-            parts, dtensors, complexes = cache[4], cache[5], cache[6]
+        fresh = (cache is not None and cache.epoch == _STATE_EPOCH[0] and cache.state is self.state
+                 and cache.mode == mode)
+        if (fresh and cache.plan is not None and not torch.compiler.is_compiling()
+                and cache.plan.gather(all_params)):
+            # The plan (csrc/group_plan.h) still fits: same params, same grads present, same
+            # storage; it has read this step's grads in C++. No per-param Python work.
+            parts, grads, plan = cache.parts, None, cache.plan
+            dtensors, complexes = cache.dtensors, cache.complexes
         else:
-            parts, tracked = self._state_lists(params, amsgrad, created,
-                                               bool(group["capturable"]), fmt, rounding, min_int8)
-            # FSDP2's params are DTensors (see _local): found once here, not per step (torch
-            # imports DTensor itself, so the test would cost ~0.5 us a param every step)
-            dtensors = _dtensor_type() is not None and any(_is_dtensor(p) for p in params)
-            complexes = any(p.is_complex() for p in params)
-            if tracked:
-                self._batch_cache[id(group)] = (ids, _STATE_EPOCH[0], self.state, mode, parts,
-                                                dtensors, complexes)
-            else:  # a plain dict put in by hand: its writes are not seen, so never cache it
-                self._batch_cache.pop(id(group), None)
+            grads = [p.grad for p in all_params]
+            params = all_params
+            if any(g is None for g in grads):
+                params = [p for p, g in zip(params, grads) if g is not None]
+                grads = [g for g in grads if g is not None]
+            if not params:
+                return []
+            # The state lists of a group are cached between steps: looking up 2000 params' state
+            # costs ~2 ms of Python per step. Valid while the same params have grads and no
+            # state dict was written (_STATE_EPOCH).
+            _check_rounding_dtypes(params, rounding)
+            ids = [id(p) for p in params]
+            if fresh and cache.ids == ids:
+                parts, dtensors, complexes = cache.parts, cache.dtensors, cache.complexes
+            else:
+                parts, tracked = self._state_lists(params, amsgrad, created,
+                                                   bool(group["capturable"]), fmt, rounding, min_int8)
+                # FSDP2's params are DTensors (see _local): found once here, not per step (torch
+                # imports DTensor itself, so the test would cost ~0.5 us a param every step)
+                dtensors = _dtensor_type() is not None and any(_is_dtensor(p) for p in params)
+                complexes = any(p.is_complex() for p in params)
+                cache = _GroupCache(ids, _STATE_EPOCH[0], self.state, mode, parts, dtensors,
+                                    complexes) if tracked else None
+                if cache is None:  # a plain dict put in by hand: its writes are not seen
+                    self._batch_cache.pop(id(group), None)
+                else:
+                    self._batch_cache[id(group)] = cache
+            plan = None
+            if cache is not None and not torch.compiler.is_compiling():
+                plan = cache.plan = _make_plan(all_params, parts, cache, device)
+            if plan is not None and not plan.gather(all_params):
+                plan = cache.plan = None  # (cannot happen: made from this very list)
         beta1, beta2 = group["betas"]
         out = []
-        for (pfmt, prnd), (ps, idx, lists, scratch) in parts.items():
+        for k, ((pfmt, prnd), (ps, idx, lists, scratch)) in enumerate(parts.items()):
             # grads are this step's (the cache holds params and state only)
-            gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
+            if plan is not None:
+                gs = _PlanGrads(plan, k, len(ps))
+            else:
+                gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
             stats = None
             if group.get("statistics"):
                 # NaN until a kernel writes it: a step that found_inf skips reports NaN
@@ -690,7 +813,7 @@ class AdamW(Optimizer):
                 state_format=pfmt, exp_avg_absmaxs=lists[4], exp_avg_sq_absmaxs=lists[5],
                 qtables=quant.tables(device) if pfmt == "int8" else None,
                 param_rounding=prnd, kahan_comps=lists[6], seed=int(group.get("seed", 0)),
-                stats=stats,
+                stats=stats, plan=(plan, k) if plan is not None else None,
             )
             chosen = backend
             why = backend.unsupported_reason(batch)
@@ -706,7 +829,25 @@ class AdamW(Optimizer):
                 chosen = next((b for b in auto_candidates(device)
                                if b.auto_reason(device) is None and b.unsupported_reason(batch) is None),
                               BACKENDS["reference"])
+            if batch.plan is not None and not chosen.takes_plan:
+                batch.grads = list(batch.grads)
             out.append((chosen, batch, created if not out else []))
+        if plan is not None and key is not None and not created and not group.get("statistics"):
+            cache.batches, cache.batch_key = [(b, batch) for b, batch, _ in out], key
+        elif cache is not None and cache.batches is not None:  # (no write while tracing)
+            cache.batches = None
+        return out
+
+    @staticmethod
+    def _reuse_batches(group, cache: "_GroupCache", grad_scale, found_inf) -> List[Tuple[Any, Batch, list]]:
+        lr = group["lr"]
+        out = []
+        for backend, batch in cache.batches:
+            batch.lr, batch.grad_scale, batch.found_inf = lr, grad_scale, found_inf
+            plan, part = batch.plan
+            grads = _PlanGrads(plan, part, len(batch.params))
+            batch.grads = grads if backend.takes_plan else list(grads)
+            out.append((backend, batch, []))
         return out
 
     # Runs eagerly under torch.compile (as torch.optim's _init_group does): creating state is
@@ -792,8 +933,10 @@ class AdamW(Optimizer):
         self._pending_stats: list = []
         try:
             for group in self.param_groups:
-                _check_group(group)
-                for item in self._group_batch(group, grad_scale, found_inf):
+                # (traced: no memo; dynamo's view of a group differs from the eager one in
+                # capturable, and a guard on the memo would recompile)
+                key = _check_group(group, {} if torch.compiler.is_compiling() else self._checked)
+                for item in self._group_batch(group, grad_scale, found_inf, key):
                     plan.append(item[:2])
                     created.extend(item[2])
             for backend, batch in plan:
@@ -812,6 +955,11 @@ class AdamW(Optimizer):
             for p in created:
                 self.state.pop(p, None)
             raise
+        finally:
+            # the plans let go of this step's grads (zero_grad(set_to_none=True) frees them)
+            for _, batch in plan:
+                if batch.plan is not None:
+                    batch.plan[0].release()
         return loss
 
     # ---- state dict ----------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class Batch:
     #: per-group cache): a backend may keep what it derives from them here (tables, pointers).
     #: Fresh and empty whenever the lists were rebuilt.
     scratch: dict = field(default_factory=dict)
+    #: (onepass._C.GroupPlan, part) when the optimizer's cached plan holds this batch's tensors
+    #: (csrc/group_plan.h): a backend with ``takes_plan`` may step the part through it, with the
+    #: grads the plan read in C++, instead of passing the lists above. None otherwise.
+    plan: Optional[tuple] = None
 
 
 class Backend:
@@ -62,6 +66,9 @@ class Backend:
     #: True when ``step`` itself checks the whole batch before writing anything, so a step with a
     #: single batch needs no separate ``validate`` call.
     checks_before_writing: bool = False
+    #: True when ``step`` and ``validate`` use Batch.plan where it is set; the optimizer gives
+    #: other backends the plan's grads as a list.
+    takes_plan: bool = False
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """None when this backend can run tensors on ``device``; else why it cannot."""

@@ -25,6 +25,7 @@ class CpuBackend(Backend):
     state_formats = ("fp32", "bf16", "int8")
     param_roundings = ("nearest", "stochastic", "kahan")
     statistics = True
+    takes_plan = True
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if not _ops.HAS_EXT:
@@ -34,6 +35,9 @@ class CpuBackend(Backend):
         return None
 
     def validate(self, batch: Batch) -> None:
+        if batch.plan is not None and not _tracing():
+            _plan_call(batch, check_only=True)
+            return
         if _lowp(batch):
             op = torch.ops.onepass.adam_check_lowp if _tracing() else _ops._C.adam_check_lowp_cpu
         else:
@@ -41,6 +45,9 @@ class CpuBackend(Backend):
         self._call(op, batch)
 
     def step(self, batch: Batch) -> None:
+        if batch.plan is not None and not _tracing():
+            _plan_call(batch, check_only=False)
+            return
         # Eager: the direct binding (cheaper list conversion); traced: the registered custom op,
         # which torch.compile sees as one opaque in-place op. Same C++ function either way.
         if batch.stats is not None:
@@ -72,6 +79,19 @@ class CpuBackend(Backend):
             amsgrad=batch.amsgrad, maximize=batch.maximize, decoupled=batch.decoupled,
             grad_scale=batch.grad_scale, found_inf=batch.found_inf, **extra,
         )
+
+
+def _plan_call(batch: Batch, check_only: bool) -> None:
+    """The batch through the optimizer's cached plan: the tensors are already in C++, and the
+    registered op runs them (CPU or CUDA kernels by their device), or checks them only."""
+    plan, part = batch.plan
+    lr = batch.lr
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    plan.step(part, lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
+              beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps,
+              weight_decay=batch.weight_decay, maximize=batch.maximize,
+              decoupled=batch.decoupled, grad_scale=batch.grad_scale, found_inf=batch.found_inf,
+              seed=int(batch.seed), stats=batch.stats, check_only=check_only)
 
 
 def _lowp(batch: Batch) -> bool:

@@ -15,13 +15,14 @@ import torch
 
 from .. import _ops
 from .base import Backend, Batch
-from .cpu import CpuBackend, _lowp, _tracing
+from .cpu import CpuBackend, _lowp, _plan_call, _tracing
 from .reference import check_batch
 
 
 class CudaBackend(Backend):
     name = "cuda"
     checks_before_writing = True  # the kernel's host code checks the whole batch first
+    takes_plan = True
     state_formats = ("fp32", "bf16", "int8")
     param_roundings = ("nearest", "stochastic", "kahan")
 
@@ -47,9 +48,18 @@ class CudaBackend(Backend):
         return None
 
     def validate(self, batch: Batch) -> None:
+        if batch.plan is not None and not _tracing():
+            _plan_call(batch, check_only=True)  # validate_batch in C++
+            return
         check_batch(batch)
 
     def step(self, batch: Batch) -> None:
+        if batch.plan is not None and not _tracing():
+            # the optimizer's plan: the registered op (the CUDA kernels) called from C++ on the
+            # lists it holds, the grads it read
+            _ops.cuda_module()  # registers the CUDA kernels of the op (a JIT add-on, maybe)
+            _plan_call(batch, check_only=False)
+            return
         if _lowp(batch):
             if not _tracing():
                 _ops.cuda_module()  # registers the CUDA kernels of the op (a JIT add-on, maybe)

@@ -57,6 +57,7 @@ class CudaEmuBackend(Backend):
     """The cuda backend's kernels under the SIMT emulation, on CPU tensors."""
 
     checks_before_writing = True
+    takes_plan = True
     state_formats = ("fp32", "bf16", "int8")
     param_roundings = ("nearest", "stochastic", "kahan")
 
@@ -66,6 +67,9 @@ class CudaEmuBackend(Backend):
         self.planted_bug = planted_bug
         #: Set by tests: the host step behaves as during CUDA graph capture.
         self.capturing = False
+        #: Set by bench/host_time.py: the host step runs without the kernels (timing only:
+        #: nothing is updated but the step counts).
+        self.stub_launch = False
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if device.type != "cpu":
@@ -83,6 +87,18 @@ class CudaEmuBackend(Backend):
     def _call(self, batch: Batch, check_only: bool) -> None:
         lr = batch.lr
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+        if batch.plan is not None:  # the optimizer's cached plan: the tensors are in C++
+            plan, part = batch.plan
+            _modules[self.planted_bug].step_plan(
+                plan.address(), part, lr=0.0 if lr_tensor is not None else float(lr),
+                lr_tensor=lr_tensor, beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps,
+                weight_decay=batch.weight_decay, maximize=batch.maximize,
+                decoupled=batch.decoupled, grad_scale=batch.grad_scale,
+                found_inf=batch.found_inf, seed=int(batch.seed), device_steps=self.device_steps,
+                capturing=self.capturing, check_only=check_only, stub_launch=self.stub_launch)
+            return
+        if self.stub_launch:
+            raise RuntimeError("onepass: stub_launch needs the optimizer's plan (Batch.plan)")
         _modules[self.planted_bug].step(
             batch.params, batch.grads, batch.exp_avgs, batch.exp_avg_sqs, batch.max_exp_avg_sqs,
             batch.steps, lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,

@@ -112,9 +112,13 @@ def _tl_dtype(dtype: torch.dtype):
             torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _bump_steps(steps: List[torch.Tensor]) -> List[int]:
-    """step += 1 for every param; the new counts. The C++ helper when built (~20 ns a tensor),
-    else torch ops (~3.5 us a tensor on a 2-core machine)."""
+def _bump_steps(batch: Batch) -> List[int]:
+    """step += 1 for every param; the new counts. The C++ helper when built (~20 ns a tensor;
+    through the optimizer's plan, without converting the list), else torch ops (~3.5 us a
+    tensor on a 2-core machine)."""
+    if batch.plan is not None:
+        return batch.plan[0].bump_steps(batch.plan[1])
+    steps = batch.steps
     if _ops.HAS_EXT:
         return _ops._C.bump_steps(steps)
     torch._foreach_add_(steps, 1.0)
@@ -124,9 +128,13 @@ def _bump_steps(steps: List[torch.Tensor]) -> List[int]:
         return [int(s.item()) for s in steps]
 
 
-def _pair_table(params: List[torch.Tensor], grads: List[torch.Tensor]) -> torch.Tensor:
+def _pair_table(batch: Batch) -> torch.Tensor:
     """Checks the (param, grad) pairs and gives int64 [n, 3]: param address, grad address,
-    flags (1: param contiguous, 2: grad contiguous). Raises before anything is written."""
+    flags (1: param contiguous, 2: grad contiguous). Raises before anything is written. Through
+    the optimizer's plan where there is one (the grads it read in C++)."""
+    if batch.plan is not None:
+        return batch.plan[0].pair_table(batch.plan[1])
+    params, grads = batch.params, batch.grads
     if _ops.HAS_EXT:
         return _ops._C.pair_table(params, grads)
     rows = []
@@ -305,6 +313,7 @@ class TritonBackend(Backend):
     param_roundings = ("nearest", "stochastic", "kahan")
     statistics = True  # every state format and param rounding above (kernels' STATS flag)
     checks_before_writing = True  # step() checks its batch before the first write
+    takes_plan = True  # the (param, grad) table and the counts' increment through Batch.plan
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
@@ -320,7 +329,10 @@ class TritonBackend(Backend):
     def validate(self, batch: Batch) -> None:
         # Moments are re-checked only when the state lists are new (no plan yet): while they are
         # the same objects, no state dict was written (the optimizer's cache says so).
-        check_batch(batch, check_state="triton" not in batch.scratch)
+        if batch.plan is not None and "triton" in batch.scratch:
+            _pair_table(batch)  # the grads, in C++
+        else:
+            check_batch(batch, check_state="triton" not in batch.scratch)
         _check_stats(batch)
 
     def step(self, batch: Batch) -> None:
@@ -330,10 +342,10 @@ class TritonBackend(Backend):
         if plan is None:
             check_batch(batch)  # new state lists: check the moments once
             plan = _Plan(batch)
-        pairs = _pair_table(batch.params, batch.grads)  # checks the grads of this step
+        pairs = _pair_table(batch)  # checks the grads of this step
         _check_stats(batch)
         batch.scratch["triton"] = plan
-        counts = _bump_steps(batch.steps)  # the first write
+        counts = _bump_steps(batch)  # the first write
         for k, group in enumerate(plan.groups):
             self._launch(batch, plan, k, group, pairs, counts)
         if batch.stats is not None:

@@ -1,0 +1,71 @@
+// A param group's tensors held in C++ between steps (the optimizer's cached plan), so a step hands
+// the kernels its lists without converting them from Python: converting one list of 2000 tensors
+// through pybind11 costs ~130 us on this 2-core Zen 3 machine, and a step passes five to nine of
+// them. Only the grads change between steps; GroupPlan::gather reads them from the params' autograd
+// metadata in C++ (~10 ns a param) instead of ``p.grad`` in Python (~90 ns).
+#pragma once
+
+#include "onepass_ops.h"
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace onepass {
+
+// The params of one group that share a state format and param rounding: one batch.
+struct PlanPart {
+  std::vector<int64_t> pos;  // each param's position in the group's param list
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+      exp_avg_absmaxs, exp_avg_sq_absmaxs, kahan_comps;
+  // Each param's storage address, sizes and dtype when the plan was made: a param given new
+  // storage (p.data = ..., .to(), a resize) makes the plan stale, so its state is looked up again.
+  std::vector<const void*> data;
+  std::vector<std::vector<int64_t>> sizes;
+  std::vector<at::ScalarType> dtypes;
+  std::optional<at::Tensor> qtables;
+  int state_format = 0;
+  int param_rounding = 0;
+  bool amsgrad = false;
+  // The state tensors passed validate_batch's checks (they stay as they are for the plan's life).
+  bool state_checked = false;
+  // The CPU kernels' walk of this part, kept between steps (adam_cpu.cpp: PlannedWalk).
+  std::shared_ptr<void> cpu_work;
+};
+
+// What a step passes besides the tensors.
+struct StepHyper {
+  double lr = 0.0;
+  std::optional<at::Tensor> lr_tensor;
+  double beta1 = 0.0, beta2 = 0.0, eps = 0.0, weight_decay = 0.0;
+  bool maximize = false, decoupled = true;
+  std::optional<at::Tensor> grad_scale, found_inf;
+  int64_t seed = 0;
+};
+
+// A part's batch with this step's grads (it refers to `part` and `h`, which must outlive it).
+inline BatchArgs plan_args(const PlanPart& part, const StepHyper& h, const at::Tensor* stats) {
+  return BatchArgs{part.params, part.grads, part.exp_avgs, part.exp_avg_sqs,
+                   part.max_exp_avg_sqs, part.steps, h.lr, h.lr_tensor, h.beta1, h.beta2, h.eps,
+                   h.weight_decay, part.amsgrad, h.maximize, h.decoupled, h.grad_scale,
+                   h.found_inf, part.state_format, part.param_rounding, part.exp_avg_absmaxs,
+                   part.exp_avg_sq_absmaxs, part.qtables.has_value() ? &*part.qtables : nullptr,
+                   part.kahan_comps, h.seed, stats};
+}
+
+// A part's step on CPU tensors (csrc/cpu/adam_cpu.cpp), or its checks only: the walk of its
+// tensors is made on the first step and reused while they keep their storage, so a step sets
+// each tensor's grad and scalars and runs. stats: the fused statistics' float64 [n, 2] (or null).
+void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stats,
+                      bool check_only);
+
+struct GroupPlan {
+  // The group's params as Python objects (owned references): a step's param list must hold the
+  // same objects in the same order for the plan to apply.
+  std::vector<void*> held;
+  // Per position: the part holding it and its index there; part -1 for a param that had no grad.
+  std::vector<int32_t> part_of, index_in;
+  std::vector<PlanPart> parts;
+};
+
+}  // namespace onepass

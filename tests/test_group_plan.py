@@ -1,0 +1,230 @@
+"""The optimizer's cached plan (csrc/group_plan.h, optimizer._GroupCache): a step whose group is
+unchanged takes its tensors from C++ and reads the grads there. Every test compares the planned
+optimizer with the reference backend, bit for bit after every step, through the changes a plan
+must notice (new grads, a param losing its grad, new storage, a new param list, a transposed
+grad, changed settings) and those it must refuse (a step count out of range)."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import onepass
+from onepass import _ops
+
+from ._bits import assert_same_bits as assert_same
+
+pytestmark = pytest.mark.skipif(not _ops.HAS_EXT, reason="the plan lives in the compiled extension")
+
+SHAPES = [(7,), (33, 5), (4096,), (3, 1, 2)]
+FORMATS = ["fp32", "bf16", "int8"]
+
+
+def _pair(fmt="fp32", backend="cpu", dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    a = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=fmt, min_int8_numel=16, **kw)
+    return a, b, onepass.AdamW(a, backend=backend, **kw), onepass.AdamW(b, backend="reference", **kw)
+
+
+def _grads(step, params, skip=()):
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen).to(p.dtype)
+        out.append(None if i in skip else g)
+    return out
+
+
+def _set(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+
+
+def _same(a, b, oa, ob):
+    for pa, pb in zip(a, b):
+        assert_same(pa, pb)
+        sa, sb = oa.state.get(pa, {}), ob.state.get(pb, {})
+        assert set(sa) == set(sb)
+        for k in sa:
+            assert_same(sa[k], sb[k])
+
+
+def _plan(opt):
+    cache = opt._batch_cache.get(id(opt.param_groups[0]))
+    return None if cache is None else cache.plan
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_plan_is_made_and_kept(fmt):
+    a, b, oa, ob = _pair(fmt)
+    plans = []
+    for s in range(4):
+        g = _grads(s, a)
+        _set(a, g)
+        _set(b, g)
+        oa.step()
+        ob.step()
+        _same(a, b, oa, ob)
+        plans.append(_plan(oa))
+    # (the first step of the reference optimizer makes state, which any optimizer's cache sees
+    # as a state write: the plan of step 2 is the one kept)
+    assert plans[1] is not None
+    assert all(p is plans[1] for p in plans[1:])  # the same plan every step
+    batches = oa._batch_cache[id(oa.param_groups[0])].batches
+    assert batches is not None and all(bk.name == "cpu" for bk, _ in batches)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_changes_the_plan_must_notice(fmt):
+    a, b, oa, ob = _pair(fmt)
+    step = 0
+
+    def run(skip=()):
+        nonlocal step
+        g = _grads(step, a, skip)
+        _set(a, g)
+        _set(b, g)
+        oa.step()
+        ob.step()
+        _same(a, b, oa, ob)
+        step += 1
+
+    run()
+    run()
+    run(skip={1})  # a param without a grad: not updated, plan made anew
+    run()          # and with it again
+    # new storage for a param (as p.data = ... or .to() gives): a stale plan would update the old
+    for pa, pb in ((a[2], b[2]), (a[0], b[0])):
+        pa.data = pa.data.clone()
+        pb.data = pb.data.clone()
+    run()
+    # a transposed grad: the walk copies it into the param's layout, this step only
+    g = _grads(step, a)
+    g[1] = g[1].t().contiguous().t()
+    assert not g[1].is_contiguous()
+    _set(a, g)
+    _set(b, g)
+    oa.step()
+    ob.step()
+    _same(a, b, oa, ob)
+    step += 1
+    run()
+    # the settings change between steps: maximize, decay, betas, lr
+    for opt in (oa, ob):
+        opt.param_groups[0].update(maximize=True, weight_decay=0.3, betas=(0.8, 0.95), lr=3e-3)
+    run()
+    run()
+
+
+def test_new_grads_every_step_and_their_memory_is_let_go():
+    a, b, oa, ob = _pair()
+    refs = []
+    for s in range(3):
+        g = _grads(s, a)
+        _set(a, g)
+        _set(b, g)
+        refs.append(weakref.ref(a[0].grad))
+        oa.step()
+        ob.step()
+        _same(a, b, oa, ob)
+        oa.zero_grad(set_to_none=True)
+    gc.collect()
+    # zero_grad(set_to_none=True) frees the grads: the plan keeps no reference after a step
+    assert all(r() is None for r in refs)
+
+
+def test_a_new_param_list_makes_a_new_plan():
+    a, b, oa, ob = _pair()
+    for s in range(2):
+        g = _grads(s, a)
+        _set(a, g)
+        _set(b, g)
+        oa.step()
+        ob.step()
+    first = _plan(oa)
+    extra_a = torch.randn(5, requires_grad=True)
+    extra_b = extra_a.detach().clone().requires_grad_()
+    oa.param_groups[0]["params"].append(extra_a)
+    ob.param_groups[0]["params"].append(extra_b)
+    a.append(extra_a)
+    b.append(extra_b)
+    for s in range(2, 4):
+        g = _grads(s, a)
+        _set(a, g)
+        _set(b, g)
+        oa.step()
+        ob.step()
+        _same(a, b, oa, ob)
+    assert _plan(oa) is not first
+
+
+def test_a_scheduled_lr_reaches_every_planned_step():
+    a, b, oa, ob = _pair()
+    sa = torch.optim.lr_scheduler.LambdaLR(oa, lambda s: 1.0 / (1 + s))
+    sb = torch.optim.lr_scheduler.LambdaLR(ob, lambda s: 1.0 / (1 + s))
+    for s in range(4):
+        g = _grads(s, a)
+        _set(a, g)
+        _set(b, g)
+        oa.step()
+        ob.step()
+        sa.step()
+        sb.step()
+        _same(a, b, oa, ob)
+
+
+def test_a_count_out_of_range_is_refused_and_changes_nothing():
+    a, b, oa, ob = _pair()
+    for s in range(2):
+        g = _grads(s, a)
+        _set(a, g)
+        oa.step()
+    # written in place, so no state write is seen: the planned step still checks every count
+    oa.state[a[3]]["step"].fill_(2.0 ** 24)
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(RuntimeError, match=r"steps\[3\] holds"):
+        oa.step()
+    for p, q in zip(a, before):
+        assert torch.equal(p, q)
+    assert oa.state[a[0]]["step"].item() == 2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_op_path_of_cuda_tensors_gives_the_same_bits(fmt):
+    # CUDA tensors step through the registered op called from C++ (GroupPlan.step with
+    # via_op); on CPU tensors the same call reaches the CPU kernels, so it runs here.
+    a, b, oa, ob = _pair(fmt)
+    for s in range(3):
+        g = _grads(s, a)
+        _set(a, g)
+        _set(b, g)
+        ob.step()
+        if s == 0:
+            oa.step()  # makes the plan
+        else:
+            cache = oa._batch_cache[id(oa.param_groups[0])]
+            assert cache.plan.gather(oa.param_groups[0]["params"])
+            for k in range(cache.plan.num_parts):
+                cache.plan.step(k, lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8,
+                                weight_decay=0.1, maximize=False, decoupled=True,
+                                grad_scale=None, found_inf=None, seed=0, stats=None,
+                                check_only=False, via_op=True)
+            cache.plan.release()
+        _same(a, b, oa, ob)
+
+
+def test_a_plan_refuses_a_list_that_is_not_its_own():
+    a, _, oa, _ = _pair()
+    _set(a, _grads(0, a))
+    oa.step()
+    plan = _plan(oa)
+    params = oa.param_groups[0]["params"]
+    assert plan.gather(params)
+    assert not plan.gather(list(reversed(params)))
+    assert not plan.gather(params[:-1])
+    assert not plan.gather(tuple(params))
+    plan.release()
