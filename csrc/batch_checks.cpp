@@ -1,6 +1,7 @@
 // The checks a batch passes before any kernel writes (CPU and CUDA alike), and the storage-order
 // rule both kernels walk by. Kept out of the CPU kernel's file so the CUDA kernels can be built
 // without it (the JIT build of the CUDA kernels beside a CPU-only extension, python/onepass/_ops.py).
+#include "group_plan.h"
 #include "onepass_ops.h"
 
 #include <ATen/core/Tensor.h>
@@ -202,6 +203,16 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
                 " elements on ", st.device());
     if (st.device().is_cpu()) check_step_value(read_step(st), i);  // (a device count: no sync)
   }
+}
+
+void validate_planned(PlanPart& part, BatchArgs& a, c10::DeviceType device_type) {
+  const bool known = part.state_checked;
+  a.state_checked = known;
+  validate_batch(a, device_type);
+  if (known)  // validate_batch left the counts' values to us
+    for (size_t i = 0; i < a.steps.size(); ++i)
+      if (a.steps[i].device().is_cpu()) check_step_value(read_step(a.steps[i]), i);
+  part.state_checked = true;
 }
 
 void check_step_value(double t, size_t i) {

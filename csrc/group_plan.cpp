@@ -1,12 +1,7 @@
 // onepass._C.GroupPlan: the optimizer's cached plan of a param group (group_plan.h), and a step
-// over one of its parts: on CPU tensors through the kept walk of the CPU kernels
-// (step_planned_cpu), on others through the registered op, called from C++ (the dispatcher picks
-// the device's kernels as from Python, without the boxed IValue conversion).
+// over one of its parts on CPU tensors (step_planned_cpu).
 #include "group_plan.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -18,20 +13,6 @@ namespace {
 namespace py = pybind11;
 using TVec = std::vector<at::Tensor>;
 using OptT = std::optional<at::Tensor>;
-
-using StepFn = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                    at::TensorList, double, const OptT&, double, double, double, double, bool, bool,
-                    bool, const OptT&, const OptT&, const std::string&, at::TensorList,
-                    at::TensorList, const OptT&, const std::string&, at::TensorList, int64_t);
-using StatsFn = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                     at::TensorList, at::TensorList, double, const OptT&, double, double, double,
-                     double, bool, bool, bool, const OptT&, const OptT&, const std::string&,
-                     at::TensorList, at::TensorList, const OptT&, const std::string&,
-                     at::TensorList, int64_t, const at::Tensor&);
-
-// The kernels' registered signatures take the names as std::string (the typed call must match).
-const std::string kFormats[] = {"fp32", "bf16", "int8"};
-const std::string kRoundings[] = {"nearest", "stochastic", "kahan"};
 
 class PyGroupPlan {
  public:
@@ -74,7 +55,9 @@ class PyGroupPlan {
         plan_.part_of[j] = k;
         plan_.index_in[j] = static_cast<int32_t>(i);
         const at::Tensor& p = part.params[i];
-        part.data.push_back(p.data_ptr());
+        // (a sparse or storage-less param: no plan; the step's checks say what is wrong)
+        if (p.layout() != at::kStrided || !p.has_storage()) usable_ = false;
+        part.data.push_back(usable_ ? raw_data(p) : nullptr);
         part.sizes.push_back(p.sizes().vec());
         part.dtypes.push_back(p.scalar_type());
       }
@@ -97,20 +80,23 @@ class PyGroupPlan {
   // DTensor or complex params, whose kernel tensors are views made every step.
   bool gather(const py::handle& group_params) {
     PyObject* list = group_params.ptr();
-    if (!PyList_Check(list)) return false;
+    if (!usable_ || !PyList_Check(list)) return false;
     const size_t n = plan_.held.size();
     if (static_cast<size_t>(PyList_GET_SIZE(list)) != n) return false;
     for (size_t j = 0; j < n; ++j) {
       PyObject* o = PyList_GET_ITEM(list, j);
       if (o != plan_.held[j]) return false;
       const at::Tensor& t = THPVariable_Unpack(o);
-      const at::Tensor& g = t.grad();
+      // (TensorImpl's grad: Tensor::grad() also asks autograd whether t is a leaf, to warn)
+      const at::Tensor& g = t.unsafeGetTensorImpl()->grad();
       const int32_t k = plan_.part_of[j];
       if (g.defined() != (k >= 0)) return false;
       if (k < 0) continue;
+      // the kernels read a grad through raw_data: one without storage goes the checked way
+      if (!g.unsafeGetTensorImpl()->has_storage()) return false;
       PlanPart& part = plan_.parts[k];
       const int32_t i = plan_.index_in[j];
-      if (t.data_ptr() != part.data[i] || t.scalar_type() != part.dtypes[i] ||
+      if (raw_data(t) != part.data[i] || t.scalar_type() != part.dtypes[i] ||
           !same_dims(t.sizes(), part.sizes[i]))
         return false;
       part.grads[i] = g;
@@ -118,62 +104,20 @@ class PyGroupPlan {
     return true;
   }
 
-  // One part's batch: checked only (check_only), else updated in place, with stats (a float64
-  // [n, 2] tensor) for the fused statistics. CPU tensors take the kept walk (step_planned_cpu),
-  // others the registered op of its kind; via_op takes the op for CPU tensors too, so the tests
-  // run the path CUDA tensors take.
+  // One part's batch on CPU tensors: checked only (check_only), else updated in place, with
+  // stats (a float64 [n, 2] tensor) for the fused statistics. (A part on CUDA tensors steps
+  // through the CUDA module's step_plan, which may be a separate JIT-built module.)
   void step(size_t k, double lr, const OptT& lr_tensor, double beta1, double beta2, double eps,
             double weight_decay, bool maximize, bool decoupled, const OptT& grad_scale,
-            const OptT& found_inf, int64_t seed, const OptT& stats, bool check_only,
-            bool via_op) {
+            const OptT& found_inf, int64_t seed, const OptT& stats, bool check_only) {
     PlanPart& part = at(k);
-    StepHyper h;
-    h.lr = lr;
-    h.lr_tensor = lr_tensor;
-    h.beta1 = beta1;
-    h.beta2 = beta2;
-    h.eps = eps;
-    h.weight_decay = weight_decay;
-    h.maximize = maximize;
-    h.decoupled = decoupled;
-    h.grad_scale = grad_scale;
-    h.found_inf = found_inf;
-    h.seed = seed;
-    if (!via_op && !part.params.empty() && part.params[0].device().is_cpu()) {
-      py::gil_scoped_release no_gil;  // the kernels may run for milliseconds
-      step_planned_cpu(part, h, stats.has_value() ? &*stats : nullptr, check_only);
-      return;
-    }
-    if (check_only) {
-      if (part.params.empty()) return;
-      validate_batch(plan_args(part, h, nullptr), part.params[0].device().type());
-      return;
-    }
+    ONEPASS_CHECK(part.params.empty() || part.params[0].device().is_cpu(),
+                  "onepass: GroupPlan.step runs CPU tensors; this part is on ",
+                  part.params[0].device());
+    const StepHyper h = make_hyper(lr, lr_tensor, beta1, beta2, eps, weight_decay, maximize,
+                                   decoupled, grad_scale, found_inf, seed);
     py::gil_scoped_release no_gil;  // the kernels may run for milliseconds
-    // Straight to the CPU or CUDA kernel: through the autograd keys (params require grad) the
-    // dispatcher boxes every argument and collects autograd edges, 60% of a 2000-tensor step's
-    // instructions (callgrind), for an op that has no autograd formula to run. The optimizer
-    // steps under no_grad, as the eager bindings always did.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const std::string& fmt = kFormats[part.state_format];
-    const std::string& rnd = kRoundings[part.param_rounding];
-    if (stats.has_value()) {
-      static const auto op = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("onepass::adam_step_stats_", "")
-                                  .typed<StatsFn>();
-      op.call(part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs,
-              part.steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, part.amsgrad, maximize,
-              decoupled, grad_scale, found_inf, fmt, part.exp_avg_absmaxs,
-              part.exp_avg_sq_absmaxs, part.qtables, rnd, part.kahan_comps, seed, *stats);
-      return;
-    }
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("onepass::adam_step_lowp_", "")
-                               .typed<StepFn>();
-    op.call(part.params, part.grads, part.exp_avgs, part.exp_avg_sqs, part.max_exp_avg_sqs,
-            part.steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, part.amsgrad, maximize,
-            decoupled, grad_scale, found_inf, fmt, part.exp_avg_absmaxs, part.exp_avg_sq_absmaxs,
-            part.qtables, rnd, part.kahan_comps, seed);
+    step_planned_cpu(part, h, stats.has_value() ? &*stats : nullptr, check_only);
   }
 
   // Drops the grads gather read, so that zero_grad(set_to_none=True) frees their memory (the
@@ -211,6 +155,7 @@ class PyGroupPlan {
   }
 
   GroupPlan plan_;
+  bool usable_ = true;
 };
 
 }  // namespace
@@ -224,7 +169,7 @@ void bind_group_plan(py::module& m) {
            py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
            py::arg("weight_decay"), py::arg("maximize"), py::arg("decoupled"),
            py::arg("grad_scale"), py::arg("found_inf"), py::arg("seed"), py::arg("stats"),
-           py::arg("check_only"), py::arg("via_op") = false)
+           py::arg("check_only"))
       .def("grads", &PyGroupPlan::grads, py::arg("part"))
       .def("release", &PyGroupPlan::release)
       .def("pair_table", &PyGroupPlan::pair_table, py::arg("part"))

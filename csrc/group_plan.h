@@ -43,6 +43,25 @@ struct StepHyper {
   int64_t seed = 0;
 };
 
+inline StepHyper make_hyper(double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                            double beta2, double eps, double weight_decay, bool maximize,
+                            bool decoupled, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf, int64_t seed) {
+  StepHyper h;
+  h.lr = lr;
+  h.lr_tensor = lr_tensor;
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.weight_decay = weight_decay;
+  h.maximize = maximize;
+  h.decoupled = decoupled;
+  h.grad_scale = grad_scale;
+  h.found_inf = found_inf;
+  h.seed = seed;
+  return h;
+}
+
 // A part's batch with this step's grads (it refers to `part` and `h`, which must outlive it).
 inline BatchArgs plan_args(const PlanPart& part, const StepHyper& h, const at::Tensor* stats) {
   return BatchArgs{part.params, part.grads, part.exp_avgs, part.exp_avg_sqs,
@@ -58,6 +77,15 @@ inline BatchArgs plan_args(const PlanPart& part, const StepHyper& h, const at::T
 // each tensor's grad and scalars and runs. stats: the fused statistics' float64 [n, 2] (or null).
 void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stats,
                       bool check_only);
+
+// validate_batch for a part's batch `a` (plan_args): its params, state and counts once per plan,
+// its grads (and the host counts' values) every step. Marks the part checked.
+void validate_planned(PlanPart& part, BatchArgs& a, c10::DeviceType device_type);
+
+#ifdef ONEPASS_WITH_CUDA
+// A part's step on CUDA tensors (csrc/cuda/adam_cuda.cu), or its checks only.
+void step_planned_cuda(PlanPart& part, const StepHyper& h, bool check_only);
+#endif
 
 struct GroupPlan {
   // The group's params as Python objects (owned references): a step's param list must hold the

@@ -59,6 +59,15 @@ inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
   return true;
 }
 
+// t.data_ptr() for a strided tensor with storage, without the checks TensorBase::data_ptr makes
+// through a non-inline call (a planned step reads two addresses a tensor: ~5% of its
+// instructions with data_ptr).
+inline const void* raw_data(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return static_cast<const char*>(impl->unsafe_storage().data()) +
+         impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
+}
+
 // The arguments of onepass::adam_step_ (one batch: the tensors of one group on one device, of one
 // param dtype), as the kernels see them. Backends never see param groups or hyperparameter dicts.
 struct BatchArgs {

@@ -7,6 +7,7 @@
 // The ops are registered with TORCH_LIBRARY so torch.compile and CUDA graphs can treat a whole
 // step as one opaque op; python/onepass/_ops.py adds the fake (meta) implementations.
 #include "adam_math.h"
+#include "group_plan.h"
 #include "onepass_ops.h"
 
 #include <torch/extension.h>
@@ -253,6 +254,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("param_rounding"), py::arg("kahan_comps"), py::arg("seed"));
 #endif  // ONEPASS_CUDA_ADDON
 #ifdef ONEPASS_WITH_CUDA
+  // A part of the optimizer's plan (onepass._C.GroupPlan, by its address: this module may be the
+  // JIT add-on beside onepass._C, built from the same header by the same compiler).
+  m.def("step_plan",
+        [](uintptr_t address, size_t part, double lr, const OptT& lr_t, double b1, double b2,
+           double eps, double wd, bool maximize, bool decoupled, const OptT& gs, const OptT& fi,
+           int64_t seed, bool check_only) {
+          auto* plan = reinterpret_cast<onepass::GroupPlan*>(address);
+          ONEPASS_CHECK(part < plan->parts.size(), "onepass: plan part ", part, " of ",
+                        plan->parts.size());
+          py::gil_scoped_release no_gil;
+          onepass::step_planned_cuda(
+              plan->parts[part],
+              onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed),
+              check_only);
+        },
+        "a part of a onepass._C.GroupPlan on CUDA tensors", py::arg("address"), py::arg("part"),
+        py::kw_only(), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), py::arg("decoupled"),
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("seed"), py::arg("check_only"));
   m.def("adam_step_cuda", [](const TVec& p, const TVec& g, const TVec& m_, const TVec& v,
                              const TVec& vmax, const TVec& steps, double lr, const OptT& lr_t,
                              double b1, double b2, double eps, double wd, bool ams, bool maximize,

@@ -193,30 +193,6 @@ def test_a_count_out_of_range_is_refused_and_changes_nothing():
     assert oa.state[a[0]]["step"].item() == 2
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_the_op_path_of_cuda_tensors_gives_the_same_bits(fmt):
-    # CUDA tensors step through the registered op called from C++ (GroupPlan.step with
-    # via_op); on CPU tensors the same call reaches the CPU kernels, so it runs here.
-    a, b, oa, ob = _pair(fmt)
-    for s in range(3):
-        g = _grads(s, a)
-        _set(a, g)
-        _set(b, g)
-        ob.step()
-        if s == 0:
-            oa.step()  # makes the plan
-        else:
-            cache = oa._batch_cache[id(oa.param_groups[0])]
-            assert cache.plan.gather(oa.param_groups[0]["params"])
-            for k in range(cache.plan.num_parts):
-                cache.plan.step(k, lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8,
-                                weight_decay=0.1, maximize=False, decoupled=True,
-                                grad_scale=None, found_inf=None, seed=0, stats=None,
-                                check_only=False, via_op=True)
-            cache.plan.release()
-        _same(a, b, oa, ob)
-
-
 def test_a_plan_refuses_a_list_that_is_not_its_own():
     a, _, oa, _ = _pair()
     _set(a, _grads(0, a))

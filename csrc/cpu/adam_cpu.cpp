@@ -988,7 +988,7 @@ void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stat
       step_walk(a);
       return;
     }
-    fill_step(pw->work[k], g.data_ptr(), static_cast<int64_t>(pw->count(i)) + 1,
+    fill_step(pw->work[k], raw_data(g), static_cast<int64_t>(pw->count(i)) + 1,
               p.scalar_type() == at::kDouble, pw->sc, a, lr, grad_scale, pw->ctx);
   }
   run_and_count(a, pw->work, pw->units);

@@ -10,6 +10,7 @@
 // is set) before the update kernels run, so a CUDA graph replays it.
 #include "../adam_math.h"
 #include "../onepass_ops.h"
+#include "../group_plan.h"
 #include "host_step.h"
 
 #include <ATen/ATen.h>
@@ -193,6 +194,17 @@ void adam_check_lowp_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                     qtables.has_value() ? &*qtables : nullptr, kahan_comps, seed};
   validate_batch(a, c10::DeviceType::CUDA);
   if (!params.empty()) host::check_launch(a, runtime_for(a));
+}
+
+void step_planned_cuda(PlanPart& part, const StepHyper& h, bool check_only) {
+  BatchArgs a = plan_args(part, h, nullptr);
+  validate_planned(part, a, c10::DeviceType::CUDA);
+  if (a.params.empty()) return;
+  const c10::cuda::CUDAGuard guard(a.params[0].device());
+  if (check_only)
+    host::check_launch(a, runtime_for(a));
+  else
+    host::step_any(a, runtime_for(a));
 }
 
 TORCH_LIBRARY_IMPL(onepass, CUDA, m) {

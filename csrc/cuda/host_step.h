@@ -138,14 +138,17 @@ ScalarTable make_scalars(const BatchArgs& a, const RT& rt, const LaunchArgs& L) 
   ScalarTable out;
   if (!on_device) {
     std::vector<TensorScalars> host(n);
+    int64_t prev_step = -1;
+    bool prev_f64 = false;
     for (size_t i = 0; i < n; ++i) {
       const int64_t step = static_cast<int64_t>(read_step(a.steps[i])) + 1;
       const bool f64 = a.params[i].scalar_type() == at::kDouble;
-      if (i > 0 && step == static_cast<int64_t>(read_step(a.steps[i - 1])) + 1 &&
-          f64 == (a.params[i - 1].scalar_type() == at::kDouble))
+      if (i > 0 && step == prev_step && f64 == prev_f64)
         host[i] = host[i - 1];
       else
         host[i] = tensor_scalars(step, L.h.lr, 1.0, L.h, f64);
+      prev_step = step;
+      prev_f64 = f64;
     }
     out.keep = rt.upload(host.data(), static_cast<int64_t>(n * sizeof(TensorScalars)));
     out.table = reinterpret_cast<const TensorScalars*>(out.keep.data_ptr());
@@ -175,10 +178,10 @@ ScalarTable make_scalars(const BatchArgs& a, const RT& rt, const LaunchArgs& L) 
 // Host step counts += 1 after the launches (device counts: step_scalars_kernel).
 inline void bump_host_steps(at::TensorList steps, const LaunchArgs& L) {
   if (L.device_steps) return;
-  for (size_t i = 0; i < steps.size(); ++i) {
-    at::Tensor st = steps[i];
-    if (st.scalar_type() == at::kFloat) *st.data_ptr<float>() += 1.0f;
-    else *st.data_ptr<double>() += 1.0;
+  for (const at::Tensor& st : steps) {
+    void* d = const_cast<void*>(raw_data(st));  // (a checked one-element CPU tensor)
+    if (st.scalar_type() == at::kFloat) *static_cast<float*>(d) += 1.0f;
+    else *static_cast<double*>(d) += 1.0;
   }
 }
 
@@ -288,19 +291,28 @@ void step_fp32(const BatchArgs& a, const RT& rt) {
   for (const at::ScalarType dt : dtypes) {
     std::vector<TensorMeta> metas;
     for (size_t i = 0; i < a.params.size(); ++i) {
-      if (a.params[i].scalar_type() != dt || a.params[i].numel() == 0) continue;
-      const DensePair dp = dense_pair(a.params[i], a.grads[i]);
-      if (dp.copy_back) write_back.emplace_back(a.params[i], dp.p);
-      keep.push_back(dp.p);
-      keep.push_back(dp.g);
+      const at::Tensor& p0 = a.params[i];
+      if (p0.scalar_type() != dt || p0.numel() == 0) continue;
       TensorMeta t{};
-      t.p = dp.p.data_ptr();
-      t.g = dp.g.data_ptr();
-      t.m = a.exp_avgs[i].data_ptr();
-      t.v = a.exp_avg_sqs[i].data_ptr();
-      t.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
+      const at::Tensor& g0 = a.grads[i];
+      if (p0.is_non_overlapping_and_dense() && same_dims(g0.strides(), p0.strides()) &&
+          g0.is_non_overlapping_and_dense()) {
+        // the usual case: both walked in place, no tensor copied or kept
+        t.p = const_cast<void*>(raw_data(p0));
+        t.g = raw_data(g0);
+      } else {
+        const DensePair dp = dense_pair(p0, g0);
+        if (dp.copy_back) write_back.emplace_back(p0, dp.p);
+        keep.push_back(dp.p);
+        keep.push_back(dp.g);
+        t.p = dp.p.data_ptr();
+        t.g = dp.g.data_ptr();
+      }
+      t.m = const_cast<void*>(raw_data(a.exp_avgs[i]));
+      t.v = const_cast<void*>(raw_data(a.exp_avg_sqs[i]));
+      t.v_max = a.amsgrad ? const_cast<void*>(raw_data(a.max_exp_avg_sqs[i])) : nullptr;
       t.slot = static_cast<int32_t>(i);
-      t.numel = dp.p.numel();
+      t.numel = p0.numel();
       t.rows = 1;
       metas.push_back(t);
     }

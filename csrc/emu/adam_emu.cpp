@@ -18,14 +18,15 @@ using OptT = std::optional<at::Tensor>;
 using onepass::BatchArgs;
 using onepass::EmuRuntime;
 
-// The cuda backend's step on a batch: its checks, then the kernels (or the checks only).
+// The cuda backend's step on a checked batch: the kernels, or the launch checks only.
 void run(const BatchArgs& a, const EmuRuntime& rt, bool check_only) {
-  onepass::validate_batch(a, c10::DeviceType::CPU);
   if (a.params.empty()) return;
   if (check_only) {
     onepass::host::check_launch(a, rt);
     return;
   }
+  // (the two halves are compiled in two files, emu_fp32.cpp and emu_lowp.cpp: step_any here
+  // would compile every kernel into this one)
   if (a.state_format == onepass::host::kF32 && a.param_rounding == onepass::host::kNearest)
     onepass::emu_step_fp32(a, rt);
   else
@@ -42,6 +43,7 @@ void step(const TVec& p, const TVec& g, const TVec& m, const TVec& v, const TVec
   const BatchArgs a{p, g, m, v, vmax, steps, lr, lr_t, b1, b2, eps, wd, ams, maximize, decoupled,
                     gs, fi, onepass::parse_state_format(fmt), onepass::parse_param_rounding(rnd),
                     am, av, qt.has_value() ? &*qt : nullptr, comps, seed};
+  onepass::validate_batch(a, c10::DeviceType::CPU);
   run(a, EmuRuntime{device_steps, capturing, false}, check_only);
 }
 
@@ -53,22 +55,14 @@ void step_plan(uintptr_t address, size_t part, double lr, const OptT& lr_t, doub
                double eps, double wd, bool maximize, bool decoupled, const OptT& gs,
                const OptT& fi, int64_t seed, bool device_steps, bool capturing, bool check_only,
                bool stub_launch) {
-  const auto* plan = reinterpret_cast<const onepass::GroupPlan*>(address);
+  auto* plan = reinterpret_cast<onepass::GroupPlan*>(address);
   ONEPASS_CHECK(part < plan->parts.size(), "onepass: plan part ", part, " of ", plan->parts.size());
-  onepass::StepHyper h;
-  h.lr = lr;
-  h.lr_tensor = lr_t;
-  h.beta1 = b1;
-  h.beta2 = b2;
-  h.eps = eps;
-  h.weight_decay = wd;
-  h.maximize = maximize;
-  h.decoupled = decoupled;
-  h.grad_scale = gs;
-  h.found_inf = fi;
-  h.seed = seed;
-  run(onepass::plan_args(plan->parts[part], h, nullptr),
-      EmuRuntime{device_steps, capturing, stub_launch}, check_only);
+  onepass::PlanPart& pp = plan->parts[part];
+  const onepass::StepHyper h =
+      onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed);
+  BatchArgs a = onepass::plan_args(pp, h, nullptr);
+  onepass::validate_planned(pp, a, c10::DeviceType::CPU);  // (the same as step_planned_cuda)
+  run(a, EmuRuntime{device_steps, capturing, stub_launch}, check_only);
 }
 
 }  // namespace

@@ -83,7 +83,7 @@ class CpuBackend(Backend):
 
 def _plan_call(batch: Batch, check_only: bool) -> None:
     """The batch through the optimizer's cached plan: the tensors are already in C++, and the
-    registered op runs them (CPU or CUDA kernels by their device), or checks them only."""
+    CPU kernels' kept walk runs them (or only checks them)."""
     plan, part = batch.plan
     lr = batch.lr
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None

@@ -15,7 +15,7 @@ import torch
 
 from .. import _ops
 from .base import Backend, Batch
-from .cpu import CpuBackend, _lowp, _plan_call, _tracing
+from .cpu import CpuBackend, _lowp, _tracing
 from .reference import check_batch
 
 
@@ -49,16 +49,13 @@ class CudaBackend(Backend):
 
     def validate(self, batch: Batch) -> None:
         if batch.plan is not None and not _tracing():
-            _plan_call(batch, check_only=True)  # validate_batch in C++
+            _step_plan(batch, check_only=True)
             return
         check_batch(batch)
 
     def step(self, batch: Batch) -> None:
         if batch.plan is not None and not _tracing():
-            # the optimizer's plan: the registered op (the CUDA kernels) called from C++ on the
-            # lists it holds, the grads it read
-            _ops.cuda_module()  # registers the CUDA kernels of the op (a JIT add-on, maybe)
-            _plan_call(batch, check_only=False)
+            _step_plan(batch, check_only=False)
             return
         if _lowp(batch):
             if not _tracing():
@@ -73,3 +70,17 @@ class CudaBackend(Backend):
            beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps, weight_decay=batch.weight_decay,
            amsgrad=batch.amsgrad, maximize=batch.maximize, decoupled=batch.decoupled,
            grad_scale=batch.grad_scale, found_inf=batch.found_inf)
+
+
+def _step_plan(batch: Batch, check_only: bool) -> None:
+    """The batch through the optimizer's plan: the CUDA module's host step on the lists the plan
+    holds and the grads it read in C++ (checks only with check_only)."""
+    plan, part = batch.plan
+    lr = batch.lr
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    _ops.cuda_module().step_plan(
+        plan.address(), part, lr=0.0 if lr_tensor is not None else float(lr),
+        lr_tensor=lr_tensor, beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps,
+        weight_decay=batch.weight_decay, maximize=batch.maximize, decoupled=batch.decoupled,
+        grad_scale=batch.grad_scale, found_inf=batch.found_inf, seed=int(batch.seed),
+        check_only=check_only)
