@@ -19,6 +19,7 @@ when a Tensor, and the GradScaler's scale are read by the kernel on the device.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Dict, List, Optional, Tuple
@@ -288,6 +289,17 @@ class _Plan:
         return sums, partials, per_group.get(g)
 
 
+@functools.lru_cache(maxsize=4096)
+def _corrections(t: int, beta1: float, beta2: float, math_dt: torch.dtype) -> Tuple[float, float]:
+    """(1 - beta1**t, inv_bc2_sqrt rounded to the math dtype) of step t: the kernel computes
+    lr / bc1 itself. Kept between steps (~10 us of Python a step to remake them)."""
+    bc1 = 1.0 - reference.pow_int(beta1, t)
+    bc2 = reference.step_scalars(t, 1.0, beta1, beta2, 0.0, 0.0, True)
+    # Only inv_bc2_sqrt is needed rounded (StepScalars.rounded would round all nine: ~12 us of
+    # the ~40 us host path of a gpt2 step).
+    return bc1, reference.round_scalar(bc2.inv_bc2_sqrt, math_dt)
+
+
 def _walk_view(p: torch.Tensor, int8: bool):
     """The permutation of dims that walks a dense non-contiguous param in storage order (the
     element order of reference.element_index), or None: row-major (contiguous params, params with
@@ -377,16 +389,8 @@ class TritonBackend(Backend):
         for row in odd:  # rare: a non-contiguous param, grad or state tensor
             keep += self._contiguous_copies(batch, plan, idx[row], table, row, write_back)
         # Bias corrections per param from its own step count (usually one value for all).
-        bc: Dict[int, Tuple[float, float]] = {}
-
         def corrections(t: int) -> Tuple[float, float]:
-            if t not in bc:
-                bc1 = 1.0 - reference.pow_int(batch.beta1, t)  # the kernel computes lr / bc1
-                bc2 = reference.step_scalars(t, 1.0, batch.beta1, batch.beta2, 0.0, 0.0, True)
-                # Only inv_bc2_sqrt is needed rounded (StepScalars.rounded would round all nine:
-                # ~12 us of the ~40 us host path of a gpt2 step).
-                bc[t] = (bc1, reference.round_scalar(bc2.inv_bc2_sqrt, math_dt))
-            return bc[t]
+            return _corrections(t, batch.beta1, batch.beta2, math_dt)
 
         same = counts.count(counts[0]) == len(counts)
         if same:
