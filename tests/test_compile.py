@@ -143,8 +143,9 @@ def test_step_with_state_is_one_graph_and_eager_bits(name):
     oa, ob = _opt(a, **kw), _opt(b, **ref_kw)
     for p, g in zip(a + b, _data(0, dtype) * 2):
         p.grad = g.clone()
-    # ob first: creating state anywhere bumps the global state epoch, which would make oa's
-    # cached lists stale and its first compiled step rebuild them (a break, by design)
+    # (ob first: when the write counter was global, ob creating its state made oa's cached
+    # lists stale and its first compiled step rebuild them, a break; each optimizer counts its
+    # own state's writes now, and the order is kept)
     ob.step()
     oa.step()
     counters.clear()

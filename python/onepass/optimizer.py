@@ -379,30 +379,31 @@ def _check_lr(lr) -> None:
         raise ValueError(f"Invalid learning rate: {lr}")
 
 
-# Bumped by every write to a tracked optimizer state (below): the per-group cache of state lists
-# is valid only while it stays the same.
-_STATE_EPOCH = [0]
-
-
 class _ParamState(dict):
-    """The state dict of one param: a dict that records that it was written."""
+    """The state dict of one param: a dict that records that it was written, in ``_epoch``, the
+    one-element counter of the optimizer whose state it is (its per-group caches are valid
+    only while the counter stays the same; another optimizer's writes do not touch it)."""
 
-    __slots__ = ()
+    __slots__ = ("_epoch",)
+
+    def __init__(self, *args, epoch: Optional[List[int]] = None):
+        dict.__init__(self, *args)
+        self._epoch = [0] if epoch is None else epoch
 
     # Methods call dict's own explicitly (not super()) so _State below can share them.
     def __setitem__(self, k, v):
-        _STATE_EPOCH[0] += 1
+        self._epoch[0] += 1
         dict.__setitem__(self, k, v)
 
     def __delitem__(self, k):
-        _STATE_EPOCH[0] += 1
+        self._epoch[0] += 1
         dict.__delitem__(self, k)
 
     def _bump(name):  # noqa: N805 - builds the mutating methods below
         base = getattr(dict, name)
 
         def method(self, *args, **kwargs):
-            _STATE_EPOCH[0] += 1
+            self._epoch[0] += 1
             return base(self, *args, **kwargs)
 
         method.__name__ = name
@@ -421,10 +422,17 @@ class _ParamState(dict):
 
 
 class _State(defaultdict):
-    """Optimizer.state: a defaultdict of _ParamState that records that it was written."""
+    """Optimizer.state: a defaultdict of _ParamState that records that it, or any param's state
+    in it, was written (``_epoch``, shared with every _ParamState it holds)."""
 
     def __init__(self, *args):
-        super().__init__(_ParamState, *args)
+        super().__init__(None, *args)
+        self._epoch = [0]
+
+    def __missing__(self, key):
+        value = _ParamState(epoch=self._epoch)
+        self[key] = value  # (a write: counted)
+        return value
 
     __setitem__ = _ParamState.__setitem__
     __delitem__ = _ParamState.__delitem__
@@ -442,8 +450,15 @@ class _State(defaultdict):
 def _tracked(state) -> _State:
     out = _State()
     for k, v in state.items():
-        dict.__setitem__(out, k, _ParamState(v) if type(v) is dict else v)
+        dict.__setitem__(out, k, _ParamState(v, epoch=out._epoch) if type(v) is dict else v)
     return out
+
+
+def _epoch_of(state) -> int:
+    """The write counter of an optimizer's state (-1 for a state that is not a _State, whose
+    writes are not seen: its caches are never used)."""
+    epoch = getattr(state, "_epoch", None)
+    return -1 if epoch is None else epoch[0]
 
 
 def _new_step() -> Tensor:
@@ -717,7 +732,7 @@ class AdamW(Optimizer):
             return []
         cache = self._batch_cache.get(id(group))
         if (key is not None and cache is not None and cache.batches is not None
-                and cache.batch_key == key and cache.epoch == _STATE_EPOCH[0]
+                and cache.batch_key == key and cache.epoch == _epoch_of(self.state)
                 and cache.state is self.state and not torch.compiler.is_compiling()
                 and cache.plan.gather(all_params)):
             # Same settings, state and params as the last step, and the plan has read this
@@ -736,7 +751,7 @@ class AdamW(Optimizer):
         capturable_cuda = bool(group["capturable"]) and device.type == "cuda"
         backend = _group_backend(group["backend"], device, capturable_cuda)
         created: list = []
-        fresh = (cache is not None and cache.epoch == _STATE_EPOCH[0] and cache.state is self.state
+        fresh = (cache is not None and cache.epoch == _epoch_of(self.state) and cache.state is self.state
                  and cache.mode == mode)
         if (fresh and cache.plan is not None and not torch.compiler.is_compiling()
                 and cache.plan.gather(all_params)):
@@ -754,7 +769,7 @@ class AdamW(Optimizer):
                 return []
             # The state lists of a group are cached between steps: looking up 2000 params' state
             # costs ~2 ms of Python per step. Valid while the same params have grads and no
-            # state dict was written (_STATE_EPOCH).
+            # state dict was written (the state's write counter, _State._epoch).
             _check_rounding_dtypes(params, rounding)
             ids = [id(p) for p in params]
             if fresh and cache.ids == ids:
@@ -766,7 +781,7 @@ class AdamW(Optimizer):
                 # imports DTensor itself, so the test would cost ~0.5 us a param every step)
                 dtensors = _dtensor_type() is not None and any(_is_dtensor(p) for p in params)
                 complexes = any(p.is_complex() for p in params)
-                cache = _GroupCache(ids, _STATE_EPOCH[0], self.state, mode, parts, dtensors,
+                cache = _GroupCache(ids, _epoch_of(self.state), self.state, mode, parts, dtensors,
                                     complexes) if tracked else None
                 if cache is None:  # a plain dict put in by hand: its writes are not seen
                     self._batch_cache.pop(id(group), None)
@@ -893,7 +908,8 @@ class AdamW(Optimizer):
                         "max_exp_avg_sq; start it from a fresh optimizer or load a state with it"
                     )
                 st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.preserve_format)
-            tracked = tracked and type(st) is _ParamState
+            # (a _ParamState of another optimizer's state counts its writes there)
+            tracked = tracked and type(st) is _ParamState and st._epoch is getattr(state_of, "_epoch", None)
             key = (pfmt, prnd)
             if key not in parts:
                 parts[key] = ([], [], ([], [], [], [], [], [], []), {})
