@@ -53,6 +53,19 @@ def _same(a, b, oa, ob):
             assert_same(sa[k], sb[k])
 
 
+def _step(a, b, oa, ob, s, skip=(), grads=None, after=()):
+    """Step s of both optimizers on the same grads (``skip``: params left without one), then
+    ``after`` (e.g. schedulers), then the bit-for-bit comparison."""
+    g = _grads(s, a, skip) if grads is None else grads
+    _set(a, g)
+    _set(b, g)
+    oa.step()
+    ob.step()
+    for x in after:
+        x.step()
+    _same(a, b, oa, ob)
+
+
 def _plan(opt):
     cache = opt._batch_cache.get(id(opt.param_groups[0]))
     return None if cache is None else cache.plan
@@ -63,12 +76,7 @@ def test_a_plan_is_made_and_kept(fmt):
     a, b, oa, ob = _pair(fmt)
     plans = []
     for s in range(4):
-        g = _grads(s, a)
-        _set(a, g)
-        _set(b, g)
-        oa.step()
-        ob.step()
-        _same(a, b, oa, ob)
+        _step(a, b, oa, ob, s)
         plans.append(_plan(oa))
     # the same plan every step (the reference optimizer's state writes are its own)
     assert plans[0] is not None
@@ -80,43 +88,26 @@ def test_a_plan_is_made_and_kept(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_changes_the_plan_must_notice(fmt):
     a, b, oa, ob = _pair(fmt)
-    step = 0
-
-    def run(skip=()):
-        nonlocal step
-        g = _grads(step, a, skip)
-        _set(a, g)
-        _set(b, g)
-        oa.step()
-        ob.step()
-        _same(a, b, oa, ob)
-        step += 1
-
-    run()
-    run()
-    run(skip={1})  # a param without a grad: not updated, plan made anew
-    run()          # and with it again
+    _step(a, b, oa, ob, 0)
+    _step(a, b, oa, ob, 1)
+    _step(a, b, oa, ob, 2, skip={1})  # a param without a grad: not updated, plan made anew
+    _step(a, b, oa, ob, 3)            # and with it again
     # new storage for a param (as p.data = ... or .to() gives): a stale plan would update the old
     for pa, pb in ((a[2], b[2]), (a[0], b[0])):
         pa.data = pa.data.clone()
         pb.data = pb.data.clone()
-    run()
+    _step(a, b, oa, ob, 4)
     # a transposed grad: the walk copies it into the param's layout, this step only
-    g = _grads(step, a)
+    g = _grads(5, a)
     g[1] = g[1].t().contiguous().t()
     assert not g[1].is_contiguous()
-    _set(a, g)
-    _set(b, g)
-    oa.step()
-    ob.step()
-    _same(a, b, oa, ob)
-    step += 1
-    run()
+    _step(a, b, oa, ob, 5, grads=g)
+    _step(a, b, oa, ob, 6)
     # the settings change between steps: maximize, decay, betas, lr
     for opt in (oa, ob):
         opt.param_groups[0].update(maximize=True, weight_decay=0.3, betas=(0.8, 0.95), lr=3e-3)
-    run()
-    run()
+    _step(a, b, oa, ob, 7)
+    _step(a, b, oa, ob, 8)
 
 
 def test_new_grads_every_step_and_their_memory_is_let_go():
@@ -124,9 +115,11 @@ def test_new_grads_every_step_and_their_memory_is_let_go():
     refs = []
     for s in range(3):
         g = _grads(s, a)
-        _set(a, g)
         _set(b, g)
+        for p, x in zip(a, g):
+            p.grad = x  # (not a clone: the weak reference below is to the grad the step reads)
         refs.append(weakref.ref(a[0].grad))
+        del g, x
         oa.step()
         ob.step()
         _same(a, b, oa, ob)
@@ -139,11 +132,7 @@ def test_new_grads_every_step_and_their_memory_is_let_go():
 def test_a_new_param_list_makes_a_new_plan():
     a, b, oa, ob = _pair()
     for s in range(2):
-        g = _grads(s, a)
-        _set(a, g)
-        _set(b, g)
-        oa.step()
-        ob.step()
+        _step(a, b, oa, ob, s)
     first = _plan(oa)
     extra_a = torch.randn(5, requires_grad=True)
     extra_b = extra_a.detach().clone().requires_grad_()
@@ -152,12 +141,7 @@ def test_a_new_param_list_makes_a_new_plan():
     a.append(extra_a)
     b.append(extra_b)
     for s in range(2, 4):
-        g = _grads(s, a)
-        _set(a, g)
-        _set(b, g)
-        oa.step()
-        ob.step()
-        _same(a, b, oa, ob)
+        _step(a, b, oa, ob, s)
     assert _plan(oa) is not first
 
 
@@ -166,14 +150,7 @@ def test_a_scheduled_lr_reaches_every_planned_step():
     sa = torch.optim.lr_scheduler.LambdaLR(oa, lambda s: 1.0 / (1 + s))
     sb = torch.optim.lr_scheduler.LambdaLR(ob, lambda s: 1.0 / (1 + s))
     for s in range(4):
-        g = _grads(s, a)
-        _set(a, g)
-        _set(b, g)
-        oa.step()
-        ob.step()
-        sa.step()
-        sb.step()
-        _same(a, b, oa, ob)
+        _step(a, b, oa, ob, s, after=(sa, sb))
 
 
 def test_a_count_out_of_range_is_refused_and_changes_nothing():

@@ -36,18 +36,22 @@ def test_every_contender_runs_and_the_kernels_are_put_back():
         assert not isinstance(tb._load().adam_kernel, ht._NoLaunch)
 
 
+def _assert_kernels_skipped(backend: str) -> None:
+    p = torch.ones(8, requires_grad=True)
+    p.grad = torch.ones(8)
+    opt = onepass.AdamW([p], lr=0.1, backend=backend)
+    opt.step()
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(8))  # no kernel ran
+    assert opt.state[p]["step"].item() == 2  # the host step did
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_the_triton_stub_skips_the_kernels_only():
     ht = _load()
     assert ht._triton_stub()
     try:
-        p = torch.ones(8, requires_grad=True)
-        p.grad = torch.ones(8)
-        opt = onepass.AdamW([p], lr=0.1, backend="triton")
-        opt.step()
-        opt.step()
-        assert torch.equal(p.detach(), torch.ones(8))  # no kernel ran
-        assert opt.state[p]["step"].item() == 2  # the host step did
+        _assert_kernels_skipped("triton")
     finally:
         ht._unstub()
 
@@ -60,12 +64,6 @@ def test_the_emulated_stub_skips_the_kernels_only():
         pytest.skip("the emulated cuda backend is not enabled (ONEPASS_EMU=0)")
     emu.stub_launch = True
     try:
-        p = torch.ones(8, requires_grad=True)
-        p.grad = torch.ones(8)
-        opt = onepass.AdamW([p], lr=0.1, backend="cuda-emu")
-        opt.step()
-        opt.step()
-        assert torch.equal(p.detach(), torch.ones(8))
-        assert opt.state[p]["step"].item() == 2
+        _assert_kernels_skipped("cuda-emu")
     finally:
         emu.stub_launch = False
