@@ -21,6 +21,7 @@ class PyGroupPlan {
   // amsgrad), as the optimizer's state lists hold them.
   PyGroupPlan(const py::list& group_params, const py::list& parts) {
     const size_t n = group_params.size();
+    plan_.layout = plan_layout();
     plan_.held.reserve(n);
     for (size_t j = 0; j < n; ++j) {
       PyObject* o = group_params[j].ptr();

@@ -7,6 +7,7 @@
 
 #include "onepass_ops.h"
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -31,6 +32,8 @@ struct PlanPart {
   bool state_checked = false;
   // The CPU kernels' walk of this part, kept between steps (adam_cpu.cpp: PlannedWalk).
   std::shared_ptr<void> cpu_work;
+  // The CUDA kernels' block maps of this part (cuda/host_step.h: BlockMaps).
+  std::shared_ptr<void> cuda_work;
 };
 
 // What a step passes besides the tensors.
@@ -87,7 +90,22 @@ void validate_planned(PlanPart& part, BatchArgs& a, c10::DeviceType device_type)
 void step_planned_cuda(PlanPart& part, const StepHyper& h, bool check_only);
 #endif
 
+// The object of type T kept in `slot` (made on first use).
+template <typename T>
+T& kept(std::shared_ptr<void>& slot) {
+  if (!slot) slot = std::make_shared<T>();
+  return *static_cast<T*>(slot.get());
+}
+
+// What the modules that reach a GroupPlan by its address (the CUDA module, maybe a separately
+// built JIT add-on, and the emulated one) must agree on with onepass._C: its layout. A module
+// built from another version of this header refuses the plan instead of misreading it.
+struct PlanPart;
+struct GroupPlan;
+constexpr uint64_t kPlanVersion = 2;  // bump with any change to the structs above or below
+
 struct GroupPlan {
+  uint64_t layout;  // first, so a module of any version can read it: plan_layout()
   // The group's params as Python objects (owned references): a step's param list must hold the
   // same objects in the same order for the plan to apply.
   std::vector<void*> held;
@@ -95,5 +113,19 @@ struct GroupPlan {
   std::vector<int32_t> part_of, index_in;
   std::vector<PlanPart> parts;
 };
+
+constexpr uint64_t plan_layout() {
+  return kPlanVersion * 1000003u + sizeof(GroupPlan) * 1009u + sizeof(PlanPart) * 31u +
+         sizeof(StepHyper);
+}
+
+// The plan at `address` (GroupPlan.address()), refused when it was built with another layout.
+inline GroupPlan& plan_at(uintptr_t address) {
+  auto* plan = reinterpret_cast<GroupPlan*>(address);
+  ONEPASS_CHECK(plan != nullptr && plan->layout == plan_layout(),
+                "onepass: this module and onepass._C were built from different versions of "
+                "csrc/group_plan.h; rebuild them together");
+  return *plan;
+}
 
 }  // namespace onepass

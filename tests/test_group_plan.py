@@ -180,3 +180,19 @@ def test_a_plan_refuses_a_list_that_is_not_its_own():
     assert not plan.gather(params[:-1])
     assert not plan.gather(tuple(params))
     plan.release()
+
+
+def test_a_module_of_another_plan_layout_refuses_the_plan():
+    # The CUDA and emulated modules reach a plan by its address; its first word says which
+    # layout of csrc/group_plan.h built it, and a module of another one raises instead of
+    # misreading it (here: a buffer of zeros where a plan should be).
+    from onepass.backends import BACKENDS, cuda_emu
+
+    if "cuda-emu" not in BACKENDS:
+        pytest.skip("the emulated cuda backend is not enabled (ONEPASS_EMU=0)")
+    fake = torch.zeros(4096, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="different versions of csrc/group_plan.h"):
+        cuda_emu.build().step_plan(
+            fake.data_ptr(), 0, lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.0, maximize=False, decoupled=True, grad_scale=None, found_inf=None,
+            seed=0, device_steps=False, capturing=False, check_only=False, stub_launch=False)

@@ -204,7 +204,7 @@ void step_planned_cuda(PlanPart& part, const StepHyper& h, bool check_only) {
   if (check_only)
     host::check_launch(a, runtime_for(a));
   else
-    host::step_any(a, runtime_for(a));
+    host::step_any(a, runtime_for(a), &kept<host::BlockMaps>(part.cuda_work));
 }
 
 TORCH_LIBRARY_IMPL(onepass, CUDA, m) {

@@ -188,13 +188,14 @@ inline void bump_host_steps(at::TensorList steps, const LaunchArgs& L) {
 // ---- choosing the kernel instantiation ----------------------------------------------------------
 // The four runtime flags (amsgrad, maximize, coupled, scaled) become template arguments.
 template <class RT>
-using Launcher = void (*)(const RT&, const Desc*, int, const TensorScalars*, const double*, int64_t);
+using Launcher = void (*)(const RT&, const Desc*, int, const int32_t*, const TensorScalars*,
+                          const double*, int64_t);
 
 template <class RT, typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
-void launch_fp32(const RT& rt, const Desc* descs, int n, const TensorScalars* sc,
-                 const double* found_inf, int64_t blocks) {
+void launch_fp32(const RT& rt, const Desc* descs, int n, const int32_t* map,
+                 const TensorScalars* sc, const double* found_inf, int64_t blocks) {
   rt.template run<&kernels::adam_kernel<P, AMS, MAX, COUPLED, SCALED>>(blocks, kThreads, descs, n,
-                                                                      sc, found_inf);
+                                                                      map, sc, found_inf);
 }
 
 template <class RT, typename P, bool... B>
@@ -207,21 +208,22 @@ Launcher<RT> pick(const bool* f) {
 }
 
 template <class RT>
-using LowpLauncher = void (*)(const RT&, const LowpDesc*, int, const TensorScalars*, const double*,
-                              const float*, int64_t);
+using LowpLauncher = void (*)(const RT&, const LowpDesc*, int, const int32_t*,
+                              const TensorScalars*, const double*, const float*, int64_t);
 
 template <class RT, typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
-void launch_lowp(const RT& rt, const LowpDesc* descs, int n, const TensorScalars* sc,
-                 const double* found_inf, const float*, int64_t blocks) {
+void launch_lowp(const RT& rt, const LowpDesc* descs, int n, const int32_t* map,
+                 const TensorScalars* sc, const double* found_inf, const float*, int64_t blocks) {
   rt.template run<&kernels::lowp_kernel<P, AMS, MAX, COUPLED, SCALED, SF, PR>>(
-      blocks, kThreads, descs, n, sc, found_inf);
+      blocks, kThreads, descs, n, map, sc, found_inf);
 }
 
 template <class RT, typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
-void launch_int8(const RT& rt, const LowpDesc* descs, int n, const TensorScalars* sc,
-                 const double* found_inf, const float* tables, int64_t blocks) {
+void launch_int8(const RT& rt, const LowpDesc* descs, int n, const int32_t* map,
+                 const TensorScalars* sc, const double* found_inf, const float* tables,
+                 int64_t blocks) {
   rt.template run<&kernels::int8_kernel<P, MAX, COUPLED, SCALED, PR, FMAP>>(
-      blocks, kThreads, descs, n, sc, found_inf, tables);
+      blocks, kThreads, descs, n, map, sc, found_inf, tables);
 }
 
 template <class RT, typename P, int SF, int PR, bool FMAP>
@@ -274,10 +276,31 @@ inline int param_bytes(at::ScalarType dt) {
   return dt == at::kDouble ? 8 : dt == at::kFloat ? 4 : 2;
 }
 
+// ---- block maps -----------------------------------------------------------------------------
+// A planned group's block maps (plan.h, block_map), one a launch (param dtype), made on its first
+// step and kept with the plan (PlanPart::cuda_work): they depend on the tensors' sizes only, which
+// the plan keeps. Not used while a CUDA graph is captured (a replay would read a map the plan may
+// have dropped): the kernels search then.
+struct BlockMaps {
+  at::Tensor map[4];
+  int64_t blocks[4] = {-1, -1, -1, -1};
+
+  template <class RT, typename D>
+  const int32_t* get(const RT& rt, int launch, const Plan<D>& plan) {
+    if (rt.capturing()) return nullptr;
+    if (blocks[launch] != plan.blocks) {
+      const std::vector<int32_t> host = block_map(plan.descs, plan.blocks);
+      map[launch] = rt.upload(host.data(), static_cast<int64_t>(host.size() * sizeof(int32_t)));
+      blocks[launch] = plan.blocks;
+    }
+    return reinterpret_cast<const int32_t*>(map[launch].data_ptr());
+  }
+};
+
 // ---- the steps ----------------------------------------------------------------------------------
 // fp32 state, nearest rounding (adam_step_): a validated, non-empty batch.
 template <class RT>
-void step_fp32(const BatchArgs& a, const RT& rt) {
+void step_fp32(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
   check_launch(a, rt);
   LaunchArgs L;
   if (!prepare(a, rt, L)) return;
@@ -288,7 +311,8 @@ void step_fp32(const BatchArgs& a, const RT& rt) {
   const bool flags[4] = {a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()};
   std::vector<at::Tensor> keep;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
-  for (const at::ScalarType dt : dtypes) {
+  for (int launch = 0; launch < 4; ++launch) {
+    const at::ScalarType dt = dtypes[launch];
     std::vector<TensorMeta> metas;
     for (size_t i = 0; i < a.params.size(); ++i) {
       const at::Tensor& p0 = a.params[i];
@@ -329,8 +353,9 @@ void step_fp32(const BatchArgs& a, const RT& rt) {
       case at::kBFloat16: fn = pick<RT, Bf16>(flags); break;
       default: fn = pick<RT, Fp16>(flags); break;
     }
+    const int32_t* map = maps != nullptr ? maps->get(rt, launch, plan) : nullptr;
     fn(rt, reinterpret_cast<const Desc*>(table.data_ptr()), static_cast<int>(plan.descs.size()),
-       sc.table, L.h.found_inf, plan.blocks);
+       map, sc.table, L.h.found_inf, plan.blocks);
   }
   for (auto& pw : write_back) pw.first.copy_(pw.second);
   bump_host_steps(a.steps, L);
@@ -341,7 +366,7 @@ void step_fp32(const BatchArgs& a, const RT& rt) {
 // the others), int8 params and grads as contiguous (row-major) tensors, Kahan compensations in
 // their param's walk layout; working copies are written back after the launch.
 template <class RT>
-void step_lowp(const BatchArgs& a, const RT& rt) {
+void step_lowp(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
   check_launch(a, rt);
   LaunchArgs L;
   if (!prepare(a, rt, L)) return;
@@ -357,7 +382,8 @@ void step_lowp(const BatchArgs& a, const RT& rt) {
   const bool flags[4] = {a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()};
   std::vector<at::Tensor> keep;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, working copy)
-  for (const at::ScalarType dt : dtypes) {
+  for (int launch = 0; launch < 3; ++launch) {
+    const at::ScalarType dt = dtypes[launch];
     std::vector<TensorMeta> metas;
     for (size_t i = 0; i < a.params.size(); ++i) {
       const at::Tensor& p0 = a.params[i];
@@ -411,8 +437,9 @@ void step_lowp(const BatchArgs& a, const RT& rt) {
     const at::Tensor table =
         rt.upload(plan.descs.data(), static_cast<int64_t>(plan.descs.size() * sizeof(LowpDesc)));
     keep.push_back(table);
+    const int32_t* map = maps != nullptr ? maps->get(rt, launch, plan) : nullptr;
     fn(rt, reinterpret_cast<const LowpDesc*>(table.data_ptr()), static_cast<int>(plan.descs.size()),
-       sc.table, L.h.found_inf, tables, plan.blocks);
+       map, sc.table, L.h.found_inf, tables, plan.blocks);
   }
   for (auto& pw : write_back) pw.first.copy_(pw.second);
   bump_host_steps(a.steps, L);
@@ -420,12 +447,12 @@ void step_lowp(const BatchArgs& a, const RT& rt) {
 
 // adam_step_lowp_'s dispatch: fp32 state with nearest rounding is what adam_step_ does.
 template <class RT>
-void step_any(const BatchArgs& a, const RT& rt) {
+void step_any(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
   if (a.params.empty()) return;
   if (a.state_format == kF32 && a.param_rounding == kNearest)
-    step_fp32(a, rt);
+    step_fp32(a, rt, maps);
   else
-    step_lowp(a, rt);
+    step_lowp(a, rt, maps);
 }
 
 }  // namespace host

@@ -6,7 +6,7 @@
 // FMAs, so the bits equal the reference's. Scalars are computed in the kernel from the step count
 // and the learning rate (a float, or a Tensor read on the device), by make_step_scalars.
 //
-// Which elements a block and a thread update is plan.h (locate_tensor, thread_first_element,
+// Which elements a block and a thread update is plan.h (tensor_of_block, thread_first_element,
 // int8_span), shared with the host planner and its unit test. Indices are 64-bit.
 //
 // Low precision (reference.py "Storage"): bf16 moments (stochastic rounding) and stochastic /
@@ -93,14 +93,14 @@ __device__ __forceinline__ bool past_end(int64_t i, int64_t n) {
 // fp32 state, nearest rounding: VEC elements a thread.
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
 __global__ void __launch_bounds__(kThreads)
-adam_kernel(const Desc* __restrict__ descs, int n_tensors, const TensorScalars* __restrict__ sc,
-            const double* found_inf) {
+adam_kernel(const Desc* __restrict__ descs, int n_tensors, const int32_t* __restrict__ block_map,
+            const TensorScalars* __restrict__ sc, const double* found_inf) {
   using T = typename Storage<P>::math_t;
   constexpr int VEC = Vec<P>::n;
   if (skip_step(found_inf)) return;
 
   const int64_t b = blockIdx.x;
-  const Desc d = descs[locate_tensor(descs, n_tensors, b)];
+  const Desc d = descs[tensor_of_block(descs, n_tensors, block_map, b)];
 
   P* __restrict__ p = static_cast<P*>(d.p);
   const P* __restrict__ g = static_cast<const P*>(d.g);
@@ -205,13 +205,14 @@ __device__ __forceinline__ void lowp_element(P* p, const P* g, M* m, M* v, float
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
 __global__ void __launch_bounds__(kThreads)
 lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
-            const TensorScalars* __restrict__ sc, const double* found_inf) {
+            const int32_t* __restrict__ block_map, const TensorScalars* __restrict__ sc,
+            const double* found_inf) {
   using M = std::conditional_t<SF == kBF16, Bf16, float>;
   constexpr int VEC = Vec<P>::n;
   if (skip_step(found_inf)) return;
 
   const int64_t b = blockIdx.x;
-  const LowpDesc d = descs[locate_tensor(descs, n_tensors, b)];
+  const LowpDesc d = descs[tensor_of_block(descs, n_tensors, block_map, b)];
 
   P* __restrict__ p = static_cast<P*>(d.p);
   const P* __restrict__ g = static_cast<const P*>(d.g);
@@ -267,7 +268,8 @@ __device__ __forceinline__ uint32_t max_u32(uint32_t a, uint32_t b) { return a >
 // shared memory.
 template <typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
 __global__ void __launch_bounds__(kThreads)
-int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, const TensorScalars* __restrict__ sc,
+int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
+            const int32_t* __restrict__ block_map, const TensorScalars* __restrict__ sc,
             const double* found_inf, const float* __restrict__ tables) {
   ONEPASS_SHARED(float, tab, FMAP ? 1 : kTablesLen);
   if (skip_step(found_inf)) return;
@@ -279,7 +281,7 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors, const TensorScala
   }
 
   const int64_t b = blockIdx.x;
-  const LowpDesc d = descs[locate_tensor(descs, n_tensors, b)];
+  const LowpDesc d = descs[tensor_of_block(descs, n_tensors, block_map, b)];
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t k = int8_block_of(d, b, warp);  // this warp's quantization block

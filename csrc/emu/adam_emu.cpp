@@ -19,7 +19,8 @@ using onepass::BatchArgs;
 using onepass::EmuRuntime;
 
 // The cuda backend's step on a checked batch: the kernels, or the launch checks only.
-void run(const BatchArgs& a, const EmuRuntime& rt, bool check_only) {
+void run(const BatchArgs& a, const EmuRuntime& rt, bool check_only,
+         onepass::host::BlockMaps* maps = nullptr) {
   if (a.params.empty()) return;
   if (check_only) {
     onepass::host::check_launch(a, rt);
@@ -28,9 +29,9 @@ void run(const BatchArgs& a, const EmuRuntime& rt, bool check_only) {
   // (the two halves are compiled in two files, emu_fp32.cpp and emu_lowp.cpp: step_any here
   // would compile every kernel into this one)
   if (a.state_format == onepass::host::kF32 && a.param_rounding == onepass::host::kNearest)
-    onepass::emu_step_fp32(a, rt);
+    onepass::emu_step_fp32(a, rt, maps);
   else
-    onepass::emu_step_lowp(a, rt);
+    onepass::emu_step_lowp(a, rt, maps);
 }
 
 // adam_step_lowp_'s arguments, plus where the step counts live and whether a graph is "captured".
@@ -55,14 +56,15 @@ void step_plan(uintptr_t address, size_t part, double lr, const OptT& lr_t, doub
                double eps, double wd, bool maximize, bool decoupled, const OptT& gs,
                const OptT& fi, int64_t seed, bool device_steps, bool capturing, bool check_only,
                bool stub_launch) {
-  auto* plan = reinterpret_cast<onepass::GroupPlan*>(address);
-  ONEPASS_CHECK(part < plan->parts.size(), "onepass: plan part ", part, " of ", plan->parts.size());
-  onepass::PlanPart& pp = plan->parts[part];
+  onepass::GroupPlan& plan = onepass::plan_at(address);
+  ONEPASS_CHECK(part < plan.parts.size(), "onepass: plan part ", part, " of ", plan.parts.size());
+  onepass::PlanPart& pp = plan.parts[part];
   const onepass::StepHyper h =
       onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed);
   BatchArgs a = onepass::plan_args(pp, h, nullptr);
   onepass::validate_planned(pp, a, c10::DeviceType::CPU);  // (the same as step_planned_cuda)
-  run(a, EmuRuntime{device_steps, capturing, stub_launch}, check_only);
+  run(a, EmuRuntime{device_steps, capturing, stub_launch}, check_only,
+      &onepass::kept<onepass::host::BlockMaps>(pp.cuda_work));
 }
 
 }  // namespace

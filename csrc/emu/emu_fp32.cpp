@@ -2,5 +2,7 @@
 #include "emu_runtime.h"
 
 namespace onepass {
-void emu_step_fp32(const BatchArgs& a, const EmuRuntime& rt) { host::step_fp32(a, rt); }
+void emu_step_fp32(const BatchArgs& a, const EmuRuntime& rt, host::BlockMaps* maps) {
+  host::step_fp32(a, rt, maps);
+}
 }  // namespace onepass

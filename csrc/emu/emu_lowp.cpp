@@ -3,5 +3,7 @@
 #include "emu_runtime.h"
 
 namespace onepass {
-void emu_step_lowp(const BatchArgs& a, const EmuRuntime& rt) { host::step_lowp(a, rt); }
+void emu_step_lowp(const BatchArgs& a, const EmuRuntime& rt, host::BlockMaps* maps) {
+  host::step_lowp(a, rt, maps);
+}
 }  // namespace onepass

@@ -56,9 +56,13 @@ bool is_aligned(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_
 
 // The expected tensor of each block, found by a linear walk over the block counts (independent
 // of locate_tensor's binary search).
+// The planned launches' block map (block_map, read by tensor_of_block) must give every block's
+// tensor too: checked at every block.
 template <typename D>
 void check_lookup(const Plan<D>& plan, const std::string& name) {
   const int n = static_cast<int>(plan.descs.size());
+  const std::vector<int32_t> map = block_map(plan.descs, plan.blocks);
+  if (static_cast<int64_t>(map.size()) != plan.blocks) fail(name + ": block map of the wrong size");
   for (int i = 0; i < n; ++i) {
     const int64_t first = plan.descs[i].block_start;
     const int64_t end = i + 1 < n ? plan.descs[i + 1].block_start : plan.blocks;
@@ -71,6 +75,10 @@ void check_lookup(const Plan<D>& plan, const std::string& name) {
         fail(name + ": block " + std::to_string(b) + " found tensor " + std::to_string(got) +
              ", not " + std::to_string(i));
     }
+    for (int64_t b = first; b < end; ++b)
+      if (tensor_of_block(plan.descs.data(), n, map.data(), b) != i)
+        fail(name + ": the block map gives block " + std::to_string(b) + " tensor " +
+             std::to_string(map[static_cast<size_t>(b)]) + ", not " + std::to_string(i));
   }
 }
 
