@@ -19,7 +19,7 @@ one tensor both, and its decay a choice. No dropout: runs must be reproducible b
 Sizes (``SIZES``):
     tiny   d=16, 1 layer, 2 heads, ctx 16, batch 8     6,736 params   ~2.3 ms/step   (tests)
     small  d=112, 2 layers, 4 heads, ctx 64, batch 8  332,960 params  ~25 ms/step    (default)
-measured (median step, evaluation excluded) on 2 cores of an AMD EPYC (Zen 1, AVX2, 2.0 GHz),
+measured (median step, evaluation excluded) on 2 cores of an AMD EPYC (Zen 3, AVX2),
 torch 2.13 CPU on 2 threads, onepass's cpu backend, machine otherwise idle: fp32 params 23-25 ms,
 bf16 params 31 ms. 10,000 "small" steps take ~4.5 minutes per fp32 config. Another process busy
 on the same cores makes every step several times slower (each 2-thread op waits for the thread

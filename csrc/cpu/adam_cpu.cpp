@@ -86,7 +86,7 @@ struct TensorWork {
 // elements: the update loop walks a chunk row by row and adds each row's squares into 16 lane
 // accumulators, which stay in vector registers (two AVX2 / one AVX-512 register each), then a
 // 15-add tree over the lanes. So the statistics cost the loop a subtract, three multiplies and two
-// adds an element, in registers, while it waits for memory. Measured on the 2-core Zen 1 against
+// adds an element, in registers, while it waits for memory. Measured on the 2-core Zen 3 against
 // the step without statistics: a separate pass over each updated chunk (a tree over all 2048
 // squares) cost +21% of a gpt2 step; 256 lanes accumulated in L1, +9% (one 2**26 tensor); these
 // 16 lanes in registers, +2.4 to +3.6% of a gpt2 step (three runs of the benchmark).
@@ -201,9 +201,9 @@ struct CodeIndex {
 
 // ---- the loop, instantiated per (storage, flags) and per ISA ------------------------------------
 // Statistics: adds w^2 and dw^2 (nw, old: the param as stored after and before) into lane
-// accumulators. nw comes from registers, not from the param just written: a 32-byte load of a
-// 32-byte store cannot be forwarded on Zen 1 (stores go as two 16-byte halves), and the stall
-// cost the gpt2 case +26% instead of +9% (measured, 256 lanes).
+// accumulators. nw comes from registers, not from the param just written: reading the stored
+// values back right after the store cost the gpt2 case +26% instead of +9% on this Zen 3
+// (measured, 256 lanes).
 template <typename T>
 inline __attribute__((always_inline)) void add_squares(T nw, T old, T& aw, T& ad) {
   const T d = op_sub(nw, old);
@@ -398,7 +398,7 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
 // absmax of the block's m and v, quantize. The block's values wait in two small local buffers.
 // FMAP: the maps are quant's "float3" maps, decoded and searched with integer operations
 // (float_map_value_* / float_map_code_*); otherwise table loads and a search of the midpoints.
-// Measured on a 2-core AVX2 EPYC (Zen 1), one thread, L2-resident block loop: the table path
+// Measured on a 2-core AVX2 EPYC (Zen 3), one thread, L2-resident block loop: the table path
 // costs ~2x the fp32 element math, the bit path ~1.3x.
 template <typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
 inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
