@@ -93,13 +93,13 @@ void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i) {
 
 DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad) {
   DensePair out{param, grad, false};
-  if (!param.is_non_overlapping_and_dense()) {
+  if (!walks_in_place(param, false)) {
     // An overlapping or gappy param (rare: a view made a Parameter) is updated through a
     // contiguous copy; its state is contiguous (zeros_like with preserve_format).
     out.p = param.contiguous();
     out.copy_back = true;
   }
-  if (!same_dims(grad.strides(), out.p.strides()) || !grad.is_non_overlapping_and_dense()) {
+  if (!in_walk_layout(grad, out.p, false)) {
     // A transposed or strided grad is copied into the param's layout first (torch's own fused
     // CPU AdamW reads it in the wrong order instead).
     out.g = at::empty_like(out.p);
@@ -205,14 +205,18 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
   }
 }
 
-void validate_planned(PlanPart& part, BatchArgs& a, c10::DeviceType device_type) {
+bool validate_planned_state(PlanPart& part, BatchArgs& a, c10::DeviceType device_type) {
   const bool known = part.state_checked;
   a.state_checked = known;
   validate_batch(a, device_type);
-  if (known)  // validate_batch left the counts' values to us
+  part.state_checked = true;  // unchanged until the optimizer makes a new plan
+  return known;
+}
+
+void validate_planned(PlanPart& part, BatchArgs& a, c10::DeviceType device_type) {
+  if (validate_planned_state(part, a, device_type))  // the counts' values are left to us
     for (size_t i = 0; i < a.steps.size(); ++i)
       if (a.steps[i].device().is_cpu()) check_step_value(read_step(a.steps[i]), i);
-  part.state_checked = true;
 }
 
 void check_step_value(double t, size_t i) {

@@ -139,21 +139,13 @@ class PyGroupPlan {
   }
   std::vector<int64_t> bump_steps(size_t k) const { return onepass::bump_steps(at(k).steps); }
 
-  size_t num_parts() const { return plan_.parts.size(); }
-
   // The plan's address, for the emulated cuda backend's module (test-only; built from the same
   // header by the same compiler, csrc/emu/adam_emu.cpp), which has no other way to reach it.
   uintptr_t address() const { return reinterpret_cast<uintptr_t>(&plan_); }
 
  private:
-  const PlanPart& at(size_t k) const {
-    ONEPASS_CHECK(k < plan_.parts.size(), "onepass: plan part ", k, " of ", plan_.parts.size());
-    return plan_.parts[k];
-  }
-  PlanPart& at(size_t k) {
-    ONEPASS_CHECK(k < plan_.parts.size(), "onepass: plan part ", k, " of ", plan_.parts.size());
-    return plan_.parts[k];
-  }
+  const PlanPart& at(size_t k) const { return plan_part(const_cast<GroupPlan&>(plan_), k); }
+  PlanPart& at(size_t k) { return plan_part(plan_, k); }
 
   GroupPlan plan_;
   bool usable_ = true;
@@ -175,8 +167,7 @@ void bind_group_plan(py::module& m) {
       .def("release", &PyGroupPlan::release)
       .def("pair_table", &PyGroupPlan::pair_table, py::arg("part"))
       .def("bump_steps", &PyGroupPlan::bump_steps, py::arg("part"))
-      .def("address", &PyGroupPlan::address)
-      .def_property_readonly("num_parts", &PyGroupPlan::num_parts);
+      .def("address", &PyGroupPlan::address);
 }
 
 }  // namespace onepass

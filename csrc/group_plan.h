@@ -84,6 +84,9 @@ void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stat
 // validate_batch for a part's batch `a` (plan_args): its params, state and counts once per plan,
 // its grads (and the host counts' values) every step. Marks the part checked.
 void validate_planned(PlanPart& part, BatchArgs& a, c10::DeviceType device_type);
+// validate_planned without the counts' values; true when they are left to the caller (who may
+// read them more cheaply: the CPU walk keeps their addresses).
+bool validate_planned_state(PlanPart& part, BatchArgs& a, c10::DeviceType device_type);
 
 #ifdef ONEPASS_WITH_CUDA
 // A part's step on CUDA tensors (csrc/cuda/adam_cuda.cu), or its checks only.
@@ -117,6 +120,12 @@ struct GroupPlan {
 constexpr uint64_t plan_layout() {
   return kPlanVersion * 1000003u + sizeof(GroupPlan) * 1009u + sizeof(PlanPart) * 31u +
          sizeof(StepHyper);
+}
+
+// Part k of a plan (an error past its parts).
+inline PlanPart& plan_part(GroupPlan& plan, size_t k) {
+  ONEPASS_CHECK(k < plan.parts.size(), "onepass: plan part ", k, " of ", plan.parts.size());
+  return plan.parts[k];
 }
 
 // The plan at `address` (GroupPlan.address()), refused when it was built with another layout.

@@ -100,6 +100,18 @@ struct BatchArgs {
 int parse_state_format(const std::string& s);
 int parse_param_rounding(const std::string& s);
 
+// Whether the kernels walk a param in place (else through a working copy): int8 blocks are rows
+// of the row-major order, so int8 walks contiguous tensors; the other formats walk any dense
+// layout in storage order.
+inline bool walks_in_place(const at::Tensor& p, bool int8) {
+  return int8 ? p.is_contiguous() : p.is_non_overlapping_and_dense();
+}
+// Whether a grad (or a Kahan compensation) is in the walk layout of its param `p`.
+inline bool in_walk_layout(const at::Tensor& t, const at::Tensor& p, bool int8) {
+  return int8 ? t.is_contiguous()
+              : same_dims(t.strides(), p.strides()) && t.is_non_overlapping_and_dense();
+}
+
 // What a kernel walks in storage order: the param itself when it is dense (else a contiguous
 // working copy, to be copied back: copy_back), and the grad in that tensor's layout (copied into
 // it when its strides differ). Moments share the param's layout (zeros_like, preserve_format).

@@ -260,12 +260,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](uintptr_t address, size_t part, double lr, const OptT& lr_t, double b1, double b2,
            double eps, double wd, bool maximize, bool decoupled, const OptT& gs, const OptT& fi,
            int64_t seed, bool check_only) {
-          onepass::GroupPlan& plan = onepass::plan_at(address);
-          ONEPASS_CHECK(part < plan.parts.size(), "onepass: plan part ", part, " of ",
-                        plan.parts.size());
+          onepass::PlanPart& pp = onepass::plan_part(onepass::plan_at(address), part);
           py::gil_scoped_release no_gil;
           onepass::step_planned_cuda(
-              plan.parts[part],
+              pp,
               onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed),
               check_only);
         },

@@ -1,4 +1,4 @@
-"""The optimizer's cached plan (csrc/group_plan.h, optimizer._GroupCache): a step whose group is
+"""The optimizer's cached plan (csrc/group_plan.h, onepass._plan): a step whose group is
 unchanged takes its tensors from C++ and reads the grads there. Every test compares the planned
 optimizer with the reference backend, bit for bit after every step, through the changes a plan
 must notice (new grads, a param losing its grad, new storage, a new param list, a transposed

@@ -754,18 +754,6 @@ struct WalkCtx {
   }
 };
 
-// Whether the kernels walk a param in place (else through a working copy): int8 blocks are rows
-// of the row-major order, so int8 walks contiguous tensors; the other formats walk any dense
-// layout in storage order.
-bool walks_in_place(const at::Tensor& p, bool int8) {
-  return int8 ? p.is_contiguous() : p.is_non_overlapping_and_dense();
-}
-// Whether a grad (or a Kahan compensation) is in the walk layout of its param `p`.
-bool in_walk_layout(const at::Tensor& t, const at::Tensor& p, bool int8) {
-  return int8 ? t.is_contiguous()
-              : same_dims(t.strides(), p.strides()) && t.is_non_overlapping_and_dense();
-}
-
 // The fields of batch tensor i's work that stay while its tensors keep their storage. `p` is the
 // tensor walked (the param or its working copy), `comp` its Kahan compensation in p's layout.
 void fill_static(TensorWork& w, const BatchArgs& a, size_t i, const at::Tensor& p, void* comp,
@@ -959,10 +947,7 @@ std::shared_ptr<PlannedWalk> make_planned_walk(const BatchArgs& a) {
 void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stats,
                       bool check_only) {
   BatchArgs a = plan_args(part, h, stats);
-  const bool counts_unchecked = part.state_checked;  // validate_batch leaves them to us then
-  a.state_checked = part.state_checked;
-  validate_batch(a, c10::DeviceType::CPU);
-  part.state_checked = true;  // unchanged until the optimizer makes a new plan
+  const bool counts_unchecked = validate_planned_state(part, a, c10::DeviceType::CPU);
   if (stats != nullptr) check_stats(*stats, a.params.size());
   if (a.params.empty()) return;
   auto* pw = static_cast<PlannedWalk*>(part.cpu_work.get());

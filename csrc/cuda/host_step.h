@@ -319,8 +319,7 @@ void step_fp32(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
       if (p0.scalar_type() != dt || p0.numel() == 0) continue;
       TensorMeta t{};
       const at::Tensor& g0 = a.grads[i];
-      if (p0.is_non_overlapping_and_dense() && same_dims(g0.strides(), p0.strides()) &&
-          g0.is_non_overlapping_and_dense()) {
+      if (walks_in_place(p0, false) && in_walk_layout(g0, p0, false)) {
         // the usual case: both walked in place, no tensor copied or kept
         t.p = const_cast<void*>(raw_data(p0));
         t.g = raw_data(g0);
@@ -362,7 +361,7 @@ void step_fp32(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
 }
 
 // bf16 / int8 state, stochastic / Kahan bf16 params: a validated, non-empty batch. What the CPU
-// kernel's step_impl_lowp walks, this walks: dense params in storage order (working copies of
+// kernel's step_walk walks, this walks: dense params in storage order (working copies of
 // the others), int8 params and grads as contiguous (row-major) tensors, Kahan compensations in
 // their param's walk layout; working copies are written back after the launch.
 template <class RT>
@@ -411,7 +410,7 @@ void step_lowp(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
       if (pr == kKahan) {
         const at::Tensor& c0 = a.kahan_comps[i];
         at::Tensor c = c0;
-        if (!same_dims(c0.strides(), p.strides()) || !c0.is_non_overlapping_and_dense()) {
+        if (!in_walk_layout(c0, p, false)) {
           c = at::empty_like(p, c0.options());
           c.copy_(c0);
           write_back.emplace_back(c0, c);

@@ -56,9 +56,7 @@ void step_plan(uintptr_t address, size_t part, double lr, const OptT& lr_t, doub
                double eps, double wd, bool maximize, bool decoupled, const OptT& gs,
                const OptT& fi, int64_t seed, bool device_steps, bool capturing, bool check_only,
                bool stub_launch) {
-  onepass::GroupPlan& plan = onepass::plan_at(address);
-  ONEPASS_CHECK(part < plan.parts.size(), "onepass: plan part ", part, " of ", plan.parts.size());
-  onepass::PlanPart& pp = plan.parts[part];
+  onepass::PlanPart& pp = onepass::plan_part(onepass::plan_at(address), part);
   const onepass::StepHyper h =
       onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed);
   BatchArgs a = onepass::plan_args(pp, h, nullptr);

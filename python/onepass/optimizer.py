@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _ops, quant, reference
+from . import quant, reference
+from ._plan import GroupCache, PlanGrads, make_plan
 from .backends import BACKENDS, Batch, auto_candidates, resolve_backend
 from .reference import PARAM_DTYPES, math_dtype
 
@@ -527,62 +527,6 @@ def _capture_health_check(optimizer: "AdamW") -> None:
             )
 
 
-class _GroupCache:
-    """What a group's steps reuse while its state is unchanged (``epoch``, ``state``) and its
-    settings (``mode``) are the same: the params that had grads (``ids``), their state lists by
-    part (``parts``: {(state format, rounding): (params, positions, lists, scratch)}), whether
-    any is a DTensor or complex, the C++ plan of the parts (None where none applies), and the
-    last step's batches."""
-
-    __slots__ = ("ids", "epoch", "state", "mode", "parts", "dtensors", "complexes", "plan",
-                 "batches", "batch_key")
-
-    def __init__(self, ids, epoch, state, mode, parts, dtensors, complexes):
-        self.ids, self.epoch, self.state, self.mode = ids, epoch, state, mode
-        self.parts, self.dtensors, self.complexes = parts, dtensors, complexes
-        self.plan = None
-        #: The last step's [(backend, batch)] and the settings key they were made with: reused
-        #: while the plan applies (not with statistics, whose tensor is new every step).
-        self.batches = None
-        self.batch_key = None
-
-
-def _make_plan(all_params: List[Tensor], parts, cache: _GroupCache, device: torch.device):
-    """The group's onepass._C.GroupPlan, or None where none applies: without the extension, and
-    for DTensor or complex params (the kernels take views of them, made every step)."""
-    if cache.dtensors or cache.complexes or not _ops.HAS_EXT or type(all_params) is not list:
-        return None
-    qt = quant.tables(device) if any(k[0] == "int8" for k in parts) else None
-    return _ops._C.GroupPlan(all_params, [
-        (idx, ps, lists[0], lists[1], lists[2], lists[3], lists[4], lists[5], lists[6],
-         qt if pfmt == "int8" else None, pfmt, prnd, cache.mode[0])
-        for (pfmt, prnd), (ps, idx, lists, _) in parts.items()])
-
-
-class _PlanGrads(Sequence):
-    """A batch's grads as the plan read them, made a Python list only when a backend asks (the
-    kernels behind the plan take them from C++)."""
-
-    __slots__ = ("_plan", "_part", "_n", "_list")
-
-    def __init__(self, plan, part: int, n: int):
-        self._plan, self._part, self._n, self._list = plan, part, n, None
-
-    def _get(self) -> List[Tensor]:
-        if self._list is None:
-            self._list = self._plan.grads(self._part)
-        return self._list
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i):
-        return self._get()[i]
-
-    def __iter__(self):
-        return iter(self._get())
-
-
 class AdamW(Optimizer):
     """AdamW (decoupled weight decay) with torch.optim.AdamW's signature and defaults.
 
@@ -650,7 +594,7 @@ class AdamW(Optimizer):
             min_int8_numel=min_int8_numel, decay_mode=decay_mode, lr_max=lr_max,
             statistics=bool(statistics),
         )
-        self._batch_cache: Dict[int, _GroupCache] = {}
+        self._batch_cache: Dict[int, GroupCache] = {}
         self._checked: Dict[int, tuple] = {}  # _check_group's memo
         _cuda_available()  # asked once, here, not while a step is traced or captured
         super().__init__(params, defaults)
@@ -781,7 +725,7 @@ class AdamW(Optimizer):
                 # imports DTensor itself, so the test would cost ~0.5 us a param every step)
                 dtensors = _dtensor_type() is not None and any(_is_dtensor(p) for p in params)
                 complexes = any(p.is_complex() for p in params)
-                cache = _GroupCache(ids, _epoch_of(self.state), self.state, mode, parts, dtensors,
+                cache = GroupCache(ids, _epoch_of(self.state), self.state, mode, parts, dtensors,
                                     complexes) if tracked else None
                 if cache is None:  # a plain dict put in by hand: its writes are not seen
                     self._batch_cache.pop(id(group), None)
@@ -789,15 +733,15 @@ class AdamW(Optimizer):
                     self._batch_cache[id(group)] = cache
             plan = None
             if cache is not None and not torch.compiler.is_compiling():
-                plan = cache.plan = _make_plan(all_params, parts, cache, device)
+                plan = cache.plan = make_plan(all_params, parts, cache, device)
             if plan is not None and not plan.gather(all_params):
-                plan = cache.plan = None  # (cannot happen: made from this very list)
+                plan = cache.plan = None  # (a grad without storage: the lists, this step)
         beta1, beta2 = group["betas"]
         out = []
         for k, ((pfmt, prnd), (ps, idx, lists, scratch)) in enumerate(parts.items()):
             # grads are this step's (the cache holds params and state only)
             if plan is not None:
-                gs = _PlanGrads(plan, k, len(ps))
+                gs = PlanGrads(plan, k, len(ps))
             else:
                 gs = grads if len(idx) == len(grads) else [grads[i] for i in idx]
             stats = None
@@ -854,13 +798,13 @@ class AdamW(Optimizer):
         return out
 
     @staticmethod
-    def _reuse_batches(group, cache: "_GroupCache", grad_scale, found_inf) -> List[Tuple[Any, Batch, list]]:
+    def _reuse_batches(group, cache: "GroupCache", grad_scale, found_inf) -> List[Tuple[Any, Batch, list]]:
         lr = group["lr"]
         out = []
         for backend, batch in cache.batches:
             batch.lr, batch.grad_scale, batch.found_inf = lr, grad_scale, found_inf
             plan, part = batch.plan
-            grads = _PlanGrads(plan, part, len(batch.params))
+            grads = PlanGrads(plan, part, len(batch.params))
             batch.grads = grads if backend.takes_plan else list(grads)
             out.append((backend, batch, []))
         return out

@@ -61,6 +61,19 @@ class Batch:
     plan: Optional[tuple] = None
 
 
+def plan_step_kwargs(batch: Batch) -> dict:
+    """The per-step arguments of a step through the optimizer's plan (GroupPlan.step and the
+    CUDA / emulated modules' step_plan): the settings and scalars of the batch, its tensors
+    being in the plan already."""
+    lr = batch.lr
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    return dict(lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
+                beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps,
+                weight_decay=batch.weight_decay, maximize=batch.maximize,
+                decoupled=batch.decoupled, grad_scale=batch.grad_scale,
+                found_inf=batch.found_inf, seed=int(batch.seed))
+
+
 class Backend:
     name: str = "?"
     #: True when ``step`` itself checks the whole batch before writing anything, so a step with a

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import _ops
-from .base import Backend, Batch
+from .base import Backend, Batch, plan_step_kwargs
 
 
 def _tracing() -> bool:
@@ -85,13 +85,7 @@ def _plan_call(batch: Batch, check_only: bool) -> None:
     """The batch through the optimizer's cached plan: the tensors are already in C++, and the
     CPU kernels' kept walk runs them (or only checks them)."""
     plan, part = batch.plan
-    lr = batch.lr
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    plan.step(part, lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
-              beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps,
-              weight_decay=batch.weight_decay, maximize=batch.maximize,
-              decoupled=batch.decoupled, grad_scale=batch.grad_scale, found_inf=batch.found_inf,
-              seed=int(batch.seed), stats=batch.stats, check_only=check_only)
+    plan.step(part, stats=batch.stats, check_only=check_only, **plan_step_kwargs(batch))
 
 
 def _lowp(batch: Batch) -> bool:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import _ops
-from .base import Backend, Batch
+from .base import Backend, Batch, plan_step_kwargs
 from .cpu import CpuBackend, _lowp, _tracing
 from .reference import check_batch
 
@@ -76,11 +76,5 @@ def _step_plan(batch: Batch, check_only: bool) -> None:
     """The batch through the optimizer's plan: the CUDA module's host step on the lists the plan
     holds and the grads it read in C++ (checks only with check_only)."""
     plan, part = batch.plan
-    lr = batch.lr
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    _ops.cuda_module().step_plan(
-        plan.address(), part, lr=0.0 if lr_tensor is not None else float(lr),
-        lr_tensor=lr_tensor, beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps,
-        weight_decay=batch.weight_decay, maximize=batch.maximize, decoupled=batch.decoupled,
-        grad_scale=batch.grad_scale, found_inf=batch.found_inf, seed=int(batch.seed),
-        check_only=check_only)
+    _ops.cuda_module().step_plan(plan.address(), part, check_only=check_only,
+                                 **plan_step_kwargs(batch))

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .base import Backend, Batch
+from .base import Backend, Batch, plan_step_kwargs
 
 _modules: Dict[int, object] = {}
 
@@ -85,18 +85,14 @@ class CudaEmuBackend(Backend):
         self._call(batch, check_only=False)
 
     def _call(self, batch: Batch, check_only: bool) -> None:
-        lr = batch.lr
-        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
         if batch.plan is not None:  # the optimizer's cached plan: the tensors are in C++
             plan, part = batch.plan
             _modules[self.planted_bug].step_plan(
-                plan.address(), part, lr=0.0 if lr_tensor is not None else float(lr),
-                lr_tensor=lr_tensor, beta1=batch.beta1, beta2=batch.beta2, eps=batch.eps,
-                weight_decay=batch.weight_decay, maximize=batch.maximize,
-                decoupled=batch.decoupled, grad_scale=batch.grad_scale,
-                found_inf=batch.found_inf, seed=int(batch.seed), device_steps=self.device_steps,
-                capturing=self.capturing, check_only=check_only, stub_launch=self.stub_launch)
+                plan.address(), part, device_steps=self.device_steps, capturing=self.capturing,
+                check_only=check_only, stub_launch=self.stub_launch, **plan_step_kwargs(batch))
             return
+        lr = batch.lr
+        lr_tensor = lr if isinstance(lr, torch.Tensor) else None
         if self.stub_launch:
             raise RuntimeError("onepass: stub_launch needs the optimizer's plan (Batch.plan)")
         _modules[self.planted_bug].step(
