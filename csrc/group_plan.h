@@ -32,7 +32,8 @@ struct PlanPart {
   bool state_checked = false;
   // The CPU kernels' walk of this part, kept between steps (adam_cpu.cpp: PlannedWalk).
   std::shared_ptr<void> cpu_work;
-  // The CUDA kernels' block maps of this part (cuda/host_step.h: BlockMaps).
+  // The CUDA kernels' launches of this part, kept between steps (cuda/host_step.h:
+  // PlannedLaunches).
   std::shared_ptr<void> cuda_work;
 };
 

@@ -198,13 +198,17 @@ void adam_check_lowp_cuda(at::TensorList params, at::TensorList grads, at::Tenso
 
 void step_planned_cuda(PlanPart& part, const StepHyper& h, bool check_only) {
   BatchArgs a = plan_args(part, h, nullptr);
-  validate_planned(part, a, c10::DeviceType::CUDA);
+  // (a step reads the host counts' values once, where it makes the scalars: host::host_count)
+  if (check_only)
+    validate_planned(part, a, c10::DeviceType::CUDA);
+  else
+    validate_planned_state(part, a, c10::DeviceType::CUDA);
   if (a.params.empty()) return;
   const c10::cuda::CUDAGuard guard(a.params[0].device());
   if (check_only)
     host::check_launch(a, runtime_for(a));
   else
-    host::step_any(a, runtime_for(a), &kept<host::BlockMaps>(part.cuda_work));
+    host::step_any(a, runtime_for(a), &kept<host::PlannedLaunches>(part.cuda_work));
 }
 
 TORCH_LIBRARY_IMPL(onepass, CUDA, m) {

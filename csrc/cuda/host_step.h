@@ -20,6 +20,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -121,14 +122,24 @@ bool prepare(const BatchArgs& a, const RT& rt, LaunchArgs& L) {
   return true;
 }
 
-// The batch's per-step scalars, one TensorScalars a param (TensorMeta::slot indexes them): made
-// on the host when every input is there (host step counts, a float or host lr, no grad scale),
-// else by step_scalars_kernel, which with device step counts also advances them. Params that
-// share a step count share the host's float64 work.
+// The batch's per-step scalars and which of them each param takes (index[i]): made on the host
+// when every input is there (host step counts, a float or host lr, no grad scale), one entry per
+// distinct (count, math dtype) -- a group's params normally share one count, so that is one
+// entry to upload, not one a param -- else by step_scalars_kernel, one a param, which with device
+// step counts also advances them.
 struct ScalarTable {
   at::Tensor keep;
   const TensorScalars* table = nullptr;
+  std::vector<int32_t> index;  // param i's entry
 };
+
+// Host step count i, checked (a planned step leaves the values to this read: validate_planned_state;
+// nothing has been written yet).
+inline int64_t host_count(const BatchArgs& a, size_t i) {
+  const double t = read_step(a.steps[i]);
+  check_step_value(t, i);
+  return static_cast<int64_t>(t);
+}
 
 template <class RT>
 ScalarTable make_scalars(const BatchArgs& a, const RT& rt, const LaunchArgs& L) {
@@ -136,21 +147,31 @@ ScalarTable make_scalars(const BatchArgs& a, const RT& rt, const LaunchArgs& L) 
   const bool on_device = L.device_steps || L.h.lr_dev != nullptr || L.h.lr_dev64 != nullptr ||
                          L.h.grad_scale != nullptr;
   ScalarTable out;
+  out.index.resize(n);
   if (!on_device) {
-    std::vector<TensorScalars> host(n);
-    int64_t prev_step = -1;
-    bool prev_f64 = false;
+    std::vector<TensorScalars> host;
+    std::vector<std::pair<int64_t, bool>> keys;  // (count, f64) of each entry
     for (size_t i = 0; i < n; ++i) {
-      const int64_t step = static_cast<int64_t>(read_step(a.steps[i])) + 1;
-      const bool f64 = a.params[i].scalar_type() == at::kDouble;
-      if (i > 0 && step == prev_step && f64 == prev_f64)
-        host[i] = host[i - 1];
-      else
-        host[i] = tensor_scalars(step, L.h.lr, 1.0, L.h, f64);
-      prev_step = step;
-      prev_f64 = f64;
+      const std::pair<int64_t, bool> key{host_count(a, i) + 1,
+                                         a.params[i].scalar_type() == at::kDouble};
+      // (the last entry first: params that share a count are usually neighbours)
+      size_t k = keys.size();
+      if (k > 0 && keys[k - 1] == key) {
+        k -= 1;
+      } else {
+        k = 0;
+        if (keys.size() <= 16)  // (past that a count is appended: a step stays O(n))
+          while (k < keys.size() && keys[k] != key) ++k;
+        else
+          k = keys.size();
+        if (k == keys.size()) {
+          keys.push_back(key);
+          host.push_back(tensor_scalars(key.first, L.h.lr, 1.0, L.h, key.second));
+        }
+      }
+      out.index[i] = static_cast<int32_t>(k);
     }
-    out.keep = rt.upload(host.data(), static_cast<int64_t>(n * sizeof(TensorScalars)));
+    out.keep = rt.upload(host.data(), static_cast<int64_t>(host.size() * sizeof(TensorScalars)));
     out.table = reinterpret_cast<const TensorScalars*>(out.keep.data_ptr());
     return out;
   }
@@ -161,8 +182,9 @@ ScalarTable make_scalars(const BatchArgs& a, const RT& rt, const LaunchArgs& L) 
     if (L.device_steps)
       sl.step_dev = a.steps[i].data_ptr<float>();
     else
-      sl.step_host = static_cast<int64_t>(read_step(a.steps[i])) + 1;
+      sl.step_host = host_count(a, i) + 1;
     sl.f64 = a.params[i].scalar_type() == at::kDouble;
+    out.index[i] = static_cast<int32_t>(i);
   }
   const at::Tensor up = rt.upload(slots.data(), static_cast<int64_t>(n * sizeof(StepSlot)));
   out.keep = rt.alloc(static_cast<int64_t>(n * sizeof(TensorScalars)));
@@ -188,14 +210,15 @@ inline void bump_host_steps(at::TensorList steps, const LaunchArgs& L) {
 // ---- choosing the kernel instantiation ----------------------------------------------------------
 // The four runtime flags (amsgrad, maximize, coupled, scaled) become template arguments.
 template <class RT>
-using Launcher = void (*)(const RT&, const Desc*, int, const int32_t*, const TensorScalars*,
-                          const double*, int64_t);
+using Launcher = void (*)(const RT&, const Desc*, int, const int32_t*, const StepEntry*,
+                          const TensorScalars*, const double*, const float*, int64_t);
 
 template <class RT, typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
 void launch_fp32(const RT& rt, const Desc* descs, int n, const int32_t* map,
-                 const TensorScalars* sc, const double* found_inf, int64_t blocks) {
+                 const StepEntry* entries, const TensorScalars* sc, const double* found_inf,
+                 const float*, int64_t blocks) {
   rt.template run<&kernels::adam_kernel<P, AMS, MAX, COUPLED, SCALED>>(blocks, kThreads, descs, n,
-                                                                      map, sc, found_inf);
+                                                                      map, entries, sc, found_inf);
 }
 
 template <class RT, typename P, bool... B>
@@ -209,21 +232,23 @@ Launcher<RT> pick(const bool* f) {
 
 template <class RT>
 using LowpLauncher = void (*)(const RT&, const LowpDesc*, int, const int32_t*,
-                              const TensorScalars*, const double*, const float*, int64_t);
+                              const StepEntry*, const TensorScalars*, const double*,
+                              const float*, int64_t);
 
 template <class RT, typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
 void launch_lowp(const RT& rt, const LowpDesc* descs, int n, const int32_t* map,
-                 const TensorScalars* sc, const double* found_inf, const float*, int64_t blocks) {
+                 const StepEntry* entries, const TensorScalars* sc, const double* found_inf,
+                 const float*, int64_t blocks) {
   rt.template run<&kernels::lowp_kernel<P, AMS, MAX, COUPLED, SCALED, SF, PR>>(
-      blocks, kThreads, descs, n, map, sc, found_inf);
+      blocks, kThreads, descs, n, map, entries, sc, found_inf);
 }
 
 template <class RT, typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
 void launch_int8(const RT& rt, const LowpDesc* descs, int n, const int32_t* map,
-                 const TensorScalars* sc, const double* found_inf, const float* tables,
-                 int64_t blocks) {
+                 const StepEntry* entries, const TensorScalars* sc, const double* found_inf,
+                 const float* tables, int64_t blocks) {
   rt.template run<&kernels::int8_kernel<P, MAX, COUPLED, SCALED, PR, FMAP>>(
-      blocks, kThreads, descs, n, map, sc, found_inf, tables);
+      blocks, kThreads, descs, n, map, entries, sc, found_inf, tables);
 }
 
 template <class RT, typename P, int SF, int PR, bool FMAP>
@@ -276,182 +301,272 @@ inline int param_bytes(at::ScalarType dt) {
   return dt == at::kDouble ? 8 : dt == at::kFloat ? 4 : 2;
 }
 
-// ---- block maps -----------------------------------------------------------------------------
-// A planned group's block maps (plan.h, block_map), one a launch (param dtype), made on its first
-// step and kept with the plan (PlanPart::cuda_work): they depend on the tensors' sizes only, which
-// the plan keeps. Not used while a CUDA graph is captured (a replay would read a map the plan may
-// have dropped): the kernels search then.
-struct BlockMaps {
-  at::Tensor map[4];
-  int64_t blocks[4] = {-1, -1, -1, -1};
-
-  template <class RT, typename D>
-  const int32_t* get(const RT& rt, int launch, const Plan<D>& plan) {
-    if (rt.capturing()) return nullptr;
-    if (blocks[launch] != plan.blocks) {
-      const std::vector<int32_t> host = block_map(plan.descs, plan.blocks);
-      map[launch] = rt.upload(host.data(), static_cast<int64_t>(host.size() * sizeof(int32_t)));
-      blocks[launch] = plan.blocks;
-    }
-    return reinterpret_cast<const int32_t*>(map[launch].data_ptr());
+// ---- the launches of a step ------------------------------------------------------------------
+// One launch per param dtype present (a group normally has one). Its tensors in the walk layout
+// the CPU kernel's step_walk walks: dense params in storage order, int8 params and grads as
+// contiguous (row-major) tensors, Kahan compensations in their param's walk layout. Where a
+// tensor is not, a working copy is walked and written back after the launch.
+struct Working {
+  std::vector<at::Tensor> keep;
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, working copy)
+  void finish() {
+    for (auto& pw : write_back) pw.first.copy_(pw.second);
   }
 };
 
-// ---- the steps ----------------------------------------------------------------------------------
-// fp32 state, nearest rounding (adam_step_): a validated, non-empty batch.
+// The dtypes of a batch's launches, in launch order: fp32 state has a kernel for float64 params,
+// the low-precision formats do not (validate_batch).
+inline int launch_dtypes(bool lowp, const at::ScalarType** out) {
+  static const at::ScalarType fp32[4] = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
+  static const at::ScalarType low[3] = {at::kFloat, at::kBFloat16, at::kHalf};
+  *out = lowp ? low : fp32;
+  return lowp ? 3 : 4;
+}
+
+inline bool is_lowp(const BatchArgs& a) { return !(a.state_format == kF32 && a.param_rounding == kNearest); }
+
+// Param i's tensors for the planner, through working copies where they are not in the walk
+// layout (w keeps them).
+inline TensorMeta tensor_meta(const BatchArgs& a, size_t i, Working& w) {
+  const bool lowp = is_lowp(a);
+  const bool int8 = a.state_format == kInt8;
+  const at::Tensor& p0 = a.params[i];
+  const at::Tensor& g0 = a.grads[i];
+  TensorMeta t{};
+  at::Tensor p = p0;
+  if (walks_in_place(p0, int8) && in_walk_layout(g0, p0, int8)) {
+    // the usual case: both walked in place, no tensor copied or kept
+    t.p = const_cast<void*>(raw_data(p0));
+    t.g = raw_data(g0);
+  } else if (int8) {
+    // int8 blocks are rows of the row-major order: walk contiguous working copies
+    p = p0.contiguous();
+    if (!p0.is_contiguous()) w.write_back.emplace_back(p0, p);
+    const at::Tensor g = g0.contiguous();
+    w.keep.push_back(p);
+    w.keep.push_back(g);
+    t.p = p.data_ptr();
+    t.g = g.data_ptr();
+  } else {
+    const DensePair dp = dense_pair(p0, g0);
+    if (dp.copy_back) w.write_back.emplace_back(p0, dp.p);
+    p = dp.p;
+    w.keep.push_back(dp.p);
+    w.keep.push_back(dp.g);
+    t.p = dp.p.data_ptr();
+    t.g = dp.g.data_ptr();
+  }
+  t.m = const_cast<void*>(raw_data(a.exp_avgs[i]));
+  t.v = const_cast<void*>(raw_data(a.exp_avg_sqs[i]));
+  t.v_max = a.amsgrad ? const_cast<void*>(raw_data(a.max_exp_avg_sqs[i])) : nullptr;
+  if (a.param_rounding == kKahan) {
+    const at::Tensor& c0 = a.kahan_comps[i];
+    if (in_walk_layout(c0, p, false)) {
+      t.comp = const_cast<void*>(raw_data(c0));
+    } else {
+      at::Tensor c = at::empty_like(p, c0.options());
+      c.copy_(c0);
+      w.write_back.emplace_back(c0, c);
+      w.keep.push_back(c);
+      t.comp = c.data_ptr();
+    }
+  }
+  if (int8) {
+    t.absmax_m = a.exp_avg_absmaxs[i].data_ptr<float>();
+    t.absmax_v = a.exp_avg_sq_absmaxs[i].data_ptr<float>();
+  }
+  t.slot = static_cast<int32_t>(i);
+  t.numel = p.numel();
+  t.rows = !lowp || p.dim() < 2 ? 1 : p.size(0);
+  return t;
+}
+
+// Whether every tensor of the batch is walked in place (no working copy this step).
+inline bool all_in_place(const BatchArgs& a) {
+  const bool int8 = a.state_format == kInt8;
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    const at::Tensor& p = a.params[i];
+    if (!walks_in_place(p, int8) || !in_walk_layout(a.grads[i], p, int8)) return false;
+    if (a.param_rounding == kKahan && !in_walk_layout(a.kahan_comps[i], p, false)) return false;
+  }
+  return true;
+}
+
+template <typename D>
+Plan<D> plan_launch(const BatchArgs& a, const std::vector<TensorMeta>& metas, at::ScalarType dt) {
+  Plan<D> plan;
+  if constexpr (std::is_same_v<D, Desc>)
+    plan = plan_fp32(metas, param_bytes(dt));
+  else
+    plan = plan_lowp(metas, param_bytes(dt), a.state_format == kInt8);
+  ONEPASS_CHECK(plan.blocks < (int64_t(1) << 31), "onepass: too many blocks for one launch");
+  return plan;
+}
+
+// A launch of a planned group, kept between steps (PlannedLaunches): its descriptor table and
+// block map on the device, uploaded once; what a step changes is its StepEntry table.
+template <typename D>
+struct KeptLaunch {
+  at::ScalarType dtype;
+  int n = 0;
+  int64_t blocks = 0;
+  at::Tensor descs, map;         // device
+  std::vector<int32_t> param_of;  // each desc's param (index in the batch)
+  std::vector<StepEntry> entries; // the last step's, and their device copy
+  at::Tensor entries_dev;
+};
+
+// A planned group's launches (PlanPart::cuda_work), made on its first step whose tensors are all
+// walked in place and kept for the plan's life: the plan keeps the params' and the state's
+// storage and sizes, which is all a Desc holds. A step whose grads are not in place (a working
+// copy), or one being captured into a CUDA graph (a replay would read tables the plan may have
+// dropped), takes the unkept path.
+struct PlannedLaunches {
+  bool made = false;
+  std::vector<KeptLaunch<Desc>> fp32;
+  std::vector<KeptLaunch<LowpDesc>> lowp;
+  template <typename D>
+  std::vector<KeptLaunch<D>>& of() {
+    if constexpr (std::is_same_v<D, Desc>) return fp32; else return lowp;
+  }
+};
+
+template <typename D, class RT>
+void make_kept(const BatchArgs& a, const RT& rt, std::vector<KeptLaunch<D>>& out) {
+  const at::ScalarType* dtypes = nullptr;
+  const int nd = launch_dtypes(is_lowp(a), &dtypes);
+  Working unused;  // (every tensor is in place: nothing is copied)
+  for (int l = 0; l < nd; ++l) {
+    std::vector<TensorMeta> metas;
+    for (size_t i = 0; i < a.params.size(); ++i)
+      if (a.params[i].scalar_type() == dtypes[l] && a.params[i].numel() > 0)
+        metas.push_back(tensor_meta(a, i, unused));
+    if (metas.empty()) continue;
+    const Plan<D> plan = plan_launch<D>(a, metas, dtypes[l]);
+    KeptLaunch<D> k;
+    k.dtype = dtypes[l];
+    k.n = static_cast<int>(plan.descs.size());
+    k.blocks = plan.blocks;
+    k.descs = rt.upload(plan.descs.data(), static_cast<int64_t>(plan.descs.size() * sizeof(D)));
+    const std::vector<int32_t> map = block_map(plan.descs, plan.blocks);
+    k.map = rt.upload(map.data(), static_cast<int64_t>(map.size() * sizeof(int32_t)));
+    for (const TensorMeta& t : metas) k.param_of.push_back(t.slot);
+    out.push_back(std::move(k));
+  }
+}
+
+// This step's entries of a kept launch, uploaded only when they differ from the last step's (the
+// grads kept their addresses and the params their counts: nothing to upload).
+template <typename D, class RT>
+const StepEntry* kept_entries(const BatchArgs& a, const RT& rt, const ScalarTable& sc,
+                              KeptLaunch<D>& k) {
+  bool same = k.entries.size() == k.param_of.size();
+  k.entries.resize(k.param_of.size());
+  for (size_t d = 0; d < k.param_of.size(); ++d) {
+    const int32_t i = k.param_of[d];
+    const StepEntry e = step_entry(raw_data(a.grads[i]), sc.index[i]);
+    StepEntry& last = k.entries[d];
+    same = same && last.g == e.g && last.scalars == e.scalars;  // (g_aligned follows g)
+    last = e;
+  }
+  if (!same)
+    k.entries_dev = rt.upload(k.entries.data(),
+                              static_cast<int64_t>(k.entries.size() * sizeof(StepEntry)));
+  return reinterpret_cast<const StepEntry*>(k.entries_dev.data_ptr());
+}
+
+// The launcher of a launch's kernel (nullptr: none for this combination).
 template <class RT>
-void step_fp32(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
+Launcher<RT> pick_launcher(const BatchArgs& a, const RT&, at::ScalarType dt, const Desc*) {
+  const bool flags[4] = {a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()};
+  switch (dt) {
+    case at::kFloat: return pick<RT, float>(flags);
+    case at::kDouble: return pick<RT, double>(flags);
+    case at::kBFloat16: return pick<RT, Bf16>(flags);
+    default: return pick<RT, Fp16>(flags);
+  }
+}
+template <class RT>
+LowpLauncher<RT> pick_launcher(const BatchArgs& a, const RT& rt, at::ScalarType dt,
+                               const LowpDesc*) {
+  const bool flags[4] = {a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()};
+  const bool fmap = a.state_format == kInt8 && rt.float_maps(*a.qtables);
+  return pick_lowp<RT>(dt, a.state_format, a.param_rounding, fmap, flags);
+}
+
+// ---- the step -----------------------------------------------------------------------------------
+// A validated, non-empty batch: fp32 state with nearest rounding (D = Desc: adam_kernel), or
+// bf16 / int8 state, stochastic / Kahan bf16 params (D = LowpDesc). kept: a planned group's
+// launches (null: planned every step).
+template <typename D, class RT>
+void step_launches(const BatchArgs& a, const RT& rt, PlannedLaunches* kept) {
   check_launch(a, rt);
   LaunchArgs L;
   if (!prepare(a, rt, L)) return;
   const ScalarTable sc = make_scalars(a, rt, L);
+  const float* tables = a.state_format == kInt8 ? a.qtables->data_ptr<float>() : nullptr;
+  auto launch = [&](at::ScalarType dt, const D* descs, int n, const int32_t* map,
+                    const StepEntry* entries, int64_t blocks) {
+    const auto fn = pick_launcher(a, rt, dt, static_cast<const D*>(nullptr));
+    ONEPASS_CHECK(fn != nullptr, "onepass: no CUDA kernel for state format ", a.state_format,
+                  ", param rounding ", a.param_rounding, " and ", dt, " params");
+    fn(rt, descs, n, map, entries, sc.table, L.h.found_inf, tables, blocks);
+  };
 
-  // One launch per param dtype present (a group normally has one).
-  const at::ScalarType dtypes[4] = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
-  const bool flags[4] = {a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()};
-  std::vector<at::Tensor> keep;
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
-  for (int launch = 0; launch < 4; ++launch) {
-    const at::ScalarType dt = dtypes[launch];
-    std::vector<TensorMeta> metas;
-    for (size_t i = 0; i < a.params.size(); ++i) {
-      const at::Tensor& p0 = a.params[i];
-      if (p0.scalar_type() != dt || p0.numel() == 0) continue;
-      TensorMeta t{};
-      const at::Tensor& g0 = a.grads[i];
-      if (walks_in_place(p0, false) && in_walk_layout(g0, p0, false)) {
-        // the usual case: both walked in place, no tensor copied or kept
-        t.p = const_cast<void*>(raw_data(p0));
-        t.g = raw_data(g0);
-      } else {
-        const DensePair dp = dense_pair(p0, g0);
-        if (dp.copy_back) write_back.emplace_back(p0, dp.p);
-        keep.push_back(dp.p);
-        keep.push_back(dp.g);
-        t.p = dp.p.data_ptr();
-        t.g = dp.g.data_ptr();
-      }
-      t.m = const_cast<void*>(raw_data(a.exp_avgs[i]));
-      t.v = const_cast<void*>(raw_data(a.exp_avg_sqs[i]));
-      t.v_max = a.amsgrad ? const_cast<void*>(raw_data(a.max_exp_avg_sqs[i])) : nullptr;
-      t.slot = static_cast<int32_t>(i);
-      t.numel = p0.numel();
-      t.rows = 1;
-      metas.push_back(t);
+  if (kept != nullptr && !rt.capturing() && all_in_place(a)) {
+    if (!kept->made) {
+      make_kept<D>(a, rt, kept->of<D>());
+      kept->made = true;
     }
-    if (metas.empty()) continue;
-    const Plan<Desc> plan = plan_fp32(metas, param_bytes(dt));
-    ONEPASS_CHECK(plan.blocks < (int64_t(1) << 31), "onepass: too many blocks for one launch");
-    const at::Tensor table =
-        rt.upload(plan.descs.data(), static_cast<int64_t>(plan.descs.size() * sizeof(Desc)));
-    keep.push_back(table);
-    Launcher<RT> fn = nullptr;
-    switch (dt) {
-      case at::kFloat: fn = pick<RT, float>(flags); break;
-      case at::kDouble: fn = pick<RT, double>(flags); break;
-      case at::kBFloat16: fn = pick<RT, Bf16>(flags); break;
-      default: fn = pick<RT, Fp16>(flags); break;
+    for (KeptLaunch<D>& k : kept->of<D>())
+      launch(k.dtype, reinterpret_cast<const D*>(k.descs.data_ptr()), k.n,
+             reinterpret_cast<const int32_t*>(k.map.data_ptr()), kept_entries(a, rt, sc, k),
+             k.blocks);
+  } else {
+    // Planned this step: the kernels find their tensor by a search (no block map).
+    Working w;
+    const at::ScalarType* dtypes = nullptr;
+    const int nd = launch_dtypes(is_lowp(a), &dtypes);
+    for (int l = 0; l < nd; ++l) {
+      std::vector<TensorMeta> metas;
+      for (size_t i = 0; i < a.params.size(); ++i)
+        if (a.params[i].scalar_type() == dtypes[l] && a.params[i].numel() > 0)
+          metas.push_back(tensor_meta(a, i, w));
+      if (metas.empty()) continue;
+      Plan<D> plan = plan_launch<D>(a, metas, dtypes[l]);
+      for (StepEntry& e : plan.entries) e.scalars = sc.index[e.scalars];  // (slot: param i)
+      const at::Tensor descs =
+          rt.upload(plan.descs.data(), static_cast<int64_t>(plan.descs.size() * sizeof(D)));
+      const at::Tensor entries = rt.upload(
+          plan.entries.data(), static_cast<int64_t>(plan.entries.size() * sizeof(StepEntry)));
+      w.keep.push_back(descs);
+      w.keep.push_back(entries);
+      launch(dtypes[l], reinterpret_cast<const D*>(descs.data_ptr()),
+             static_cast<int>(plan.descs.size()), nullptr,
+             reinterpret_cast<const StepEntry*>(entries.data_ptr()), plan.blocks);
     }
-    const int32_t* map = maps != nullptr ? maps->get(rt, launch, plan) : nullptr;
-    fn(rt, reinterpret_cast<const Desc*>(table.data_ptr()), static_cast<int>(plan.descs.size()),
-       map, sc.table, L.h.found_inf, plan.blocks);
+    w.finish();
   }
-  for (auto& pw : write_back) pw.first.copy_(pw.second);
   bump_host_steps(a.steps, L);
 }
 
-// bf16 / int8 state, stochastic / Kahan bf16 params: a validated, non-empty batch. What the CPU
-// kernel's step_walk walks, this walks: dense params in storage order (working copies of
-// the others), int8 params and grads as contiguous (row-major) tensors, Kahan compensations in
-// their param's walk layout; working copies are written back after the launch.
 template <class RT>
-void step_lowp(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
-  check_launch(a, rt);
-  LaunchArgs L;
-  if (!prepare(a, rt, L)) return;
-  const ScalarTable sc = make_scalars(a, rt, L);
-  const int sf = a.state_format;
-  const int pr = a.param_rounding;
-  const bool int8 = sf == kInt8;
-  const float* tables = int8 ? a.qtables->data_ptr<float>() : nullptr;
-  const bool fmap = int8 && rt.float_maps(*a.qtables);
-
-  // One launch per param dtype present (a group normally has one).
-  const at::ScalarType dtypes[3] = {at::kFloat, at::kBFloat16, at::kHalf};
-  const bool flags[4] = {a.amsgrad, a.maximize, !a.decoupled, a.grad_scale.has_value()};
-  std::vector<at::Tensor> keep;
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, working copy)
-  for (int launch = 0; launch < 3; ++launch) {
-    const at::ScalarType dt = dtypes[launch];
-    std::vector<TensorMeta> metas;
-    for (size_t i = 0; i < a.params.size(); ++i) {
-      const at::Tensor& p0 = a.params[i];
-      if (p0.scalar_type() != dt || p0.numel() == 0) continue;
-      at::Tensor p, g;
-      if (int8) {
-        // int8 blocks are rows of the row-major order: walk contiguous working copies
-        p = p0.is_contiguous() ? p0 : p0.contiguous();
-        if (!p0.is_contiguous()) write_back.emplace_back(p0, p);
-        g = a.grads[i].is_contiguous() ? a.grads[i] : a.grads[i].contiguous();
-      } else {
-        const DensePair dp = dense_pair(p0, a.grads[i]);
-        if (dp.copy_back) write_back.emplace_back(p0, dp.p);
-        p = dp.p;
-        g = dp.g;
-      }
-      keep.push_back(p);
-      keep.push_back(g);
-      TensorMeta t{};
-      t.p = p.data_ptr();
-      t.g = g.data_ptr();
-      t.m = a.exp_avgs[i].data_ptr();
-      t.v = a.exp_avg_sqs[i].data_ptr();
-      t.v_max = a.amsgrad ? a.max_exp_avg_sqs[i].data_ptr() : nullptr;
-      if (pr == kKahan) {
-        const at::Tensor& c0 = a.kahan_comps[i];
-        at::Tensor c = c0;
-        if (!in_walk_layout(c0, p, false)) {
-          c = at::empty_like(p, c0.options());
-          c.copy_(c0);
-          write_back.emplace_back(c0, c);
-        }
-        keep.push_back(c);
-        t.comp = c.data_ptr();
-      }
-      if (int8) {
-        t.absmax_m = a.exp_avg_absmaxs[i].data_ptr<float>();
-        t.absmax_v = a.exp_avg_sq_absmaxs[i].data_ptr<float>();
-      }
-      t.slot = static_cast<int32_t>(i);
-      t.numel = p.numel();
-      t.rows = p.dim() < 2 ? 1 : p.size(0);
-      metas.push_back(t);
-    }
-    if (metas.empty()) continue;
-    const Plan<LowpDesc> plan = plan_lowp(metas, param_bytes(dt), int8);
-    ONEPASS_CHECK(plan.blocks < (int64_t(1) << 31), "onepass: too many blocks for one launch");
-    const LowpLauncher<RT> fn = pick_lowp<RT>(dt, sf, pr, fmap, flags);
-    ONEPASS_CHECK(fn != nullptr, "onepass: no CUDA kernel for state format ", sf,
-                  ", param rounding ", pr, " and ", dt, " params");
-    const at::Tensor table =
-        rt.upload(plan.descs.data(), static_cast<int64_t>(plan.descs.size() * sizeof(LowpDesc)));
-    keep.push_back(table);
-    const int32_t* map = maps != nullptr ? maps->get(rt, launch, plan) : nullptr;
-    fn(rt, reinterpret_cast<const LowpDesc*>(table.data_ptr()), static_cast<int>(plan.descs.size()),
-       map, sc.table, L.h.found_inf, tables, plan.blocks);
-  }
-  for (auto& pw : write_back) pw.first.copy_(pw.second);
-  bump_host_steps(a.steps, L);
+void step_fp32(const BatchArgs& a, const RT& rt, PlannedLaunches* kept = nullptr) {
+  step_launches<Desc>(a, rt, kept);
+}
+template <class RT>
+void step_lowp(const BatchArgs& a, const RT& rt, PlannedLaunches* kept = nullptr) {
+  step_launches<LowpDesc>(a, rt, kept);
 }
 
 // adam_step_lowp_'s dispatch: fp32 state with nearest rounding is what adam_step_ does.
 template <class RT>
-void step_any(const BatchArgs& a, const RT& rt, BlockMaps* maps = nullptr) {
+void step_any(const BatchArgs& a, const RT& rt, PlannedLaunches* kept = nullptr) {
   if (a.params.empty()) return;
-  if (a.state_format == kF32 && a.param_rounding == kNearest)
-    step_fp32(a, rt, maps);
+  if (is_lowp(a))
+    step_lowp(a, rt, kept);
   else
-    step_lowp(a, rt, maps);
+    step_fp32(a, rt, kept);
 }
 
 }  // namespace host

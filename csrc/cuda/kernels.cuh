@@ -94,24 +94,27 @@ __device__ __forceinline__ bool past_end(int64_t i, int64_t n) {
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED>
 __global__ void __launch_bounds__(kThreads)
 adam_kernel(const Desc* __restrict__ descs, int n_tensors, const int32_t* __restrict__ block_map,
-            const TensorScalars* __restrict__ sc, const double* found_inf) {
+            const StepEntry* __restrict__ entries, const TensorScalars* __restrict__ sc,
+            const double* found_inf) {
   using T = typename Storage<P>::math_t;
   constexpr int VEC = Vec<P>::n;
   if (skip_step(found_inf)) return;
 
   const int64_t b = blockIdx.x;
-  const Desc d = descs[tensor_of_block(descs, n_tensors, block_map, b)];
+  const int t = tensor_of_block(descs, n_tensors, block_map, b);
+  const Desc d = descs[t];
+  const StepEntry e = entries[t];  // (loaded beside d: no extra round trip before the data)
 
   P* __restrict__ p = static_cast<P*>(d.p);
-  const P* __restrict__ g = static_cast<const P*>(d.g);
+  const P* __restrict__ g = static_cast<const P*>(e.g);
   T* __restrict__ m = static_cast<T*>(d.m);
   T* __restrict__ v = static_cast<T*>(d.v);
   T* __restrict__ vm = static_cast<T*>(d.v_max);
   const int64_t base = thread_first_element(d, b, static_cast<int>(threadIdx.x), VEC);
 
   // The scalars are one table entry (made once per step, TensorScalars), loaded with the data.
-  const StepScalars<T> s = scalars_of<T>(sc[d.slot]);
-  if (vector_path(d, base, VEC)) {
+  const StepScalars<T> s = scalars_of<T>(sc[e.scalars]);
+  if (vector_path(d, e, base, VEC)) {
     Pack<P, VEC> pp, gg;
     Pack<T, VEC> mm, vv, vmm;
     load_pack(pp, p + base);
@@ -205,24 +208,26 @@ __device__ __forceinline__ void lowp_element(P* p, const P* g, M* m, M* v, float
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>
 __global__ void __launch_bounds__(kThreads)
 lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
-            const int32_t* __restrict__ block_map, const TensorScalars* __restrict__ sc,
-            const double* found_inf) {
+            const int32_t* __restrict__ block_map, const StepEntry* __restrict__ entries,
+            const TensorScalars* __restrict__ sc, const double* found_inf) {
   using M = std::conditional_t<SF == kBF16, Bf16, float>;
   constexpr int VEC = Vec<P>::n;
   if (skip_step(found_inf)) return;
 
   const int64_t b = blockIdx.x;
-  const LowpDesc d = descs[tensor_of_block(descs, n_tensors, block_map, b)];
+  const int t = tensor_of_block(descs, n_tensors, block_map, b);
+  const LowpDesc d = descs[t];
+  const StepEntry e = entries[t];
 
   P* __restrict__ p = static_cast<P*>(d.p);
-  const P* __restrict__ g = static_cast<const P*>(d.g);
+  const P* __restrict__ g = static_cast<const P*>(e.g);
   M* __restrict__ m = static_cast<M*>(d.m);
   M* __restrict__ v = static_cast<M*>(d.v);
   float* __restrict__ vm = static_cast<float*>(d.v_max);
   Bf16* __restrict__ comp = static_cast<Bf16*>(d.comp);
   const int64_t base = thread_first_element(d, b, static_cast<int>(threadIdx.x), VEC);
 
-  if (vector_path(d, base, VEC)) {
+  if (vector_path(d, e, base, VEC)) {
     Pack<P, VEC> pp, gg;
     Pack<M, VEC> mm, vv;
     Pack<float, VEC> vmm;
@@ -233,7 +238,7 @@ lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
     load_pack(vv, v + base);
     if constexpr (AMS) load_pack(vmm, vm + base);
     if constexpr (PR == kKahan) load_pack(cc, comp + base);
-    const TensorScalars& ts = sc[d.slot];  // after the loads are issued
+    const TensorScalars& ts = sc[e.scalars];  // after the loads are issued
     const StepScalars<float> s = ts.f;
 #pragma unroll
     for (int k = 0; k < VEC; ++k)
@@ -246,7 +251,7 @@ lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
     if constexpr (AMS) store_pack(vm + base, vmm);
     if constexpr (PR == kKahan) store_pack(comp + base, cc);
   } else {
-    const TensorScalars& ts = sc[d.slot];
+    const TensorScalars& ts = sc[e.scalars];
     const StepScalars<float> s = ts.f;
     for (int k = 0; k < VEC; ++k) {
       const int64_t i = base + k;
@@ -269,8 +274,9 @@ __device__ __forceinline__ uint32_t max_u32(uint32_t a, uint32_t b) { return a >
 template <typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
 __global__ void __launch_bounds__(kThreads)
 int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
-            const int32_t* __restrict__ block_map, const TensorScalars* __restrict__ sc,
-            const double* found_inf, const float* __restrict__ tables) {
+            const int32_t* __restrict__ block_map, const StepEntry* __restrict__ entries,
+            const TensorScalars* __restrict__ sc, const double* found_inf,
+            const float* __restrict__ tables) {
   ONEPASS_SHARED(float, tab, FMAP ? 1 : kTablesLen);
   if (skip_step(found_inf)) return;
   if constexpr (!FMAP) {
@@ -281,7 +287,9 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
   }
 
   const int64_t b = blockIdx.x;
-  const LowpDesc d = descs[tensor_of_block(descs, n_tensors, block_map, b)];
+  const int t = tensor_of_block(descs, n_tensors, block_map, b);
+  const LowpDesc d = descs[t];
+  const StepEntry e = entries[t];
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t k = int8_block_of(d, b, warp);  // this warp's quantization block
@@ -291,7 +299,7 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
   const int len = span.len;
 
   P* __restrict__ p = static_cast<P*>(d.p) + start;
-  const P* __restrict__ g = static_cast<const P*>(d.g) + start;
+  const P* __restrict__ g = static_cast<const P*>(e.g) + start;
   uint8_t* __restrict__ qm = static_cast<uint8_t*>(d.m) + start;
   uint8_t* __restrict__ qv = static_cast<uint8_t*>(d.v) + start;
   Bf16* __restrict__ comp = PR == kKahan ? static_cast<Bf16*>(d.comp) + start : nullptr;
@@ -315,7 +323,7 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
   }
   const float am = d.absmax_m[k];
   const float av = d.absmax_v[k];
-  const TensorScalars& ts = sc[d.slot];
+  const TensorScalars& ts = sc[e.scalars];
   const StepScalars<float> s = ts.f;
 
   float mb[kInt8PerLane], vb[kInt8PerLane];

@@ -27,22 +27,22 @@ constexpr int kInt8Warps = kThreads / 32;      // quantization blocks per CUDA b
 constexpr int kInt8PerLane = kInt8Block / 32;  // elements of its block a lane handles
 
 // One tensor of an fp32-state launch.
+// What can change between steps (the grad, which scalars) is its StepEntry, so that a planned
+// group uploads its Desc table once (host_step.h, PlannedLaunches).
 struct Desc {
   void* p;
-  const void* g;
   void* m;
   void* v;
   void* v_max;
   int64_t n;
   int64_t block_start;
-  int32_t aligned;  // every pointer 16-byte aligned: vector path
-  int32_t slot;     // its entry in the batch's table of per-step scalars (TensorScalars)
+  int32_t aligned;  // p, m, v (and v_max) 16-byte aligned: the vector path, if the grad is too
+  int32_t pad;
 };
 
 // One tensor of a low-precision launch.
 struct LowpDesc {
   void* p;
-  const void* g;
   void* m;
   void* v;
   void* v_max;             // amsgrad (fp32 state only), else nullptr
@@ -53,8 +53,19 @@ struct LowpDesc {
   int64_t row_len;         // int8: elements per dim-0 row
   int64_t blocks_per_row;  // int8
   int64_t block_start;
-  int32_t aligned;  // element-wise: every pointer 16-byte aligned (vector path)
-  int32_t slot;     // its entry in the batch's table of per-step scalars (TensorScalars)
+  int32_t aligned;  // element-wise: every pointer but the grad 16-byte aligned (vector path)
+  int32_t pad;
+};
+
+// The part of tensor d of a launch that may change every step, in a table of its own indexed
+// like the descs: 16 bytes a tensor to upload per step instead of the 72-104 of its descriptor.
+// A grad is often a new tensor each step (zero_grad(set_to_none=True)), and which step count a
+// tensor has (so which TensorScalars) may change when some params miss a step.
+struct StepEntry {
+  const void* g;      // this step's grad, in its param's walk layout
+  int32_t scalars;    // its TensorScalars in the step's table
+  int32_t g_aligned;  // g is 16-byte aligned (tested on the host: a test of the pointer's bits in
+                      // the kernel made nvcc give up proving any pointer global, LD not LDG)
 };
 
 // The per-step scalars of one tensor (make_step_scalars of its step count, in its math type)
@@ -158,8 +169,8 @@ ONEPASS_HD int64_t thread_first_element(const D& d, int64_t b, int t, int vec) {
 
 // Whether thread t's elements [base, base + vec) take the 16-byte vector path.
 template <typename D>
-ONEPASS_HD bool vector_path(const D& d, int64_t base, int vec) {
-  return d.aligned && base + vec <= d.n;
+ONEPASS_HD bool vector_path(const D& d, const StepEntry& e, int64_t base, int vec) {
+  return d.aligned && e.g_aligned && base + vec <= d.n;
 }
 
 // int8: the quantization block warp w of block b updates (>= d.n: none), and where it lies.
@@ -192,16 +203,22 @@ struct TensorMeta {
   float* absmax_v;
   int64_t numel;
   int64_t rows;  // int8: dim-0 rows (1 for a tensor of fewer than 2 dims)
-  int32_t slot;  // its index in the batch (its TensorScalars)
+  int32_t slot;  // its TensorScalars in the step's table
 };
+
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// Tensor d's entry for a step: its grad and which scalars it takes.
+inline StepEntry step_entry(const void* g, int32_t scalars) {
+  return StepEntry{g, scalars, aligned16(g) ? 1 : 0};
+}
 
 template <typename D>
 struct Plan {
   std::vector<D> descs;
-  int64_t blocks = 0;  // the launch's grid
+  std::vector<StepEntry> entries;  // one a desc (TensorMeta's g and slot)
+  int64_t blocks = 0;              // the launch's grid
 };
-
-inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 // fp32 state: every non-empty tensor gets ceil(n / (kThreads * vec)) blocks, in order.
 inline Plan<Desc> plan_fp32(const std::vector<TensorMeta>& ts, int param_bytes) {
@@ -211,17 +228,15 @@ inline Plan<Desc> plan_fp32(const std::vector<TensorMeta>& ts, int param_bytes) 
     if (t.numel == 0) continue;
     Desc d{};
     d.p = t.p;
-    d.g = t.g;
     d.m = t.m;
     d.v = t.v;
     d.v_max = t.v_max != nullptr ? t.v_max : t.m;  // never read without amsgrad; aligned as m
-    d.slot = t.slot;
     d.n = t.numel;
     d.block_start = out.blocks;
-    d.aligned = aligned16(d.p) && aligned16(d.g) && aligned16(d.m) && aligned16(d.v) &&
-                aligned16(d.v_max);
+    d.aligned = aligned16(d.p) && aligned16(d.m) && aligned16(d.v) && aligned16(d.v_max);
     out.blocks += (d.n + chunk - 1) / chunk;
     out.descs.push_back(d);
+    out.entries.push_back(step_entry(t.g, t.slot));
   }
   return out;
 }
@@ -234,12 +249,10 @@ inline Plan<LowpDesc> plan_lowp(const std::vector<TensorMeta>& ts, int param_byt
     if (t.numel == 0) continue;
     LowpDesc d{};
     d.p = t.p;
-    d.g = t.g;
     d.m = t.m;
     d.v = t.v;
     d.v_max = t.v_max;
     d.comp = t.comp;
-    d.slot = t.slot;
     d.block_start = out.blocks;
     if (int8) {
       d.row_len = t.numel / t.rows;
@@ -250,11 +263,12 @@ inline Plan<LowpDesc> plan_lowp(const std::vector<TensorMeta>& ts, int param_byt
       out.blocks += (d.n + kInt8Warps - 1) / kInt8Warps;
     } else {
       d.n = t.numel;
-      d.aligned = aligned16(d.p) && aligned16(d.g) && aligned16(d.m) && aligned16(d.v) &&
-                  aligned16(d.v_max) && aligned16(d.comp);
+      d.aligned = aligned16(d.p) && aligned16(d.m) && aligned16(d.v) && aligned16(d.v_max) &&
+                  aligned16(d.comp);
       out.blocks += (d.n + chunk - 1) / chunk;
     }
     out.descs.push_back(d);
+    out.entries.push_back(step_entry(t.g, t.slot));
   }
   return out;
 }

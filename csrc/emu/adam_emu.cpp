@@ -20,7 +20,7 @@ using onepass::EmuRuntime;
 
 // The cuda backend's step on a checked batch: the kernels, or the launch checks only.
 void run(const BatchArgs& a, const EmuRuntime& rt, bool check_only,
-         onepass::host::BlockMaps* maps = nullptr) {
+         onepass::host::PlannedLaunches* kept = nullptr) {
   if (a.params.empty()) return;
   if (check_only) {
     onepass::host::check_launch(a, rt);
@@ -29,9 +29,9 @@ void run(const BatchArgs& a, const EmuRuntime& rt, bool check_only,
   // (the two halves are compiled in two files, emu_fp32.cpp and emu_lowp.cpp: step_any here
   // would compile every kernel into this one)
   if (a.state_format == onepass::host::kF32 && a.param_rounding == onepass::host::kNearest)
-    onepass::emu_step_fp32(a, rt, maps);
+    onepass::emu_step_fp32(a, rt, kept);
   else
-    onepass::emu_step_lowp(a, rt, maps);
+    onepass::emu_step_lowp(a, rt, kept);
 }
 
 // adam_step_lowp_'s arguments, plus where the step counts live and whether a graph is "captured".
@@ -60,9 +60,13 @@ void step_plan(uintptr_t address, size_t part, double lr, const OptT& lr_t, doub
   const onepass::StepHyper h =
       onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed);
   BatchArgs a = onepass::plan_args(pp, h, nullptr);
-  onepass::validate_planned(pp, a, c10::DeviceType::CPU);  // (the same as step_planned_cuda)
+  // (as step_planned_cuda: a step reads the host counts' values once, in host::host_count)
+  if (check_only)
+    onepass::validate_planned(pp, a, c10::DeviceType::CPU);
+  else
+    onepass::validate_planned_state(pp, a, c10::DeviceType::CPU);
   run(a, EmuRuntime{device_steps, capturing, stub_launch}, check_only,
-      &onepass::kept<onepass::host::BlockMaps>(pp.cuda_work));
+      &onepass::kept<onepass::host::PlannedLaunches>(pp.cuda_work));
 }
 
 }  // namespace

@@ -2,7 +2,7 @@
 #include "emu_runtime.h"
 
 namespace onepass {
-void emu_step_fp32(const BatchArgs& a, const EmuRuntime& rt, host::BlockMaps* maps) {
-  host::step_fp32(a, rt, maps);
+void emu_step_fp32(const BatchArgs& a, const EmuRuntime& rt, host::PlannedLaunches* kept) {
+  host::step_fp32(a, rt, kept);
 }
 }  // namespace onepass

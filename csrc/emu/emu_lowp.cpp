@@ -3,7 +3,7 @@
 #include "emu_runtime.h"
 
 namespace onepass {
-void emu_step_lowp(const BatchArgs& a, const EmuRuntime& rt, host::BlockMaps* maps) {
-  host::step_lowp(a, rt, maps);
+void emu_step_lowp(const BatchArgs& a, const EmuRuntime& rt, host::PlannedLaunches* kept) {
+  host::step_lowp(a, rt, kept);
 }
 }  // namespace onepass

@@ -44,8 +44,8 @@ struct EmuRuntime {
 };
 
 // The two halves of a step, compiled in two files so that a parallel build splits the kernels.
-// maps: a planned group's block maps (null: the kernels search).
-void emu_step_fp32(const BatchArgs& a, const EmuRuntime& rt, host::BlockMaps* maps = nullptr);
-void emu_step_lowp(const BatchArgs& a, const EmuRuntime& rt, host::BlockMaps* maps = nullptr);
+// kept: a planned group's kept launches (null: planned every step).
+void emu_step_fp32(const BatchArgs& a, const EmuRuntime& rt, host::PlannedLaunches* kept = nullptr);
+void emu_step_lowp(const BatchArgs& a, const EmuRuntime& rt, host::PlannedLaunches* kept = nullptr);
 
 }  // namespace onepass

@@ -85,8 +85,8 @@ void check_lookup(const Plan<D>& plan, const std::string& name) {
 // Element-wise formats: walks tensor i's blocks and threads as the kernels do.
 // p/g/m/v element sizes: pb, pb, mb, mb.
 void walk_elementwise(int n_tensors, int64_t blocks, int vec, int pb, int mb,
-                      bool lowp_desc, const void* descs_any, const std::string& name,
-                      int64_t& checked) {
+                      bool lowp_desc, const void* descs_any, const StepEntry* entries,
+                      const std::string& name, int64_t& checked) {
   for (int i = 0; i < n_tensors; ++i) {
     int64_t n, start, end;
     void *p, *m;
@@ -97,12 +97,12 @@ void walk_elementwise(int n_tensors, int64_t blocks, int vec, int pb, int mb,
       const LowpDesc* ds = static_cast<const LowpDesc*>(descs_any);
       n = ds[i].n; start = ds[i].block_start;
       end = i + 1 < n_tensors ? ds[i + 1].block_start : blocks;
-      p = ds[i].p; g = ds[i].g; m = ds[i].m; v = ds[i].v; aligned = ds[i].aligned;
+      p = ds[i].p; g = entries[i].g; m = ds[i].m; v = ds[i].v; aligned = ds[i].aligned;
     } else {
       const Desc* ds = static_cast<const Desc*>(descs_any);
       n = ds[i].n; start = ds[i].block_start;
       end = i + 1 < n_tensors ? ds[i + 1].block_start : blocks;
-      p = ds[i].p; g = ds[i].g; m = ds[i].m; v = ds[i].v; aligned = ds[i].aligned;
+      p = ds[i].p; g = entries[i].g; m = ds[i].m; v = ds[i].v; aligned = ds[i].aligned;
     }
     const int64_t chunk = static_cast<int64_t>(kThreads) * vec;
     if (end - start != (n + chunk - 1) / chunk)
@@ -124,11 +124,11 @@ void walk_elementwise(int n_tensors, int64_t blocks, int vec, int pb, int mb,
         if (lowp_desc) {
           dl = static_cast<const LowpDesc*>(descs_any)[i];
           base = thread_first_element(dl, b, t, vec);
-          vpath = vector_path(dl, base, vec);
+          vpath = vector_path(dl, entries[i], base, vec);
         } else {
           dd = static_cast<const Desc*>(descs_any)[i];
           base = thread_first_element(dd, b, t, vec);
-          vpath = vector_path(dd, base, vec);
+          vpath = vector_path(dd, entries[i], base, vec);
         }
         if (vpath) {
           const char* pp = static_cast<const char*>(p) + base * pb;
@@ -184,7 +184,7 @@ void test_fp32(int trial, int64_t& checked) {
   const std::string name = "fp32 trial " + std::to_string(trial);
   check_lookup(plan, name);
   walk_elementwise(static_cast<int>(plan.descs.size()), plan.blocks, vec, pb, mb, false,
-                   plan.descs.data(), name, checked);
+                   plan.descs.data(), plan.entries.data(), name, checked);
 }
 
 void test_lowp_elementwise(int trial, int64_t& checked) {
@@ -208,7 +208,7 @@ void test_lowp_elementwise(int trial, int64_t& checked) {
   const std::string name = "lowp trial " + std::to_string(trial);
   check_lookup(plan, name);
   walk_elementwise(static_cast<int>(plan.descs.size()), plan.blocks, vec, pb, mb, true,
-                   plan.descs.data(), name, checked);
+                   plan.descs.data(), plan.entries.data(), name, checked);
 }
 
 void test_int8(int trial, int64_t& checked) {
