@@ -131,13 +131,23 @@ class PyGroupPlan {
   // A part's grads of this step, for the backends that take Python lists (reference).
   TVec grads(size_t k) const { return at(k).grads; }
 
-  // The triton backend's per-step host work on a part: the (param, grad) address table and the
-  // step counts' increment (ops.cpp: pair_table, bump_steps), without converting the lists.
+  // The triton backend's per-step host work on a part, without converting the lists: the
+  // (param, grad) checks and addresses (ops.cpp: pair_table), the counts' increment (bump_steps),
+  // and its launches' packed tables (triton_table.cpp: next_counts, triton_table).
   at::Tensor pair_table(size_t k) const {
     const PlanPart& part = at(k);
     return onepass::pair_table(part.params, part.grads);
   }
-  std::vector<int64_t> bump_steps(size_t k) const { return onepass::bump_steps(at(k).steps); }
+  void bump_steps(size_t k) const { onepass::bump_steps(at(k).steps); }
+  std::vector<int64_t> next_counts(size_t k) const { return onepass::next_counts(at(k).steps); }
+  std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
+      size_t k, const at::Tensor& statics, const OptT& rows,
+      const std::vector<TritonCorrection>& corr, int64_t key_col, const std::vector<double>& hp,
+      bool pin) const {
+    const PlanPart& part = at(k);
+    return onepass::triton_table(part.params, part.grads, part.steps, statics, rows, corr, key_col,
+                                 hp, pin);
+  }
 
   // The plan's address, for the emulated cuda backend's module (test-only; built from the same
   // header by the same compiler, csrc/emu/adam_emu.cpp), which has no other way to reach it.
@@ -167,6 +177,9 @@ void bind_group_plan(py::module& m) {
       .def("release", &PyGroupPlan::release)
       .def("pair_table", &PyGroupPlan::pair_table, py::arg("part"))
       .def("bump_steps", &PyGroupPlan::bump_steps, py::arg("part"))
+      .def("next_counts", &PyGroupPlan::next_counts, py::arg("part"))
+      .def("triton_table", &PyGroupPlan::triton_table, py::arg("part"), py::arg("statics"),
+           py::arg("rows"), py::arg("corr"), py::arg("key_col"), py::arg("hp"), py::arg("pin"))
       .def("address", &PyGroupPlan::address);
 }
 

@@ -10,6 +10,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace onepass {
@@ -223,6 +224,21 @@ std::vector<int64_t> bump_steps(at::TensorList steps);
 // Checks each (param, grad) pair as validate_batch does and returns an int64 [n, 3] table of
 // (param address, grad address, flags: 1 = param contiguous, 2 = grad contiguous).
 at::Tensor pair_table(at::TensorList params, at::TensorList grads);
+
+// The triton backend's per-step tables (csrc/triton_table.cpp). next_counts: the distinct values
+// of count + 1 over the step counts (checked), for the corrections the backend computes in Python.
+std::vector<int64_t> next_counts(at::TensorList steps);
+// One step count's (count, bc1, inv_bc2_sqrt, key_p, key_m, key_v): its bias corrections and
+// random-stream keys as the triton kernels read them (a tuple: pybind11 converts it as it is).
+using TritonCorrection = std::tuple<int64_t, double, double, int64_t, int64_t, int64_t>;
+// The packed float64 table of one launch (the static rows with this step's addresses, per-row
+// corrections, keys at key_col unless negative, then hp), pinned when `pin`; and the rows whose
+// param or grad is not contiguous. rows: each row's param (None: row r is param r). Checks every
+// (param, grad) pair first.
+std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
+    at::TensorList params, at::TensorList grads, at::TensorList steps, const at::Tensor& statics,
+    const std::optional<at::Tensor>& rows, const std::vector<TritonCorrection>& corr,
+    int64_t key_col, const std::vector<double>& hp, bool pin);
 
 std::string cpu_isa_get();
 std::vector<std::string> cpu_isa_supported();

@@ -214,6 +214,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bump_steps", [](const TVec& s) { return onepass::bump_steps(s); },
         "step += 1 for each CPU step tensor; returns the new counts");
 #ifndef ONEPASS_CUDA_ADDON
+  m.def("next_counts", [](const TVec& s) { return onepass::next_counts(s); },
+        "the distinct values of count + 1 of CPU step tensors (checked)");
+  m.def("triton_table", [](const TVec& p, const TVec& g, const TVec& s, const at::Tensor& statics,
+                           const OptT& rows, const std::vector<onepass::TritonCorrection>& corr,
+                           int64_t key_col, const std::vector<double>& hp, bool pin) {
+          return onepass::triton_table(p, g, s, statics, rows, corr, key_col, hp, pin);
+        }, "the triton backend's packed per-step table of one launch (csrc/triton_table.cpp)",
+        py::arg("params"), py::arg("grads"), py::arg("steps"), py::arg("statics"),
+        py::arg("rows"), py::arg("corr"), py::arg("key_col"), py::arg("hp"), py::arg("pin"));
+#endif
+#ifndef ONEPASS_CUDA_ADDON
   onepass::bind_group_plan(m);
   m.def("adam_step_cpu", &step_direct, "onepass::adam_step_ on CPU tensors (eager)",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),

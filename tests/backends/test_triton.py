@@ -165,3 +165,50 @@ def test_tuning_measures_every_config_and_keeps_the_fastest(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     assert tb._tune(torch.device("cpu"), numel=3000, reps=2) == tb.CONFIGS[-1]
     assert tb.config_for(torch.device("cpu")) == (tb.BLOCK, tb.NUM_WARPS)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_the_compiled_step_table_equals_the_torch_one(fmt):
+    # csrc/triton_table.cpp against the torch-ops table an install without the extension builds:
+    # the same float64 words and the same non-contiguous rows, for a launch of some of the
+    # params (two dtypes), params whose counts differ, and a transposed grad.
+    from onepass import _ops
+    from onepass.backends import triton as tb
+    from onepass.backends.base import Batch
+
+    if not _ops.HAS_EXT:
+        pytest.skip("the compiled table needs the extension")
+    params = [torch.nn.Parameter(_rand(33, 5, seed=1).to(DEVICE)),
+              torch.nn.Parameter(_rand(7, seed=2).to(DEVICE).double()),
+              torch.nn.Parameter(_rand(40, seed=3).to(DEVICE))]
+    if fmt == "bf16":
+        params[1] = torch.nn.Parameter(_rand(7, seed=2).to(DEVICE).bfloat16())
+    opt = onepass.AdamW(params, lr=1e-2, backend="triton", state_dtype=fmt)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[params[2]]["step"].fill_(5.0)  # a count of its own
+    params[0].grad = _rand(5, 33, seed=4).to(DEVICE).t()  # transposed
+    batch = Batch(
+        params=params, grads=[p.grad for p in params],
+        exp_avgs=[opt.state[p]["exp_avg"] for p in params],
+        exp_avg_sqs=[opt.state[p]["exp_avg_sq"] for p in params], max_exp_avg_sqs=[],
+        steps=[opt.state[p]["step"] for p in params], lr=3e-3, beta1=0.9, beta2=0.999,
+        eps=1e-8, amsgrad=False, weight_decay=0.01, maximize=False, decoupled=True,
+        grad_scale=None, found_inf=None, device=torch.device(DEVICE), scratch={},
+        state_format=fmt, exp_avg_absmaxs=[], exp_avg_sq_absmaxs=[], qtables=None,
+        param_rounding="nearest", kahan_comps=[], seed=7, stats=None, plan=None)
+    plan = tb._Plan(batch)
+    assert len(plan.groups) == 2  # float32 (params 0 and 2), then the other dtype
+    counts = tb._next_counts(batch)
+    assert sorted(counts) == [2, 6]
+    for group in plan.groups:
+        got, got_odd = tb._step_table(batch, plan, group, counts)
+        want, want_odd = tb._step_table_torch(
+            batch, group[3], group[2],
+            [tb._correction(t, 0.9, 0.999, onepass.reference.math_dtype(group[0]),
+                            7 if plan.wide else None) for t in counts],
+            tb.KEY_COL if plan.wide else -1, [3e-3, 0.9, 0.999, 1e-8, 0.01], False)
+        assert torch.equal(got.cpu().view(torch.int64), want.view(torch.int64))
+        assert got_odd == want_odd
+    assert tb._step_table(batch, plan, plan.groups[0], counts)[1] == [0]  # the transposed grad

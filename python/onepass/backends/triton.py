@@ -13,9 +13,12 @@ adam_kernel covers STATS_CHUNKS whole chunks, row by row (reference.chunk_partia
 kernel's blocks are the chunks.
 
 Runs CUDA tensors on a GPU, and CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
-how CI tests the kernel without a GPU). The host builds three small tables per launch (addresses,
-bias corrections, block starts) and copies them to the device in one transfer; the learning rate,
-when a Tensor, and the GradScaler's scale are read by the kernel on the device.
+how CI tests the kernel without a GPU). What stays the same between steps (state addresses,
+sizes, block starts) is made once per plan (_Plan); a step's table of each launch (this step's
+param and grad addresses, bias corrections and keys of each count, the scalars) is made in one
+C++ call (csrc/triton_table.cpp) through the optimizer's plan, and copied to the device in one
+transfer from pinned memory; the learning rate, when a Tensor, and the GradScaler's scale are
+read by the kernel on the device.
 """
 from __future__ import annotations
 
@@ -113,29 +116,30 @@ def _tl_dtype(dtype: torch.dtype):
             torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _bump_steps(batch: Batch) -> List[int]:
-    """step += 1 for every param; the new counts. The C++ helper when built (~20 ns a tensor;
-    through the optimizer's plan, without converting the list), else torch ops (~3.5 us a
-    tensor on a 2-core machine)."""
+def _bump_steps(batch: Batch) -> None:
+    """step += 1 for every param: the C++ helper when built (~20 ns a tensor; through the
+    optimizer's plan, without converting the list), else torch ops (~3.5 us a tensor on a 2-core
+    machine)."""
     if batch.plan is not None:
-        return batch.plan[0].bump_steps(batch.plan[1])
-    steps = batch.steps
+        batch.plan[0].bump_steps(batch.plan[1])
+    elif _ops.HAS_EXT:
+        _ops._C.bump_steps(batch.steps)
+    else:
+        torch._foreach_add_(batch.steps, 1.0)
+
+
+def _next_counts(batch: Batch) -> List[int]:
+    """The distinct values of this step's counts (count + 1; nearly always one value)."""
+    if batch.plan is not None:
+        return batch.plan[0].next_counts(batch.plan[1])
     if _ops.HAS_EXT:
-        return _ops._C.bump_steps(steps)
-    torch._foreach_add_(steps, 1.0)
-    try:
-        return [int(x) for x in torch.stack(steps).tolist()]
-    except RuntimeError:  # float32 and float64 step tensors mixed
-        return [int(s.item()) for s in steps]
+        return _ops._C.next_counts(batch.steps)
+    return list(dict.fromkeys(int(s.item()) + 1 for s in batch.steps))
 
 
-def _pair_table(batch: Batch) -> torch.Tensor:
-    """Checks the (param, grad) pairs and gives int64 [n, 3]: param address, grad address,
-    flags (1: param contiguous, 2: grad contiguous). Raises before anything is written. Through
-    the optimizer's plan where there is one (the grads it read in C++)."""
-    if batch.plan is not None:
-        return batch.plan[0].pair_table(batch.plan[1])
-    params, grads = batch.params, batch.grads
+def _pair_rows(params, grads) -> torch.Tensor:
+    """Checks the (param, grad) pairs and gives int64 [n, 3]: param address, grad address, flags
+    (1: param contiguous, 2: grad contiguous). Raises before anything is written."""
     if _ops.HAS_EXT:
         return _ops._C.pair_table(params, grads)
     rows = []
@@ -145,6 +149,59 @@ def _pair_table(batch: Batch) -> torch.Tensor:
             _bad_pair(i, p, g)
         rows.append([p.data_ptr(), g.data_ptr(), int(p.is_contiguous()) | 2 * int(g.is_contiguous())])
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+
+def _pair_table(batch: Batch) -> torch.Tensor:
+    """_pair_rows of a batch, through the optimizer's plan where there is one (the grads it read
+    in C++)."""
+    if batch.plan is not None:
+        return batch.plan[0].pair_table(batch.plan[1])
+    return _pair_rows(batch.params, batch.grads)
+
+
+# The columns of the random streams' keys in the wide (low-precision) table (_Plan).
+KEY_COL = 9
+
+
+def _step_table(batch: Batch, plan: "_Plan", group, counts: List[int]):
+    """(packed, odd) for one launch: the float64 buffer the kernels read (the static rows with
+    this step's param and grad addresses, each row's bias corrections and keys for its count, then
+    the launch-wide scalars), pinned on a GPU so the copy does not wait for the last step's
+    kernel; and the rows whose param or grad is not contiguous. Checks this step's grads first.
+    Made in C++ (csrc/triton_table.cpp) where the extension is built, else from torch ops."""
+    dtype, idx_t, idx, static = group[:4]
+    math_dt = reference.math_dtype(dtype)
+    corr = [_correction(t, batch.beta1, batch.beta2, math_dt, batch.seed if plan.wide else None)
+            for t in counts]
+    lr = batch.lr
+    hp = [0.0 if isinstance(lr, torch.Tensor) else float(lr), batch.beta1, batch.beta2, batch.eps,
+          batch.weight_decay]
+    rows = None if len(idx) == plan.n_params else idx_t  # (idx ascends: all of them is range(n))
+    key_col = KEY_COL if plan.wide else -1
+    pin = batch.device.type == "cuda"
+    if batch.plan is not None:
+        return batch.plan[0].triton_table(batch.plan[1], static, rows, corr, key_col, hp, pin)
+    if _ops.HAS_EXT:
+        return _ops._C.triton_table(batch.params, batch.grads, batch.steps, static, rows, corr,
+                                    key_col, hp, pin)
+    return _step_table_torch(batch, static, idx, corr, key_col, hp, pin)
+
+
+def _step_table_torch(batch: Batch, static: torch.Tensor, idx: List[int], corr, key_col: int,
+                      hp: List[float], pin: bool):
+    """_step_table from torch ops (an install without the extension)."""
+    pairs = _pair_rows([batch.params[i] for i in idx], [batch.grads[i] for i in idx])
+    table = static.clone()
+    table[:, 0:2] = pairs[:, 0:2]
+    by_count = {c[0]: c for c in corr}
+    mine = [by_count[int(batch.steps[i].item()) + 1] for i in idx]
+    ftab = torch.tensor([c[1:3] for c in mine], dtype=torch.float64)
+    if key_col >= 0:
+        table[:, key_col:key_col + 3] = torch.tensor([c[3:] for c in mine], dtype=torch.int64)
+    odd = (pairs[:, 2] != 3).nonzero().flatten().tolist()
+    packed = torch.cat([table.view(torch.float64).reshape(-1), ftab.reshape(-1),
+                        torch.tensor(hp, dtype=torch.float64)])
+    return (packed.pin_memory() if pin else packed), odd
 
 
 # int8 state: blocks (reference.INT8_BLOCK elements of one dim-0 row) per program, and warps.
@@ -289,15 +346,20 @@ class _Plan:
         return sums, partials, per_group.get(g)
 
 
-@functools.lru_cache(maxsize=4096)
-def _corrections(t: int, beta1: float, beta2: float, math_dt: torch.dtype) -> Tuple[float, float]:
-    """(1 - beta1**t, inv_bc2_sqrt rounded to the math dtype) of step t: the kernel computes
-    lr / bc1 itself. Kept between steps (~10 us of Python a step to remake them)."""
+@functools.lru_cache(maxsize=256)
+def _correction(t: int, beta1: float, beta2: float, math_dt: torch.dtype,
+                seed: Optional[int]) -> Tuple[int, float, float, int, int, int]:
+    """Step t's (t, 1 - beta1**t, inv_bc2_sqrt rounded to the math dtype, the random streams'
+    keys (0 without a seed: fp32 state, nearest rounding)): the kernel computes lr / bc1 itself.
+    (Cached for the groups of one step: every step has a new t.)"""
     bc1 = 1.0 - reference.pow_int(beta1, t)
     bc2 = reference.step_scalars(t, 1.0, beta1, beta2, 0.0, 0.0, True)
     # Only inv_bc2_sqrt is needed rounded (StepScalars.rounded would round all nine: ~12 us of
     # the ~40 us host path of a gpt2 step).
-    return bc1, reference.round_scalar(bc2.inv_bc2_sqrt, math_dt)
+    keys = ((0, 0, 0) if seed is None else
+            tuple(reference.stream_key(seed, t, s) for s in
+                  (reference.STREAM_PARAM, reference.STREAM_M, reference.STREAM_V)))
+    return (t, bc1, reference.round_scalar(bc2.inv_bc2_sqrt, math_dt)) + keys
 
 
 def _walk_view(p: torch.Tensor, int8: bool):
@@ -348,18 +410,23 @@ class TritonBackend(Backend):
         _check_stats(batch)
 
     def step(self, batch: Batch) -> None:
+        # AMP overflow: nothing changes, not even the step count. (One sync: the counts live on the
+        # host, which must know whether to advance them; the cuda backend with capturable=True
+        # keeps them on the device and has none.)
         if batch.found_inf is not None and bool(batch.found_inf.item() != 0):
-            return  # AMP overflow: nothing changes, not even the step count
+            return
         plan = batch.scratch.get("triton")
         if plan is None:
             check_batch(batch)  # new state lists: check the moments once
             plan = _Plan(batch)
-        pairs = _pair_table(batch)  # checks the grads of this step
         _check_stats(batch)
+        # Every launch's table first: they check this step's grads before the first write.
+        counts = _next_counts(batch)
+        tables = [_step_table(batch, plan, group, counts) for group in plan.groups]
         batch.scratch["triton"] = plan
-        counts = _bump_steps(batch)  # the first write
-        for k, group in enumerate(plan.groups):
-            self._launch(batch, plan, k, group, pairs, counts)
+        _bump_steps(batch)  # the first write
+        for k, (group, table) in enumerate(zip(plan.groups, tables)):
+            self._launch(batch, plan, k, group, table)
         if batch.stats is not None:
             self._sum_stats(batch, plan)
 
@@ -372,57 +439,28 @@ class TritonBackend(Backend):
         (gtab, gctab, n_groups, gsums), partials, _ = plan.stats_tables(0)
         sum_stats(partials, gtab, gctab, n_groups, gsums, batch.stats)
 
-    def _launch(self, batch: Batch, plan: _Plan, k: int, group, pairs: torch.Tensor,
-                counts: List[int]) -> None:
+    def _launch(self, batch: Batch, plan: _Plan, k: int, group, table) -> None:
         dtype, idx_t, idx, static, starts, grid, odd_state = group
+        packed, odd = table
         kernels = _load()
         device = batch.device
-        math_dt = reference.math_dtype(dtype)
-        table = static.clone()
-        mine = pairs.index_select(0, idx_t) if len(idx) != len(pairs) else pairs
-        table[:, 0:2] = mine[:, 0:2]
+        n = len(idx)
+        w = static.shape[1]
         keep = []         # temporaries that must live until the launch is queued
         write_back = []   # (tensor, contiguous working copy)
-        odd = (mine[:, 2] != 3).nonzero().flatten().tolist()
         if odd_state:
             odd = sorted(set(odd) | set(odd_state))
-        for row in odd:  # rare: a non-contiguous param, grad or state tensor
-            keep += self._contiguous_copies(batch, plan, idx[row], table, row, write_back)
-        # Bias corrections per param from its own step count (usually one value for all).
-        def corrections(t: int) -> Tuple[float, float]:
-            return _corrections(t, batch.beta1, batch.beta2, math_dt)
-
-        same = counts.count(counts[0]) == len(counts)
-        if same:
-            ftab = torch.tensor([corrections(counts[0])], dtype=torch.float64).expand(len(idx), 2)
-        else:
-            ftab = torch.tensor([corrections(counts[i]) for i in idx], dtype=torch.float64)
-        if plan.wide:  # the random streams' keys of each tensor's step
-            seed = batch.seed
-
-            def keys(t: int) -> List[int]:
-                return [reference.stream_key(seed, t, s) for s in
-                        (reference.STREAM_PARAM, reference.STREAM_M, reference.STREAM_V)]
-
-            if same:
-                table[:, 9:12] = torch.tensor(keys(counts[0]), dtype=torch.int64)
-            else:
-                table[:, 9:12] = torch.tensor([keys(counts[i]) for i in idx], dtype=torch.int64)
-        lr = batch.lr
-        lr_tensor = isinstance(lr, torch.Tensor)
-        hp = [0.0 if lr_tensor else float(lr), batch.beta1, batch.beta2, batch.eps, batch.weight_decay]
-        # One host->device transfer for the three per-step tables (int64 bits carried as float64),
-        # from pinned memory so it does not wait for the previous step's kernel.
-        packed = torch.cat([table.view(torch.float64).reshape(-1),
-                            ftab.reshape(-1),
-                            torch.tensor(hp, dtype=torch.float64)])
+        if odd:  # rare: a non-contiguous param, grad or state tensor
+            itab = packed[: w * n].view(torch.int64).view(n, w)
+            for row in odd:
+                keep += self._contiguous_copies(batch, plan, idx[row], itab, row, write_back)
         if device.type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
-        n = len(idx)
-        w = table.shape[1]
+            packed = packed.to(device, non_blocking=True)  # (pinned: no wait for the last step)
         itab = packed[: w * n].view(torch.int64)
         ftab_d = packed[w * n: (w + 2) * n]
         hpt = packed[(w + 2) * n:]
+        lr = batch.lr
+        lr_tensor = isinstance(lr, torch.Tensor)
         lr_arg = lr.to(device) if lr_tensor else hpt
         gs_arg = batch.grad_scale.to(device) if batch.grad_scale is not None else hpt
         common = dict(N_SEARCH=max(1, (n - 1).bit_length()), P_DTYPE=_tl_dtype(dtype),
@@ -449,7 +487,7 @@ class TritonBackend(Backend):
                 QBLOCK_LOG2=reference.INT8_BLOCK.bit_length() - 1, num_warps=INT8_WARPS, **common)
         else:
             kernels.adam_kernel[(grid,)](
-                itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, MATH=_tl_dtype(math_dt),
+                itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, MATH=_tl_dtype(reference.math_dtype(dtype)),
                 BLOCK=block, AMSGRAD=bool(batch.amsgrad), STATE_BF16=batch.state_format == "bf16",
                 SCHUNK=reference.STATS_CHUNK, SLANES=reference.STATS_LANES,
                 SLANES_LOG2=reference.STATS_LANES.bit_length() - 1,
