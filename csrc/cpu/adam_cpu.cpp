@@ -579,6 +579,25 @@ RangeFn pick_lowp(at::ScalarType dtype, int sf, int pr, const bool* flags) {
   return pick_kernel<LowpKernel<float, kInt8, kNearest>>(isa, flags);
 }
 
+// A thread walks its tensors one after another, and each new tensor starts four new streams (p, g,
+// m, v) that the hardware prefetcher picks up only after a few misses. Prefetching the first
+// kPrefetchLines lines of each stream of the next tensor while the current one runs cut the
+// `small` case (2000 tensors of 16 KB a stream) from 5.04 to 4.54 ms a step on this 2-core Zen 3
+// (interleaved A/B in one process, 20 rounds: 4 lines 4.64, 8 4.59, 12 4.54, 24 4.73 ms against
+// 5.09 without); gpt2's 148 long tensors do not notice it.
+constexpr int64_t kPrefetchLines = 8;
+
+inline void prefetch_start(const TensorWork& w) {
+  // (2 bytes an element at least: no line past a short tensor's end)
+  const int64_t lines = std::min<int64_t>(kPrefetchLines, (2 * w.n + 63) / 64);
+  for (int64_t k = 0; k < lines; ++k) {
+    __builtin_prefetch(static_cast<const char*>(w.p) + 64 * k, 1, 3);
+    __builtin_prefetch(static_cast<const char*>(w.g) + 64 * k, 0, 3);
+    __builtin_prefetch(static_cast<const char*>(w.m) + 64 * k, 1, 3);
+    __builtin_prefetch(static_cast<const char*>(w.v) + 64 * k, 1, 3);
+  }
+}
+
 void run(const std::vector<TensorWork>& ts, int64_t total_units) {
   at::parallel_for(0, total_units, kGrainUnits, [&](int64_t ub, int64_t ue) {
     // first tensor whose units end after ub
@@ -615,6 +634,9 @@ void run(const std::vector<TensorWork>& ts, int64_t total_units) {
       }
       const int64_t b = std::max<int64_t>(0, (ub - it->unit_begin) * kUnit);
       const int64_t e = std::min<int64_t>(it->n, (ue - it->unit_begin) * kUnit);
+      const auto next = it + 1;
+      if (next != ts.end() && next->unit_begin < ue && !next->blocks && next->partials == nullptr)
+        prefetch_start(*next);
       if (b < e) it->fn(*it, b, e, false);
     }
   });
