@@ -1,0 +1,256 @@
+"""A param's optimizer state: the format it gets (fp32, bf16 or int8 moments), making it,
+converting it between formats, decoding it for torch.optim (torch_state_dict), and checking and
+converting a state dict's entry when one is loaded (load_param_state)."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Dict
+
+import torch
+from torch import Tensor
+
+from . import quant, reference
+from .distributed import _check_int8_placements, _is_dtensor, _local, _wrap_state
+from .hyperparams import MIN_INT8_NUMEL, _as_float
+from .reference import math_dtype
+
+if TYPE_CHECKING:
+    from .optimizer import AdamW
+
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_avg_absmax",
+               "exp_avg_sq_absmax", "kahan_comp")
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+# ---- complex params ---------------------------------------------------------------------------------
+# As torch.optim.Adam(W) does, a complex param is optimized as torch.view_as_real(p): its real and
+# imaginary parts are independent real params, and the update runs on view_as_real of the param,
+# its grad and its moments. The optimizer makes those views; backends only ever see real tensors
+# (a complex64 param is a float32 [..., 2] tensor to them), so every backend takes complex params
+# and gives the reference's bits on them. The state is kept as torch keeps it: moments of the
+# param's complex dtype and shape (the real math dtype of a complex64 param is float32, of a
+# complex128 param float64), so state dicts move between onepass and torch.optim.AdamW unchanged.
+# Complex params always keep that full-precision state: no complex bf16 dtype exists, and bf16 or
+# int8 moments of shape [..., 2] would no longer look like torch's (so state_dtype="bf16"/"int8"
+# applies to a group's real params only, as int8 applies only to large tensors).
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+
+
+def _real(t: Any) -> Any:
+    """torch.view_as_real(t) for a complex tensor (resolving a lazy conjugate first), else t."""
+    if isinstance(t, Tensor) and t.is_complex():
+        return torch.view_as_real(t.resolve_conj() if t.is_conj() else t)
+    return t
+
+
+def _moment_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of a param's full-precision moments: the math dtype of a real param (float32 for
+    bf16/fp16/fp32, float64 for fp64), the param's own dtype for a complex one (as torch)."""
+    return p.dtype if p.is_complex() else math_dtype(p.dtype)
+
+
+def param_state_format(p: Tensor, state_dtype: str, min_int8_numel: int = MIN_INT8_NUMEL) -> str:
+    """The state format a param gets in a group with ``state_dtype``: float64 params always keep
+    float64 ("fp32", the math dtype) state; int8 only for tensors of >= 2 dims (blocks lie within
+    dim-0 rows, so dim-0 sharding cannot change them) with at least ``min_int8_numel`` elements;
+    complex params always keep full-precision (complex) state, as torch does."""
+    if p.dtype == torch.float64 or p.is_complex():
+        return "fp32"
+    if state_dtype == "int8" and (p.dim() < 2 or p.numel() < min_int8_numel):
+        return "fp32"
+    return state_dtype
+
+
+def _stored_format(st: Dict[str, Any]) -> str:
+    m = st.get("exp_avg")
+    if isinstance(m, Tensor) and m.dtype == torch.uint8:
+        return "int8"
+    if isinstance(m, Tensor) and m.dtype == torch.bfloat16:
+        return "bf16"
+    return "fp32"
+
+
+def decode_moments(p: Tensor, st: Dict[str, Any]) -> Dict[str, Tensor]:
+    """The moments of one param's state as math-dtype tensors (int8 dequantized, bf16 widened)."""
+    if _is_dtensor(p):
+        local = decode_moments(_local(p), {k: _local(v) for k, v in st.items()})
+        return {k: _wrap_state(p, k, v) for k, v in local.items()}
+    fmt = _stored_format(st)
+    dt = _moment_dtype(p)
+    out = {}
+    for k, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        x = st[k]
+        if fmt == "int8":
+            code = quant.code_table(quant.SIGNED_MAP if signed else quant.UNSIGNED_MAP, signed)
+            out[k] = reference.dequantize_blocks(x, st[k + "_absmax"], code)
+        else:
+            out[k] = x.to(dt)
+    if "max_exp_avg_sq" in st:
+        out["max_exp_avg_sq"] = st["max_exp_avg_sq"].to(dt)
+    return out
+
+
+def encode_moments(p: Tensor, moments: Dict[str, Tensor], fmt: str) -> Dict[str, Tensor]:
+    """Math-dtype moments in state format ``fmt`` (bf16: nearest even; int8: quantize_blocks)."""
+    if _is_dtensor(p):
+        _check_int8_placements(p, fmt)
+        local = encode_moments(_local(p), {k: _local(v) for k, v in moments.items()}, fmt)
+        return {k: _wrap_state(p, k, v) for k, v in local.items()}
+    out: Dict[str, Tensor] = {}
+    for k, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        x = moments[k]
+        if fmt == "int8":
+            mid = quant.midpoints(quant.SIGNED_MAP if signed else quant.UNSIGNED_MAP, signed)
+            q, a = reference.quantize_blocks(x.contiguous().to(torch.float32), mid,
+                                             keep_positive=not signed)
+            out[k], out[k + "_absmax"] = q.contiguous(), a.contiguous()
+        elif fmt == "bf16":
+            out[k] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.preserve_format).copy_(x)
+        else:
+            out[k] = torch.zeros_like(p, dtype=_moment_dtype(p), memory_format=torch.preserve_format).copy_(x)
+    if "max_exp_avg_sq" in moments:
+        out["max_exp_avg_sq"] = moments["max_exp_avg_sq"]
+    return out
+
+
+def _convert_state(p: Tensor, st: Dict[str, Any], fmt: str) -> None:
+    """Re-encodes one param's moments (in place in ``st``) from their stored format into ``fmt``."""
+    moments = decode_moments(p, st)
+    for k in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+        st.pop(k, None)
+    st.update(encode_moments(p, moments, fmt))
+
+
+def _new_moments(p: Tensor, fmt: str) -> Dict[str, Tensor]:
+    if _is_dtensor(p):
+        _check_int8_placements(p, fmt)
+        return {k: _wrap_state(p, k, v) for k, v in _new_moments(_local(p), fmt).items()}
+    if fmt == "int8":
+        rows_blocks = reference.absmax_shape(p.shape)
+        return {
+            "exp_avg": torch.zeros(p.shape, dtype=torch.uint8, device=p.device).fill_(_zero_code(True)),
+            "exp_avg_sq": torch.zeros(p.shape, dtype=torch.uint8, device=p.device).fill_(_zero_code(False)),
+            "exp_avg_absmax": torch.zeros(rows_blocks, dtype=torch.float32, device=p.device),
+            "exp_avg_sq_absmax": torch.zeros(rows_blocks, dtype=torch.float32, device=p.device),
+        }
+    dt = torch.bfloat16 if fmt == "bf16" else _moment_dtype(p)
+    return {"exp_avg": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)}
+
+
+def _zero_code(signed: bool) -> int:
+    code = quant.code_table(quant.SIGNED_MAP if signed else quant.UNSIGNED_MAP, signed)
+    return int((code == 0).nonzero()[0])
+
+
+def _new_step() -> Tensor:
+    # torch keeps a float32 0-dim CPU tensor (float64 when that is the default dtype); so do we,
+    # so that state dicts move between torch.optim.AdamW and onepass unchanged.
+    return torch.zeros((), dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
+
+
+def torch_state_dict(optimizer: "AdamW") -> Dict[str, Any]:
+    """``optimizer.state_dict()`` with every moment as a float32/float64 tensor of the param's
+    shape and no onepass-only keys: loadable by torch.optim.AdamW / Adam (int8 dequantized, bf16
+    widened; a Kahan compensation is dropped, so the param itself is what torch continues from)."""
+    sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    by_id = dict(zip(ids, params))
+    state = {}
+    for pid, st in sd["state"].items():
+        if not st:
+            state[pid] = st
+            continue
+        p = by_id[pid]
+        out = {"step": st["step"]}
+        out.update(decode_moments(p, st))
+        state[pid] = out
+    groups = []
+    for g in sd["param_groups"]:
+        g = dict(g)
+        for k in ("state_dtype", "param_rounding", "seed", "min_int8_numel", "backend", "decoupled"):
+            g.pop(k, None)
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# ---- loading a state dict (AdamW.load_state_dict) ----------------------------------------------
+def load_param_state(p: Tensor, st: Dict[str, Any], pid: Any, amsgrad: bool) -> Dict[str, Any]:
+    if not isinstance(st, dict):
+        raise ValueError(f"onepass: the state of param {pid!r} is not a dict")
+    if not st:
+        return {}
+    unknown = set(st) - set(_STATE_KEYS)
+    if unknown:
+        raise ValueError(f"onepass: unknown state keys {sorted(unknown)} for param {pid!r}")
+    missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in st]
+    if amsgrad and "max_exp_avg_sq" not in st:
+        missing.append("max_exp_avg_sq")
+    if missing:
+        raise ValueError(f"onepass: the state of param {pid!r} lacks {missing}")
+    step = st["step"]
+    step_value = _as_float(step, "step") if isinstance(step, (Tensor, int, float)) else math.nan
+    if not (step_value >= 0 and step_value == math.floor(step_value) and step_value < 2**24):
+        raise ValueError(f"onepass: the step of param {pid!r} must be a whole number >= 0, got {step!r}")
+    out: Dict[str, Any] = {"step": torch.tensor(step_value, dtype=_new_step().dtype)}
+    fmt = _stored_format(st)
+    if fmt != "fp32":
+        # A onepass bf16/int8 state: kept in its own format (a step converts it if the group
+        # asks for another), so a save/load round trip changes no bit.
+        return _load_lowp_state(p, st, pid, fmt, out)
+    if "kahan_comp" in st:
+        out["kahan_comp"] = _load_like(p, st["kahan_comp"], p.dtype, "kahan_comp", pid)
+    dt = _moment_dtype(p)
+    for k in _MOMENT_KEYS:
+        if k not in st:
+            continue
+        v = st[k]
+        if p.is_complex():
+            # a complex param's moments are complex (torch's and ours); a real moment would
+            # load as imaginary parts of zero, a silent corruption
+            if not isinstance(v, Tensor) or not v.is_complex():
+                raise ValueError(f"onepass: state {k!r} of complex param {pid!r} must be a "
+                                 "complex tensor")
+        elif not isinstance(v, Tensor) or not v.is_floating_point():
+            raise ValueError(f"onepass: state {k!r} of param {pid!r} must be a floating-point tensor")
+        if v.shape != p.shape:
+            raise ValueError(
+                f"onepass: state {k!r} of param {pid!r} has shape {tuple(v.shape)}, its param "
+                f"has shape {tuple(p.shape)}"
+            )
+        out[k] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format).copy_(v)
+    return out
+
+
+def _load_like(p: Tensor, v: Any, dtype: torch.dtype, k: str, pid: Any) -> Tensor:
+    if not isinstance(v, Tensor) or v.dtype != dtype or v.shape != p.shape:
+        raise ValueError(f"onepass: state {k!r} of param {pid!r} must be a {dtype} tensor of "
+                         f"shape {tuple(p.shape)}")
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(v)
+
+def _load_lowp_state(p: Tensor, st: Dict[str, Any], pid: Any, fmt: str, out: Dict[str, Any]):
+    if "max_exp_avg_sq" in st:
+        raise ValueError(f"onepass: param {pid!r}: amsgrad state needs fp32 moments")
+    if p.is_complex():
+        raise ValueError(f"onepass: param {pid!r} is {p.dtype}; its state must be {p.dtype} "
+                         f"(complex params keep full-precision moments), got {fmt} state")
+    if fmt == "bf16":
+        if p.dtype == torch.float64:
+            raise ValueError(f"onepass: param {pid!r} is float64; its state must be float64")
+        for k in ("exp_avg", "exp_avg_sq"):
+            out[k] = _load_like(p, st[k], torch.bfloat16, k, pid)
+    else:
+        shape = tuple(reference.absmax_shape(p.shape))
+        for k in ("exp_avg", "exp_avg_sq"):
+            q, a = st[k], st.get(k + "_absmax")
+            if not (isinstance(q, Tensor) and q.dtype == torch.uint8 and q.shape == p.shape
+                    and isinstance(a, Tensor) and a.dtype == torch.float32
+                    and tuple(a.shape) == shape):
+                raise ValueError(
+                    f"onepass: int8 state {k!r} of param {pid!r} needs uint8 codes of shape "
+                    f"{tuple(p.shape)} and a float32 {k}_absmax of shape {shape}")
+            out[k] = q.to(p.device).contiguous().clone()
+            out[k + "_absmax"] = a.to(p.device).contiguous().clone()
+    if "kahan_comp" in st:
+        out["kahan_comp"] = _load_like(p, st["kahan_comp"], p.dtype, "kahan_comp", pid)
+    return out
