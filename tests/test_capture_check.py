@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import onepass
+from onepass import capture as capture_mod
 from onepass import optimizer as opt_mod
 from onepass.backends import _AUTO_ORDER, BACKENDS, auto_candidates, resolve_backend
 
@@ -104,7 +105,7 @@ class _Capture:
         self.capturing_calls = 0
         monkeypatch.setattr(torch.cuda, "is_available", self._available)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", self._capturing)
-        monkeypatch.setattr(opt_mod, "_CUDA_AVAILABLE", None)  # the cached answer: ask again
+        monkeypatch.setattr(capture_mod, "_CUDA_AVAILABLE", None)  # the cached answer: ask again
         self._answer = available
 
     def _available(self):

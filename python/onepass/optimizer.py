@@ -18,77 +18,21 @@ from torch.optim import Optimizer
 
 from . import quant, reference
 from ._plan import GroupCache, PlanGrads, make_plan
-from .backends import BACKENDS, Batch, auto_candidates, resolve_backend
+from .backends import BACKENDS, Batch, auto_candidates
+from .backends import group_backend as _group_backend
 from .reference import PARAM_DTYPES
-from .distributed import _dtensor_type, _is_dtensor, _local, _local_absmax, _local_grad
+from .capture import _capture_health_check, _cuda_available
+from .distributed import _dtensor_type, _is_dtensor, _local, _local_grad
 from .hyperparams import (MIN_INT8_NUMEL, _as_float, _check_group, _check_hyperparameters,
                           _check_rounding_dtypes, _resolve_decay_mode, _state_dtype)
-from .state_formats import (COMPLEX_DTYPES, _convert_state, _new_moments, _new_step, _real,
-                            _stored_format, load_param_state, param_state_format,
-                            torch_state_dict)
-from .state_tracking import _ParamState, _State, _epoch_of, _tracked
+from .state_formats import COMPLEX_DTYPES, _real, load_state, state_lists, torch_state_dict
+from .state_tracking import _State, _epoch_of, _tracked
 
 __all__ = ["AdamW", "Adam", "torch_state_dict"]
 
 
-def _group_backend(name: str, device: torch.device, capturable: bool):
-    """The backend of a group on ``device`` (resolve_backend's), except for capturable=True on CUDA
-    tensors: only the cuda backend keeps the step count on the device, where a CUDA graph can
-    advance it (triton and the reference read it on the host), so "auto" takes cuda for such a
-    group whatever auto's order says, and any other backend is an error that says why."""
-    if not (capturable and device.type == "cuda"):
-        return resolve_backend(name, device)
-    if name == "auto":
-        cuda = BACKENDS["cuda"]
-        why = cuda.auto_reason(device)
-        if why is not None:
-            raise RuntimeError(
-                "onepass: capturable=True needs the cuda backend (it keeps the step count on the "
-                f"device; triton and the reference read it on the host), and backend='auto' cannot "
-                f"use it here: {why}"
-            )
-        return cuda
-    backend = resolve_backend(name, device)
-    if backend.name != "cuda":
-        raise RuntimeError(
-            "onepass: capturable=True needs the cuda backend (it keeps the step count on the "
-            f"device); the {backend.name!r} backend reads it on the host"
-        )
-    return backend
 
 
-#: torch.cuda.is_available(), asked once (see _cuda_available): step() asks whether the current
-#: stream is capturing only where CUDA exists, so a step on a machine without it pays one call.
-_CUDA_AVAILABLE: Optional[bool] = None
-
-
-def _cuda_available() -> bool:
-    global _CUDA_AVAILABLE
-    if _CUDA_AVAILABLE is None:
-        _CUDA_AVAILABLE = bool(torch.cuda.is_available())
-    return _CUDA_AVAILABLE
-
-
-def _capture_health_check(optimizer: "AdamW") -> None:
-    """torch.optim's check (Optimizer._accelerator_graph_capture_health_check, with its wording)
-    for a step() being captured in a CUDA graph, plus onepass's lr check. A graph replays only
-    device work: a capturable=False group's host step counts and a host-side lr would be frozen
-    at their values at capture. Called only while the current stream is capturing."""
-    if not all(group["capturable"] for group in optimizer.param_groups):
-        raise RuntimeError(
-            "Attempting CUDA graph capture of step() for an instance of "
-            + optimizer.__class__.__name__
-            + " but param_groups' capturable is False."
-        )
-    for i, group in enumerate(optimizer.param_groups):
-        lr, params = group["lr"], group["params"]
-        if isinstance(lr, Tensor) and params and lr.device != params[0].device:
-            raise RuntimeError(
-                f"onepass: attempting CUDA graph capture of step() with param group {i}'s lr a "
-                f"Tensor on {lr.device} while its params are on {params[0].device}: the graph "
-                "would keep the lr read at capture. Give the group a one-element lr Tensor on the "
-                "params' device and update it in place (lr.fill_(new_lr))."
-            )
 
 
 class AdamW(Optimizer):
@@ -381,62 +325,8 @@ class AdamW(Optimizer):
     def _state_lists(self, params: List[Tensor], amsgrad: bool, created: list,
                      capturable: bool = False, fmt: str = "fp32", rounding: str = "nearest",
                      min_int8: int = MIN_INT8_NUMEL):
-        """({(state format, rounding): (params, their indices, lists, scratch)}, tracked) of ``params``,
-        creating missing state (and converting state stored in another format, e.g. after
-        state_dtype changed or a torch state dict was loaded); ``tracked`` is False when some
-        param's state is a plain dict put there by hand (its writes are not seen, so the lists
-        must not be cached). lists: exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, the two absmax
-        lists, kahan compensations."""
-        parts: Dict[Tuple[str, str], tuple] = {}
-        tracked = True
-        state_of = self.state
-        for j, p in enumerate(params):
-            st = state_of[p]
-            is_new = not st
-            pfmt = param_state_format(p, fmt, min_int8)
-            prnd = rounding if p.dtype == torch.bfloat16 else "nearest"
-            if is_new:
-                created.append(p)
-                st["step"] = _new_step()
-                st.update(_new_moments(p, pfmt))
-            elif _stored_format(st) != pfmt:
-                _convert_state(p, st, pfmt)
-            if prnd == "kahan" and "kahan_comp" not in st:
-                st["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            elif prnd != "kahan" and "kahan_comp" in st:
-                # leaving Kahan: fold the compensation into the param (rounded once)
-                p.add_(st.pop("kahan_comp"))
-            if capturable and p.is_cuda and not st["step"].is_cuda:
-                # capturable: the count lives on the device so a CUDA graph can advance it
-                st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
-            if amsgrad and "max_exp_avg_sq" not in st:
-                if not is_new:
-                    raise RuntimeError(
-                        "onepass: amsgrad was switched on for a param whose state has no "
-                        "max_exp_avg_sq; start it from a fresh optimizer or load a state with it"
-                    )
-                st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.preserve_format)
-            # (a _ParamState of another optimizer's state counts its writes there)
-            tracked = tracked and type(st) is _ParamState and st._epoch is getattr(state_of, "_epoch", None)
-            key = (pfmt, prnd)
-            if key not in parts:
-                parts[key] = ([], [], ([], [], [], [], [], [], []), {})
-            ps, idx, lists, _ = parts[key]
-            ps.append(p)
-            idx.append(j)
-            # (DTensor state: its local shards; a no-op for plain tensors)
-            lists[3].append(st["step"])
-            # (complex params: view_as_real of their complex moments; a no-op for real ones)
-            lists[0].append(_real(_local(st["exp_avg"])))
-            lists[1].append(_real(_local(st["exp_avg_sq"])))
-            if amsgrad:
-                lists[2].append(_real(_local(st["max_exp_avg_sq"])))
-            if pfmt == "int8":
-                lists[4].append(_local_absmax(st["exp_avg_absmax"]))
-                lists[5].append(_local_absmax(st["exp_avg_sq_absmax"]))
-            if prnd == "kahan":
-                lists[6].append(_local(st["kahan_comp"]))
-        return parts, tracked
+        """state_formats.state_lists of this optimizer's state."""
+        return state_lists(self.state, params, amsgrad, created, capturable, fmt, rounding, min_int8)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -499,65 +389,7 @@ class AdamW(Optimizer):
             out = pre_hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("onepass: a state dict needs the keys 'state' and 'param_groups'")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"onepass: the state dict has {len(saved_groups)} param groups, this optimizer "
-                f"has {len(self.param_groups)}"
-            )
-        id_map: Dict[Any, Tensor] = {}
-        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(mine["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"onepass: param group {gi} has {len(saved['params'])} params in the state "
-                    f"dict and {len(mine['params'])} here"
-                )
-            for pid, p in zip(saved["params"], mine["params"]):
-                id_map[pid] = p
-        amsgrad_of = {}
-        for mine, saved in zip(self.param_groups, saved_groups):
-            for pid in saved["params"]:
-                amsgrad_of[pid] = bool(saved.get("amsgrad", mine["amsgrad"]))
-
-        new_state: Dict[Tensor, Dict[str, Any]] = {}
-        for pid, st in state_dict["state"].items():
-            if pid not in id_map:
-                raise ValueError(f"onepass: the state dict has state for param {pid!r}, which no group lists")
-            p = id_map[pid]
-            new_state[p] = load_param_state(p, st, pid, amsgrad_of[pid])
-
-        param_groups = []
-        for mine, saved in zip(self.param_groups, saved_groups):
-            group = dict(saved)
-            group["params"] = mine["params"]
-            if "decay_mode" not in group and "decoupled" in group:  # saved before decay modes
-                group["decay_mode"] = "decoupled" if group["decoupled"] else "coupled"
-            if "param_names" in mine and "param_names" not in group:
-                group["param_names"] = mine["param_names"]
-            param_groups.append(group)
-        for group in param_groups:
-            merged = dict(group)
-            for k, v in self.defaults.items():
-                merged.setdefault(k, v)
-            _check_group(merged)
-
-        # State saved in another format than its group asks for (e.g. torch.optim.AdamW's fp32
-        # moments into a state_dtype="int8" optimizer) is converted now, so state_dict() and the
-        # memory held reflect the group's format right after loading.
-        for group in param_groups:
-            fmt = _state_dtype(group.get("state_dtype", self.defaults["state_dtype"]))
-            mn = group.get("min_int8_numel", self.defaults["min_int8_numel"])
-            for p in group["params"]:
-                st = new_state.get(p)
-                if st and "exp_avg" in st and "max_exp_avg_sq" not in st:
-                    want = param_state_format(p, fmt, mn)
-                    if _stored_format(st) != want:
-                        _convert_state(p, st, want)
-        state = _State()
-        for p, st in new_state.items():
-            state[p] = _ParamState(st)
+        state, param_groups = load_state(self, state_dict)
         self.__setstate__({"state": state, "param_groups": param_groups})
         for post_hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
             post_hook(self)

@@ -1,18 +1,20 @@
 """A param's optimizer state: the format it gets (fp32, bf16 or int8 moments), making it,
 converting it between formats, decoding it for torch.optim (torch_state_dict), and checking and
-converting a state dict's entry when one is loaded (load_param_state)."""
+converting a state dict when one is loaded (load_state), and the per-step lists of a group's
+state the backends take (state_lists)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor
 
 from . import quant, reference
-from .distributed import _check_int8_placements, _is_dtensor, _local, _wrap_state
-from .hyperparams import MIN_INT8_NUMEL, _as_float
+from .distributed import _check_int8_placements, _is_dtensor, _local, _local_absmax, _wrap_state
+from .hyperparams import MIN_INT8_NUMEL, _as_float, _check_group, _state_dtype
 from .reference import math_dtype
+from .state_tracking import _ParamState, _State
 
 if TYPE_CHECKING:
     from .optimizer import AdamW
@@ -254,3 +256,130 @@ def _load_lowp_state(p: Tensor, st: Dict[str, Any], pid: Any, fmt: str, out: Dic
     if "kahan_comp" in st:
         out["kahan_comp"] = _load_like(p, st["kahan_comp"], p.dtype, "kahan_comp", pid)
     return out
+
+
+def load_state(optimizer: "AdamW", state_dict: Dict[str, Any]):
+    """(state, param_groups) for ``optimizer`` from a onepass or torch.optim.Adam(W) state dict,
+    everything checked first (group and param counts, state keys, moment shapes, step counts)
+    and the moments converted to each group's state format; the optimizer is not changed."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("onepass: a state dict needs the keys 'state' and 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"onepass: the state dict has {len(saved_groups)} param groups, this optimizer "
+            f"has {len(optimizer.param_groups)}"
+        )
+    id_map: Dict[Any, Tensor] = {}
+    for gi, (mine, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        if len(mine["params"]) != len(saved["params"]):
+            raise ValueError(
+                f"onepass: param group {gi} has {len(saved['params'])} params in the state "
+                f"dict and {len(mine['params'])} here"
+            )
+        for pid, p in zip(saved["params"], mine["params"]):
+            id_map[pid] = p
+    amsgrad_of = {}
+    for mine, saved in zip(optimizer.param_groups, saved_groups):
+        for pid in saved["params"]:
+            amsgrad_of[pid] = bool(saved.get("amsgrad", mine["amsgrad"]))
+
+    new_state: Dict[Tensor, Dict[str, Any]] = {}
+    for pid, st in state_dict["state"].items():
+        if pid not in id_map:
+            raise ValueError(f"onepass: the state dict has state for param {pid!r}, which no group lists")
+        p = id_map[pid]
+        new_state[p] = load_param_state(p, st, pid, amsgrad_of[pid])
+
+    param_groups = []
+    for mine, saved in zip(optimizer.param_groups, saved_groups):
+        group = dict(saved)
+        group["params"] = mine["params"]
+        if "decay_mode" not in group and "decoupled" in group:  # saved before decay modes
+            group["decay_mode"] = "decoupled" if group["decoupled"] else "coupled"
+        if "param_names" in mine and "param_names" not in group:
+            group["param_names"] = mine["param_names"]
+        param_groups.append(group)
+    for group in param_groups:
+        merged = dict(group)
+        for k, v in optimizer.defaults.items():
+            merged.setdefault(k, v)
+        _check_group(merged)
+
+    # State saved in another format than its group asks for (e.g. torch.optim.AdamW's fp32
+    # moments into a state_dtype="int8" optimizer) is converted now, so state_dict() and the
+    # memory held reflect the group's format right after loading.
+    for group in param_groups:
+        fmt = _state_dtype(group.get("state_dtype", optimizer.defaults["state_dtype"]))
+        mn = group.get("min_int8_numel", optimizer.defaults["min_int8_numel"])
+        for p in group["params"]:
+            st = new_state.get(p)
+            if st and "exp_avg" in st and "max_exp_avg_sq" not in st:
+                want = param_state_format(p, fmt, mn)
+                if _stored_format(st) != want:
+                    _convert_state(p, st, want)
+    state = _State()
+    for p, st in new_state.items():
+        state[p] = _ParamState(st)
+    return state, param_groups
+
+
+# ---- the state lists of a step (AdamW._state_lists) ---------------------------------------------
+def state_lists(state_of, params: List[Tensor], amsgrad: bool, created: list,
+                capturable: bool = False, fmt: str = "fp32", rounding: str = "nearest",
+                min_int8: int = MIN_INT8_NUMEL):
+    """({(state format, rounding): (params, their indices, lists, scratch)}, tracked) of ``params``
+    in ``state_of`` (an optimizer's state), creating missing state (and converting state stored in another format, e.g. after
+    state_dtype changed or a torch state dict was loaded); ``tracked`` is False when some
+    param's state is a plain dict put there by hand (its writes are not seen, so the lists
+    must not be cached). lists: exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, the two absmax
+    lists, kahan compensations."""
+    parts: Dict[Tuple[str, str], tuple] = {}
+    tracked = True
+    for j, p in enumerate(params):
+        st = state_of[p]
+        is_new = not st
+        pfmt = param_state_format(p, fmt, min_int8)
+        prnd = rounding if p.dtype == torch.bfloat16 else "nearest"
+        if is_new:
+            created.append(p)
+            st["step"] = _new_step()
+            st.update(_new_moments(p, pfmt))
+        elif _stored_format(st) != pfmt:
+            _convert_state(p, st, pfmt)
+        if prnd == "kahan" and "kahan_comp" not in st:
+            st["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif prnd != "kahan" and "kahan_comp" in st:
+            # leaving Kahan: fold the compensation into the param (rounded once)
+            p.add_(st.pop("kahan_comp"))
+        if capturable and p.is_cuda and not st["step"].is_cuda:
+            # capturable: the count lives on the device so a CUDA graph can advance it
+            st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+        if amsgrad and "max_exp_avg_sq" not in st:
+            if not is_new:
+                raise RuntimeError(
+                    "onepass: amsgrad was switched on for a param whose state has no "
+                    "max_exp_avg_sq; start it from a fresh optimizer or load a state with it"
+                )
+            st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg_sq"], memory_format=torch.preserve_format)
+        # (a _ParamState of another optimizer's state counts its writes there)
+        tracked = tracked and type(st) is _ParamState and st._epoch is getattr(state_of, "_epoch", None)
+        key = (pfmt, prnd)
+        if key not in parts:
+            parts[key] = ([], [], ([], [], [], [], [], [], []), {})
+        ps, idx, lists, _ = parts[key]
+        ps.append(p)
+        idx.append(j)
+        # (DTensor state: its local shards; a no-op for plain tensors)
+        lists[3].append(st["step"])
+        # (complex params: view_as_real of their complex moments; a no-op for real ones)
+        lists[0].append(_real(_local(st["exp_avg"])))
+        lists[1].append(_real(_local(st["exp_avg_sq"])))
+        if amsgrad:
+            lists[2].append(_real(_local(st["max_exp_avg_sq"])))
+        if pfmt == "int8":
+            lists[4].append(_local_absmax(st["exp_avg_absmax"]))
+            lists[5].append(_local_absmax(st["exp_avg_sq_absmax"]))
+        if prnd == "kahan":
+            lists[6].append(_local(st["kahan_comp"]))
+    return parts, tracked

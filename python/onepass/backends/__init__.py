@@ -18,7 +18,8 @@ from .cuda import CudaBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
-__all__ = ["Backend", "Batch", "auto_candidates", "get_backend", "resolve_backend", "available_backends", "BACKENDS"]
+__all__ = ["Backend", "Batch", "auto_candidates", "get_backend", "resolve_backend", "group_backend",
+           "available_backends", "BACKENDS"]
 
 
 BACKENDS: Dict[str, Backend] = {
@@ -65,6 +66,31 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     why = backend.unavailable_reason(device)
     if why is not None:
         raise RuntimeError(f"onepass: backend {name!r} is unavailable for {device} tensors: {why}")
+    return backend
+
+def group_backend(name: str, device: torch.device, capturable: bool):
+    """The backend of a group on ``device`` (resolve_backend's), except for capturable=True on CUDA
+    tensors: only the cuda backend keeps the step count on the device, where a CUDA graph can
+    advance it (triton and the reference read it on the host), so "auto" takes cuda for such a
+    group whatever auto's order says, and any other backend is an error that says why."""
+    if not (capturable and device.type == "cuda"):
+        return resolve_backend(name, device)
+    if name == "auto":
+        cuda = BACKENDS["cuda"]
+        why = cuda.auto_reason(device)
+        if why is not None:
+            raise RuntimeError(
+                "onepass: capturable=True needs the cuda backend (it keeps the step count on the "
+                f"device; triton and the reference read it on the host), and backend='auto' cannot "
+                f"use it here: {why}"
+            )
+        return cuda
+    backend = resolve_backend(name, device)
+    if backend.name != "cuda":
+        raise RuntimeError(
+            "onepass: capturable=True needs the cuda backend (it keeps the step count on the "
+            f"device); the {backend.name!r} backend reads it on the host"
+        )
     return backend
 
 
