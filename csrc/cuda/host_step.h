@@ -236,10 +236,7 @@ void step_launches(const BatchArgs& a, const RT& rt, PlannedLaunches* kept) {
     const at::ScalarType* dtypes = nullptr;
     const int nd = launch_dtypes(is_lowp(a), &dtypes);
     for (int l = 0; l < nd; ++l) {
-      std::vector<TensorMeta> metas;
-      for (size_t i = 0; i < a.params.size(); ++i)
-        if (a.params[i].scalar_type() == dtypes[l] && a.params[i].numel() > 0)
-          metas.push_back(tensor_meta(a, i, w));
+      const std::vector<TensorMeta> metas = launch_metas(a, dtypes[l], w);
       if (metas.empty()) continue;
       Plan<D> plan = plan_launch<D>(a, metas, dtypes[l]);
       for (StepEntry& e : plan.entries) e.scalars = sc.index[e.scalars];  // (slot: param i)

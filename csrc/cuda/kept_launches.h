@@ -147,16 +147,22 @@ struct PlannedLaunches {
   }
 };
 
+// The tensors of the batch's launch of param dtype dt (empty params have none).
+inline std::vector<TensorMeta> launch_metas(const BatchArgs& a, at::ScalarType dt, Working& w) {
+  std::vector<TensorMeta> metas;
+  for (size_t i = 0; i < a.params.size(); ++i)
+    if (a.params[i].scalar_type() == dt && a.params[i].numel() > 0)
+      metas.push_back(tensor_meta(a, i, w));
+  return metas;
+}
+
 template <typename D, class RT>
 void make_kept(const BatchArgs& a, const RT& rt, std::vector<KeptLaunch<D>>& out) {
   const at::ScalarType* dtypes = nullptr;
   const int nd = launch_dtypes(is_lowp(a), &dtypes);
   Working unused;  // (every tensor is in place: nothing is copied)
   for (int l = 0; l < nd; ++l) {
-    std::vector<TensorMeta> metas;
-    for (size_t i = 0; i < a.params.size(); ++i)
-      if (a.params[i].scalar_type() == dtypes[l] && a.params[i].numel() > 0)
-        metas.push_back(tensor_meta(a, i, unused));
+    const std::vector<TensorMeta> metas = launch_metas(a, dtypes[l], unused);
     if (metas.empty()) continue;
     const Plan<D> plan = plan_launch<D>(a, metas, dtypes[l]);
     KeptLaunch<D> k;
