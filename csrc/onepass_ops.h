@@ -109,8 +109,11 @@ inline bool walks_in_place(const at::Tensor& p, bool int8) {
 }
 // Whether a grad (or a Kahan compensation) is in the walk layout of its param `p`.
 inline bool in_walk_layout(const at::Tensor& t, const at::Tensor& p, bool int8) {
-  return int8 ? t.is_contiguous()
-              : same_dims(t.strides(), p.strides()) && t.is_non_overlapping_and_dense();
+  if (int8) return t.is_contiguous();
+  // both row-major (the usual grad of the usual param): the same walk whatever the strides of
+  // size-1 dims say; two flag reads against comparing every stride (~25 instructions a grad)
+  if (t.is_contiguous() && p.is_contiguous()) return true;
+  return same_dims(t.strides(), p.strides()) && t.is_non_overlapping_and_dense();
 }
 
 // What a kernel walks in storage order: the param itself when it is dense (else a contiguous
