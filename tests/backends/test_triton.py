@@ -126,9 +126,9 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 def test_host_path_without_the_compiled_helpers(monkeypatch):
     # The backend's C++ helpers (pair_table, bump_steps) are optional: without the extension the
     # same tables are built in Python, with the same checks and the same bits.
-    from onepass.backends import triton as tb
+    from onepass import _ops
 
-    monkeypatch.setattr(tb._ops, "HAS_EXT", False)
+    monkeypatch.setattr(_ops, "HAS_EXT", False)
     tensors = lambda: [_rand(40, seed=9), _rand(3, 5, seed=10).double()]  # noqa: E731
     assert _same(_run("triton", _on(DEVICE)(tensors)), _run("reference", _on("cpu")(tensors)))
     p = torch.nn.Parameter(torch.randn(4, device=DEVICE))
@@ -174,6 +174,7 @@ def test_the_compiled_step_table_equals_the_torch_one(fmt):
     # params (two dtypes), params whose counts differ, and a transposed grad.
     from onepass import _ops
     from onepass.backends import triton as tb
+    from onepass.backends import triton_tables as tt
     from onepass.backends.base import Batch
 
     if not _ops.HAS_EXT:
@@ -200,15 +201,15 @@ def test_the_compiled_step_table_equals_the_torch_one(fmt):
         param_rounding="nearest", kahan_comps=[], seed=7, stats=None, plan=None)
     plan = tb._Plan(batch)
     assert len(plan.groups) == 2  # float32 (params 0 and 2), then the other dtype
-    counts = tb._next_counts(batch)
+    counts = tt._next_counts(batch)
     assert sorted(counts) == [2, 6]
     for group in plan.groups:
-        got, got_odd = tb._step_table(batch, plan, group, counts)
-        want, want_odd = tb._step_table_torch(
+        got, got_odd = tt._step_table(batch, plan, group, counts)
+        want, want_odd = tt._step_table_torch(
             batch, group[3], group[2],
-            [tb._correction(t, 0.9, 0.999, onepass.reference.math_dtype(group[0]),
+            [tt._correction(t, 0.9, 0.999, onepass.reference.math_dtype(group[0]),
                             7 if plan.wide else None) for t in counts],
-            tb.KEY_COL if plan.wide else -1, [3e-3, 0.9, 0.999, 1e-8, 0.01], False)
+            tt.KEY_COL if plan.wide else -1, [3e-3, 0.9, 0.999, 1e-8, 0.01], False)
         assert torch.equal(got.cpu().view(torch.int64), want.view(torch.int64))
         assert got_odd == want_odd
-    assert tb._step_table(batch, plan, plan.groups[0], counts)[1] == [0]  # the transposed grad
+    assert tt._step_table(batch, plan, plan.groups[0], counts)[1] == [0]  # the transposed grad
