@@ -1,0 +1,168 @@
+// Per-element cost of each stage of a low-precision CPU step (issue 18), one thread, data in L2,
+// built with the CPU kernel's flags and its AVX2 target: what each stage costs by itself, before
+// any design change. Every stage is a loop over kN elements of 256-element blocks, written as the
+// CPU kernel writes it (csrc/cpu/adam_cpu.cpp: lowp_range, int8_blocks) from adam_math.h's
+// functions, so the compiler vectorizes it the same way.
+//
+//   bash bench/stage_cost.sh        (compiles with g++ and runs; prints ns per element)
+//
+// Stages:
+//   fp32 update      adam_element on fp32 p, g, m, v (loads and stores included): the fp32 step
+//   bf16 moments     the same with m, v stored as bf16, stochastically rounded (hash + SR)
+//   SR hash          random_bits + float_to_bf16_stochastic alone, one value an element
+//   int8 decode      float3 codes of m and v to floats (times the block's absmax)
+//   int8 update      adam_element on decoded m, v (registers), p and g from memory
+//   absmax           the unsigned max of |m|, |v| bit patterns over each block
+//   int8 encode      block_scale, then the float3 codes of m and v (keep_positive on v)
+#include "../csrc/adam_math.h"
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+using namespace onepass;
+
+namespace {
+
+constexpr int64_t kN = 1 << 16;  // 64K elements: p, g, m, v in fp32 are 1 MB, in L2 (512 KB/core
+                                 // on Zen 3 holds the int8 stages' working set, 448 KB)
+constexpr int kBlock = kInt8Block;
+constexpr int kReps = 400;
+
+template <typename F>
+double ns_per_element(F&& body) {
+  body();  // warm
+  double best = 1e30;
+  for (int trial = 0; trial < 5; ++trial) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < kReps; ++r) body();
+    const auto t1 = std::chrono::steady_clock::now();
+    const double ns = std::chrono::duration<double, std::nano>(t1 - t0).count() / (double(kReps) * kN);
+    best = ns < best ? ns : best;
+  }
+  return best;
+}
+
+#define STAGE __attribute__((target("avx2,bmi2"), noinline))
+
+STAGE void fp32_update(float* p, const float* g, float* m, float* v, const StepScalars<float>& s) {
+  const StepScalars<float> sc = s;
+#pragma omp simd
+  for (int64_t i = 0; i < kN; ++i) {
+    float pi = p[i], mi = m[i], vi = v[i], unused = 0.0f;
+    adam_element<float, false, false, false, false>(pi, g[i], mi, vi, unused, sc);
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+  }
+}
+
+STAGE void bf16_update(float* p, const float* g, uint16_t* m, uint16_t* v, const StepScalars<float>& s,
+                       uint32_t km, uint32_t kv) {
+  const StepScalars<float> sc = s;
+#pragma omp simd
+  for (int64_t i = 0; i < kN; ++i) {
+    float pi = p[i], mi = bf16_to_float(m[i]), vi = bf16_to_float(v[i]), unused = 0.0f;
+    adam_element<float, false, false, false, false>(pi, g[i], mi, vi, unused, sc);
+    p[i] = pi;
+    m[i] = float_to_bf16_stochastic(mi, random_bits(km, static_cast<uint64_t>(i)));
+    v[i] = float_to_bf16_stochastic(vi, random_bits(kv, static_cast<uint64_t>(i)));
+  }
+}
+
+STAGE void sr_hash(const float* x, uint16_t* out, uint32_t key) {
+#pragma omp simd
+  for (int64_t i = 0; i < kN; ++i)
+    out[i] = float_to_bf16_stochastic(x[i], random_bits(key, static_cast<uint64_t>(i)));
+}
+
+STAGE void int8_decode(const uint8_t* qm, const uint8_t* qv, const float* am, const float* av,
+                       float* m, float* v) {
+  for (int64_t b = 0; b < kN / kBlock; ++b) {
+    const float sm = am[b], sv = av[b];
+#pragma omp simd
+    for (int j = 0; j < kBlock; ++j) {
+      const int64_t i = b * kBlock + j;
+      m[i] = op_mul(float_map_value_m(qm[i]), sm);
+      v[i] = op_mul(float_map_value_v(qv[i]), sv);
+    }
+  }
+}
+
+STAGE void int8_update(float* p, const float* g, float* m, float* v, const StepScalars<float>& s) {
+  // (m, v: the decoded block in a buffer, as int8_blocks keeps it)
+  fp32_update(p, g, m, v, s);
+}
+
+STAGE void absmax(const float* m, const float* v, float* am, float* av) {
+  for (int64_t b = 0; b < kN / kBlock; ++b) {
+    uint32_t bm = 0, bv = 0;
+#pragma omp simd reduction(max : bm, bv)
+    for (int j = 0; j < kBlock; ++j) {
+      const int64_t i = b * kBlock + j;
+      const uint32_t x = abs_bits(m[i]), y = abs_bits(v[i]);
+      bm = x > bm ? x : bm;
+      bv = y > bv ? y : bv;
+    }
+    am[b] = bits_float(bm);
+    av[b] = bits_float(bv);
+  }
+}
+
+STAGE void int8_encode(const float* m, const float* v, const float* am, const float* av,
+                       uint8_t* qm, uint8_t* qv) {
+  for (int64_t b = 0; b < kN / kBlock; ++b) {
+    const float im = block_scale(am[b]), iv = block_scale(av[b]);
+#pragma omp simd
+    for (int j = 0; j < kBlock; ++j) {
+      const int64_t i = b * kBlock + j;
+      const float y = op_mul(v[i], iv);
+      qm[i] = static_cast<uint8_t>(float_map_code_m(op_mul(m[i], im)));
+      qv[i] = static_cast<uint8_t>(keep_positive(float_map_code_v(y), y));
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::vector<float> p(kN), g(kN), m(kN), v(kN), am(kN / kBlock), av(kN / kBlock);
+  std::vector<uint16_t> m16(kN), v16(kN);
+  std::vector<uint8_t> qm(kN), qv(kN);
+  uint32_t x = 12345;
+  for (int64_t i = 0; i < kN; ++i) {
+    x = mix32(x + 1);
+    p[i] = static_cast<float>(static_cast<int32_t>(x)) * 1e-10f;
+    g[i] = static_cast<float>(static_cast<int32_t>(mix32(x))) * 1e-12f;
+    m[i] = g[i] * 0.1f;
+    v[i] = g[i] * g[i] * 0.001f;
+    m16[i] = float_to_bf16(m[i]);
+    v16[i] = float_to_bf16(v[i]);
+  }
+  absmax(m.data(), v.data(), am.data(), av.data());
+  int8_encode(m.data(), v.data(), am.data(), av.data(), qm.data(), qv.data());
+  // lr 0: the params do not drift over the repetitions (the work is the same)
+  const StepScalars<float> s = make_step_scalars<float>(10, 0.0, 0.9, 0.999, 1e-8, 0.0, true, 1.0);
+  const uint32_t km = stream_key(0, 10, kStreamM), kv = stream_key(0, 10, kStreamV);
+  std::vector<float> mw(m), vw(v);  // working copies the update stages write
+
+  struct Row { const char* name; double ns; };
+  const Row rows[] = {
+      {"fp32 update", ns_per_element([&] { fp32_update(p.data(), g.data(), mw.data(), vw.data(), s); })},
+      {"bf16 moments (update + SR)", ns_per_element([&] { bf16_update(p.data(), g.data(), m16.data(), v16.data(), s, km, kv); })},
+      {"SR hash (one value)", ns_per_element([&] { sr_hash(m.data(), m16.data(), km); })},
+      {"int8 decode (m and v)", ns_per_element([&] { int8_decode(qm.data(), qv.data(), am.data(), av.data(), mw.data(), vw.data()); })},
+      {"int8 update (decoded m, v)", ns_per_element([&] { int8_update(p.data(), g.data(), mw.data(), vw.data(), s); })},
+      {"absmax (m and v)", ns_per_element([&] { absmax(mw.data(), vw.data(), am.data(), av.data()); })},
+      {"int8 encode (m and v)", ns_per_element([&] { int8_encode(mw.data(), vw.data(), am.data(), av.data(), qm.data(), qv.data()); })},
+  };
+  uint64_t check = 0;  // (keeps every result alive)
+  for (int64_t i = 0; i < kN; i += 997) check += qm[i] + qv[i] + m16[i] + float_bits(p[i]);
+  std::printf("stage_cost: %lld elements (L2), 1 thread, AVX2, best of 5 x %d passes, ns/element\n",
+              static_cast<long long>(kN), kReps);
+  for (const Row& r : rows) std::printf("  %-30s %6.3f\n", r.name, r.ns);
+  std::printf("  (checksum %llu)\n", static_cast<unsigned long long>(check));
+  return 0;
+}
