@@ -66,13 +66,21 @@ struct StepScalars {
   T grad_scale;  // divides the gradient when a GradScaler hands one over (else unused)
 };
 
+// The bias corrections of count `step` (after the increment), float64: 1 - beta1**step, and
+// 1 / sqrt(1 - beta2**step) (reference.step_scalars' bc1 and inv_bc2_sqrt).
+ONEPASS_HD double bias_correction1(double beta1, int64_t step) {
+  return op_sub(1.0, pow_int(beta1, step));
+}
+ONEPASS_HD double inv_bc2_sqrt(double beta2, int64_t step) {
+  return op_div(1.0, op_sqrt(op_sub(1.0, pow_int(beta2, step))));
+}
+
 // The twin of reference.step_scalars, rounded once to T. `step` is the count after increment.
 template <typename T>
 ONEPASS_HD StepScalars<T> make_step_scalars(int64_t step, double lr, double beta1, double beta2,
                                             double eps, double weight_decay, bool decoupled,
                                             double grad_scale) {
-  const double bc1 = op_sub(1.0, pow_int(beta1, step));
-  const double bc2 = op_sub(1.0, pow_int(beta2, step));
+  const double bc1 = bias_correction1(beta1, step);
   StepScalars<T> s;
   s.beta1 = static_cast<T>(beta1);
   s.one_minus_beta1 = static_cast<T>(op_sub(1.0, beta1));
@@ -82,7 +90,7 @@ ONEPASS_HD StepScalars<T> make_step_scalars(int64_t step, double lr, double beta
   s.weight_decay = static_cast<T>(weight_decay);
   s.decay = decoupled ? static_cast<T>(op_sub(1.0, op_mul(lr, weight_decay))) : static_cast<T>(1.0);
   s.step_size = static_cast<T>(op_div(lr, bc1));
-  s.inv_bc2_sqrt = static_cast<T>(op_div(1.0, op_sqrt(bc2)));
+  s.inv_bc2_sqrt = static_cast<T>(inv_bc2_sqrt(beta2, step));
   s.grad_scale = static_cast<T>(grad_scale);
   return s;
 }

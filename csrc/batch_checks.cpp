@@ -83,6 +83,12 @@ double read_step(const at::Tensor& st) {
                                         : *static_cast<const double*>(d);
 }
 
+void check_step_tensor(const at::Tensor& st, size_t i) {
+  ONEPASS_CHECK(st.numel() == 1 && st.device().is_cpu() && st.has_storage() &&
+                    (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
+                "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor");
+}
+
 void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i) {
   ONEPASS_CHECK(g.layout() == at::kStrided, "onepass: grads[", i,
                 "] is sparse; onepass supports dense gradients only (use torch.optim.SparseAdam)");

@@ -141,12 +141,12 @@ class PyGroupPlan {
   void bump_steps(size_t k) const { onepass::bump_steps(at(k).steps); }
   std::vector<int64_t> next_counts(size_t k) const { return onepass::next_counts(at(k).steps); }
   std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
-      size_t k, const at::Tensor& statics, const OptT& rows,
-      const std::vector<TritonCorrection>& corr, int64_t key_col, const std::vector<double>& hp,
-      bool pin) const {
+      size_t k, const at::Tensor& statics, const OptT& rows, double beta1, double beta2,
+      bool math_f64, int64_t seed, int64_t key_col, const std::vector<double>& hp, bool pin,
+      bool bump) const {
     const PlanPart& part = at(k);
-    return onepass::triton_table(part.params, part.grads, part.steps, statics, rows, corr, key_col,
-                                 hp, pin);
+    return onepass::triton_table(part.params, part.grads, part.steps, statics, rows,
+                                 {beta1, beta2, math_f64, seed}, key_col, hp, pin, bump);
   }
 
   // The plan's address, for the emulated cuda backend's module (test-only; built from the same
@@ -179,7 +179,8 @@ void bind_group_plan(py::module& m) {
       .def("bump_steps", &PyGroupPlan::bump_steps, py::arg("part"))
       .def("next_counts", &PyGroupPlan::next_counts, py::arg("part"))
       .def("triton_table", &PyGroupPlan::triton_table, py::arg("part"), py::arg("statics"),
-           py::arg("rows"), py::arg("corr"), py::arg("key_col"), py::arg("hp"), py::arg("pin"))
+           py::arg("rows"), py::arg("beta1"), py::arg("beta2"), py::arg("math_f64"), py::arg("seed"),
+           py::arg("key_col"), py::arg("hp"), py::arg("pin"), py::arg("bump") = false)
       .def("address", &PyGroupPlan::address);
 }
 

@@ -130,6 +130,8 @@ void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i);
 
 // A host step-count tensor's value (float32 or float64, one element).
 double read_step(const at::Tensor& st);
+// Raises unless st is a step count the host can read: a one-element float32/float64 CPU tensor.
+void check_step_tensor(const at::Tensor& st, size_t i);
 // Raises unless t is a step count a step can advance: a whole number in [0, 2**24); i names it.
 void check_step_value(double t, size_t i);
 
@@ -229,19 +231,25 @@ std::vector<int64_t> bump_steps(at::TensorList steps);
 at::Tensor pair_table(at::TensorList params, at::TensorList grads);
 
 // The triton backend's per-step tables (csrc/triton_table.cpp). next_counts: the distinct values
-// of count + 1 over the step counts (checked), for the corrections the backend computes in Python.
+// of count + 1 over the step counts (checked).
 std::vector<int64_t> next_counts(at::TensorList steps);
-// One step count's (count, bc1, inv_bc2_sqrt, key_p, key_m, key_v): its bias corrections and
-// random-stream keys as the triton kernels read them (a tuple: pybind11 converts it as it is).
-using TritonCorrection = std::tuple<int64_t, double, double, int64_t, int64_t, int64_t>;
-// The packed float64 table of one launch (the static rows with this step's addresses, per-row
-// corrections, keys at key_col unless negative, then hp), pinned when `pin`; and the rows whose
-// param or grad is not contiguous. rows: each row's param (None: row r is param r). Checks every
-// (param, grad) pair first.
+// What a launch's corrections depend on besides the count: the betas, the math dtype (float64
+// params: float64, else float32) and the random streams' seed (keys only when key_col >= 0).
+struct TritonCorrArgs {
+  double beta1, beta2;
+  bool math_f64;
+  int64_t seed;
+};
+// The packed float64 table of one launch, pinned when `pin`: the static rows with this step's
+// param and grad addresses (and its random-stream keys at key_col unless negative), each row's
+// bias corrections (1 - beta1**t, inv_bc2_sqrt rounded to the math dtype) for its count t = step
+// + 1, then hp; and the rows whose param or grad is not contiguous. rows: each row's param (None:
+// row r is param r). Checks every (param, grad) pair and every count first; then, when `bump`
+// (a launch of every param of the step), advances the rows' counts: the step's first write.
 std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     at::TensorList params, at::TensorList grads, at::TensorList steps, const at::Tensor& statics,
-    const std::optional<at::Tensor>& rows, const std::vector<TritonCorrection>& corr,
-    int64_t key_col, const std::vector<double>& hp, bool pin);
+    const std::optional<at::Tensor>& rows, const TritonCorrArgs& corr, int64_t key_col,
+    const std::vector<double>& hp, bool pin, bool bump);
 
 std::string cpu_isa_get();
 std::vector<std::string> cpu_isa_supported();

@@ -113,15 +113,10 @@ namespace onepass {
 // Increments CPU step-count tensors and returns the new counts: for backends whose kernels take
 // the counts from the host (triton), where 2000 Python-side add_ calls cost ~7 ms a step.
 std::vector<int64_t> bump_steps(at::TensorList steps) {
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    ONEPASS_CHECK(s.numel() == 1 && s.device().is_cpu() &&
-                      (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                  "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor");
-  }
+  for (size_t i = 0; i < steps.size(); ++i) check_step_tensor(steps[i], i);
   std::vector<int64_t> out(steps.size());
   for (size_t i = 0; i < steps.size(); ++i) {
-    void* d = steps[i].data_ptr();
+    void* d = const_cast<void*>(raw_data(steps[i]));  // (checked above: a CPU tensor with storage)
     if (steps[i].scalar_type() == at::kFloat)
       out[i] = static_cast<int64_t>(*static_cast<float*>(d) += 1.0f);
     else
@@ -217,12 +212,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("next_counts", [](const TVec& s) { return onepass::next_counts(s); },
         "the distinct values of count + 1 of CPU step tensors (checked)");
   m.def("triton_table", [](const TVec& p, const TVec& g, const TVec& s, const at::Tensor& statics,
-                           const OptT& rows, const std::vector<onepass::TritonCorrection>& corr,
-                           int64_t key_col, const std::vector<double>& hp, bool pin) {
-          return onepass::triton_table(p, g, s, statics, rows, corr, key_col, hp, pin);
+                           const OptT& rows, double beta1, double beta2, bool math_f64,
+                           int64_t seed, int64_t key_col, const std::vector<double>& hp, bool pin,
+                           bool bump) {
+          return onepass::triton_table(p, g, s, statics, rows, {beta1, beta2, math_f64, seed},
+                                       key_col, hp, pin, bump);
         }, "the triton backend's packed per-step table of one launch (csrc/triton_table.cpp)",
         py::arg("params"), py::arg("grads"), py::arg("steps"), py::arg("statics"),
-        py::arg("rows"), py::arg("corr"), py::arg("key_col"), py::arg("hp"), py::arg("pin"));
+        py::arg("rows"), py::arg("beta1"), py::arg("beta2"), py::arg("math_f64"),
+        py::arg("seed"), py::arg("key_col"), py::arg("hp"), py::arg("pin"),
+        py::arg("bump") = false);
 #endif
 #ifndef ONEPASS_CUDA_ADDON
   onepass::bind_group_plan(m);

@@ -1,9 +1,11 @@
 // The triton backend's per-step table of one launch (python/onepass/backends/triton.py), made in
 // one call: the (param, grad) addresses and contiguity of each row, its bias corrections and
-// random-stream keys for its step count, and the launch-wide scalars, packed in the one float64
-// buffer the backend copies to the device. Built from torch ops it took ~15 of them a step (about
-// 100 us of host time for 148 tensors on this 2-core Zen 3 machine) and a Python list of every
-// count; the backend keeps that path for an install without this extension.
+// random-stream keys for its step count (adam_math.h's bias_correction1, inv_bc2_sqrt, stream_key:
+// the bits of reference.py's), and the launch-wide scalars, packed in the one float64 buffer the
+// backend copies to the device. Built from torch ops it took ~15 of them a step (about 100 us of
+// host time for 148 tensors on this 2-core Zen 3 machine), and the corrections in Python ~12 us
+// more; the backend keeps that path for an install without this extension.
+#include "adam_math.h"
 #include "onepass_ops.h"
 
 #include <ATen/ops/empty.h>
@@ -11,17 +13,47 @@
 #include <cstring>
 
 namespace onepass {
+namespace {
+
+// Count t + 1 of steps[i], checked (a whole number in [0, 2**24) of a host tensor).
+int64_t checked_next(const at::Tensor& s, size_t i) {
+  check_step_tensor(s, i);
+  const double t = read_step(s);
+  check_step_value(t, i);
+  return static_cast<int64_t>(t) + 1;
+}
+
+// t.data_ptr() without its checks where t has storage (a plan's params and grads always do).
+const void* address(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->has_storage() ? raw_data(t) : t.data_ptr();
+}
+
+// One count's corrections as the kernels read them.
+struct Correction {
+  int64_t t;
+  double bc1, inv_bc2_sqrt;
+  int64_t keys[3];
+};
+
+Correction correction(int64_t t, const TritonCorrArgs& a, bool keys) {
+  // inv_bc2_sqrt rounded once to the math type, as reference.round_scalar does
+  const double inv = inv_bc2_sqrt(a.beta2, t);
+  Correction c{t, bias_correction1(a.beta1, t),
+               a.math_f64 ? inv : static_cast<double>(static_cast<float>(inv)), {0, 0, 0}};
+  if (keys) {
+    const uint32_t seed = static_cast<uint32_t>(a.seed);  // (the reference masks it to 32 bits)
+    const uint32_t streams[3] = {kStreamParam, kStreamM, kStreamV};
+    for (int s = 0; s < 3; ++s) c.keys[s] = stream_key(seed, t, streams[s]);
+  }
+  return c;
+}
+
+}  // namespace
 
 std::vector<int64_t> next_counts(at::TensorList steps) {
   std::vector<int64_t> out;
   for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    ONEPASS_CHECK(s.numel() == 1 && s.device().is_cpu() &&
-                      (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                  "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor");
-    const double t = read_step(s);
-    check_step_value(t, i);
-    const int64_t next = static_cast<int64_t>(t) + 1;
+    const int64_t next = checked_next(steps[i], i);
     // (a group's counts are nearly always one value: the last one found first)
     if (out.empty() || out.back() != next) {
       bool seen = false;
@@ -34,8 +66,8 @@ std::vector<int64_t> next_counts(at::TensorList steps) {
 
 std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     at::TensorList params, at::TensorList grads, at::TensorList steps, const at::Tensor& statics,
-    const std::optional<at::Tensor>& rows, const std::vector<TritonCorrection>& corr,
-    int64_t key_col, const std::vector<double>& hp, bool pin) {
+    const std::optional<at::Tensor>& rows, const TritonCorrArgs& corr, int64_t key_col,
+    const std::vector<double>& hp, bool pin, bool bump) {
   ONEPASS_CHECK(params.size() == grads.size() && params.size() == steps.size(),
                 "onepass: triton_table needs one grad and one step count a param");
   ONEPASS_CHECK(statics.dim() == 2 && statics.scalar_type() == at::kLong &&
@@ -60,40 +92,52 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
                   r, " names param ", i);
     return static_cast<size_t>(i);
   };
-  // Every check before anything is made: a bad grad raises here and the step writes nothing.
-  for (int64_t r = 0; r < n; ++r) {
-    const size_t i = param_of(r);
-    check_grad(params[i], grads[i], i);
-  }
+  // One pass: a bad grad or count raises before the step writes anything (the table is only
+  // made, not yet used). Each row's count is read once.
   const int64_t total = n * w + 2 * n + static_cast<int64_t>(hp.size());
   at::Tensor out = at::empty({total}, at::TensorOptions().dtype(at::kDouble).pinned_memory(pin));
   double* o = out.data_ptr<double>();
   int64_t* itab = reinterpret_cast<int64_t*>(o);  // (int64 bits carried as float64)
   double* ftab = o + n * w;
   std::memcpy(itab, statics.data_ptr<int64_t>(), static_cast<size_t>(n * w) * sizeof(int64_t));
-  std::vector<int64_t> odd;  // rows whose param or grad is not contiguous
+  std::vector<Correction> made;  // one per distinct count (nearly always one)
+  std::vector<int64_t> odd;      // rows whose param or grad is not contiguous
+  std::vector<void*> counts;     // each row's count (bump)
+  if (bump) counts.reserve(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r) {
     const size_t i = param_of(r);
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    int64_t* row = itab + r * w;
-    row[0] = reinterpret_cast<int64_t>(p.data_ptr());
-    row[1] = reinterpret_cast<int64_t>(g.data_ptr());
-    if (!p.is_contiguous() || !g.is_contiguous()) odd.push_back(r);
-    const int64_t t = static_cast<int64_t>(read_step(steps[i])) + 1;
-    const TritonCorrection* c = nullptr;
-    for (const TritonCorrection& x : corr)
-      if (std::get<0>(x) == t) c = &x;
-    ONEPASS_CHECK(c != nullptr, "onepass: triton_table: no corrections for step ", t);
-    ftab[2 * r] = std::get<1>(*c);
-    ftab[2 * r + 1] = std::get<2>(*c);
-    if (key_col >= 0) {
-      row[key_col] = std::get<3>(*c);
-      row[key_col + 1] = std::get<4>(*c);
-      row[key_col + 2] = std::get<5>(*c);
+    check_grad(p, g, i);
+    const int64_t t = checked_next(steps[i], i);
+    if (bump) counts.push_back(const_cast<void*>(raw_data(steps[i])));
+    size_t k = 0;
+    if (!made.empty() && made.back().t == t) {
+      k = made.size() - 1;  // (the common case: the previous row's count)
+    } else {
+      while (k < made.size() && made[k].t != t) ++k;
+      if (k == made.size()) made.push_back(correction(t, corr, key_col >= 0));
     }
+    const Correction& c = made[k];
+    int64_t* row = itab + r * w;
+    row[0] = reinterpret_cast<int64_t>(address(p));
+    row[1] = reinterpret_cast<int64_t>(address(g));
+    if (!p.is_contiguous() || !g.is_contiguous()) odd.push_back(r);
+    ftab[2 * r] = c.bc1;
+    ftab[2 * r + 1] = c.inv_bc2_sqrt;
+    if (key_col >= 0) std::memcpy(row + key_col, c.keys, sizeof(c.keys));
   }
   if (!hp.empty()) std::memcpy(o + n * w + 2 * n, hp.data(), hp.size() * sizeof(double));
+  // Every check passed: the step's first write (count + 1 = t, exact below 2**24).
+  if (bump) {
+    for (int64_t r = 0; r < n; ++r) {
+      const at::Tensor& st = steps[param_of(r)];
+      if (st.scalar_type() == at::kFloat)
+        *static_cast<float*>(counts[static_cast<size_t>(r)]) += 1.0f;
+      else
+        *static_cast<double*>(counts[static_cast<size_t>(r)]) += 1.0;
+    }
+  }
   return {out, odd};
 }
 

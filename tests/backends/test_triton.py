@@ -188,7 +188,7 @@ def test_the_compiled_step_table_equals_the_torch_one(fmt):
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    opt.state[params[2]]["step"].fill_(5.0)  # a count of its own
+    opt.state[params[2]]["step"].fill_(123455.0)  # a count of its own (and many bits of pow)
     params[0].grad = _rand(5, 33, seed=4).to(DEVICE).t()  # transposed
     batch = Batch(
         params=params, grads=[p.grad for p in params],
@@ -202,9 +202,9 @@ def test_the_compiled_step_table_equals_the_torch_one(fmt):
     plan = tb._Plan(batch)
     assert len(plan.groups) == 2  # float32 (params 0 and 2), then the other dtype
     counts = tt._next_counts(batch)
-    assert sorted(counts) == [2, 6]
+    assert sorted(counts) == [2, 123456]
     for group in plan.groups:
-        got, got_odd = tt._step_table(batch, plan, group, counts)
+        got, got_odd = tt._step_table(batch, plan, group)
         want, want_odd = tt._step_table_torch(
             batch, group[3], group[2],
             [tt._correction(t, 0.9, 0.999, onepass.reference.math_dtype(group[0]),
@@ -212,4 +212,29 @@ def test_the_compiled_step_table_equals_the_torch_one(fmt):
             tt.KEY_COL if plan.wide else -1, [3e-3, 0.9, 0.999, 1e-8, 0.01], False)
         assert torch.equal(got.cpu().view(torch.int64), want.view(torch.int64))
         assert got_odd == want_odd
-    assert tt._step_table(batch, plan, plan.groups[0], counts)[1] == [0]  # the transposed grad
+    assert tt._step_table(batch, plan, plan.groups[0])[1] == [0]  # the transposed grad
+
+
+@pytest.mark.parametrize("layout", ["one launch", "two dtypes", "empty param"])
+def test_a_bad_count_raises_before_any_count_moves(layout):
+    # The counts advance in the table's C++ call when one launch has every param, else after
+    # every table: a bad count in the last param still leaves every count (and all else) as it was.
+    from tests.optimizer_helpers import assert_unchanged, snapshot
+
+    params = [torch.nn.Parameter(_rand(9, seed=i).to(DEVICE)) for i in range(3)]
+    if layout == "two dtypes":
+        params[1] = torch.nn.Parameter(_rand(9, seed=1).to(DEVICE).double())
+    if layout == "empty param":
+        params[2] = torch.nn.Parameter(torch.zeros(0, device=DEVICE))
+    opt = onepass.AdamW(params, lr=1e-2, backend="triton")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[params[2]]["step"].fill_(1.5)
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError, match="whole number"):
+        opt.step()
+    assert_unchanged(opt, snap)
+    opt.state[params[2]]["step"].fill_(1.0)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [2.0, 2.0, 2.0]

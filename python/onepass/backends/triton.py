@@ -14,11 +14,12 @@ kernel's blocks are the chunks.
 
 Runs CUDA tensors on a GPU, and CPU tensors under Triton's interpreter (TRITON_INTERPRET=1,
 how CI tests the kernel without a GPU). What stays the same between steps (state addresses,
-sizes, block starts) is made once per plan (_Plan); a step's table of each launch (this step's
-param and grad addresses, bias corrections and keys of each count, the scalars) is made in one
-C++ call (csrc/triton_table.cpp) through the optimizer's plan, and copied to the device in one
-transfer from pinned memory; the learning rate, when a Tensor, and the GradScaler's scale are
-read by the kernel on the device.
+sizes, block starts, each launch's compile-time arguments) is made once per plan (_Plan); a
+step's table of each launch (this step's param and grad addresses, bias corrections and keys of
+each count, the scalars) is made in one C++ call (csrc/triton_table.cpp) through the optimizer's
+plan, which also advances the counts when one launch has every param, and copied to the device
+in one transfer from pinned memory; the learning rate, when a Tensor, and the GradScaler's scale
+are read by the kernel on the device.
 """
 from __future__ import annotations
 
@@ -201,7 +202,9 @@ class _Plan:
         self.chunk_start = cstart  # param i's partials: chunks [cstart[i], cstart[i + 1])
         self.n_chunks = cstart[-1]
         self._stats = None  # (sum tables, partials, {group index: (cbase, starts, grid)}), made on first use
+        self.launches: Dict[tuple, tuple] = {}  # TritonBackend._launch_args by (group, flags)
         self.numels: List[List[int]] = []  # per group: the numel of each param
+        self.n_rows = sum(len(idx) for idx in by_dtype.values())  # params in a launch
         device = batch.device
         for dtype, idx in by_dtype.items():
             rows, starts, odd_state = [], [0], []
@@ -316,11 +319,17 @@ class TritonBackend(Backend):
             check_batch(batch)  # new state lists: check the moments once
             plan = _Plan(batch)
         _check_stats(batch)
-        # Every launch's table first: they check this step's grads before the first write.
-        counts = _next_counts(batch)
-        tables = [_step_table(batch, plan, group, counts) for group in plan.groups]
+        # Every launch's table first: they check this step's grads and counts before the first
+        # write (the counts of empty params, in no launch, apart); the counts' increment is the
+        # first write, made by the table itself when one launch has every param.
+        if len(plan.groups) == 1 and plan.n_rows == plan.n_params:
+            tables = [_step_table(batch, plan, plan.groups[0], bump=True)]
+        else:
+            if plan.n_rows != plan.n_params:
+                _next_counts(batch)
+            tables = [_step_table(batch, plan, group) for group in plan.groups]
+            _bump_steps(batch)
         batch.scratch["triton"] = plan
-        _bump_steps(batch)  # the first write
         for k, (group, table) in enumerate(zip(plan.groups, tables)):
             self._launch(batch, plan, k, group, table)
         if batch.stats is not None:
@@ -338,7 +347,6 @@ class TritonBackend(Backend):
     def _launch(self, batch: Batch, plan: _Plan, k: int, group, table) -> None:
         dtype, idx_t, idx, static, starts, grid, odd_state = group
         packed, odd = table
-        kernels = _load()
         device = batch.device
         n = len(idx)
         w = static.shape[1]
@@ -359,38 +367,58 @@ class TritonBackend(Backend):
         lr_tensor = isinstance(lr, torch.Tensor)
         lr_arg = lr.to(device) if lr_tensor else hpt
         gs_arg = batch.grad_scale.to(device) if batch.grad_scale is not None else hpt
-        common = dict(N_SEARCH=max(1, (n - 1).bit_length()), P_DTYPE=_tl_dtype(dtype),
-                      MAXIMIZE=bool(batch.maximize), COUPLED=not batch.decoupled,
-                      SCALED=batch.grad_scale is not None, LR_TENSOR=lr_tensor, ITAB_W=w,
-                      SR=plan.sr, KAHAN=plan.kahan, enable_fp_fusion=False)
-        block = plan.block
-        warps = plan.warps
-        if batch.stats is not None:  # chunk partials too: whole chunks a program
-            _, partials, (cbase, starts, grid) = plan.stats_tables(k)
-            if not plan.int8:
-                block, warps = plan.stats_block, STATS_WARPS
-            common.update(part=partials, cbase=cbase, STATS=True)
-        else:
-            common.update(part=hpt, cbase=hpt, STATS=False)
+        flags = (k, batch.stats is not None, lr_tensor, batch.grad_scale is not None,
+                 bool(batch.maximize), bool(batch.decoupled), bool(batch.amsgrad),
+                 batch.qtables)  # (int8: the maps, FMAP; tensors hash by identity)
+        launch = plan.launches.get(flags)
+        if launch is None:
+            launch = plan.launches[flags] = self._launch_args(batch, plan, k, group)
+        name, grid, starts, part, cbase, kwargs = launch
+        kernel = getattr(_load(), name)
+        if part is None:  # no statistics: the kernel reads neither
+            part = cbase = hpt
         if plan.int8:
-            from .. import quant
-
             qtab = batch.qtables.to(device=device, dtype=torch.float32).contiguous()
-            kernels.adam_int8_kernel[(grid,)](
-                itab, ftab_d, starts, hpt, lr_arg, gs_arg, qtab, n, QB=INT8_BLOCKS,
-                QBLOCK=reference.INT8_BLOCK, CODE_M=quant.CODE_M, MID_M=quant.MID_M,
-                CODE_V=quant.CODE_V, MID_V=quant.MID_V, FMAP=quant.is_float3(qtab),
-                QBLOCK_LOG2=reference.INT8_BLOCK.bit_length() - 1, num_warps=INT8_WARPS, **common)
+            kernel[(grid,)](itab, ftab_d, starts, hpt, lr_arg, gs_arg, qtab, n, part=part,
+                            cbase=cbase, **kwargs)
         else:
-            kernels.adam_kernel[(grid,)](
-                itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, MATH=_tl_dtype(reference.math_dtype(dtype)),
-                BLOCK=block, AMSGRAD=bool(batch.amsgrad), STATE_BF16=batch.state_format == "bf16",
-                SCHUNK=reference.STATS_CHUNK, SLANES=reference.STATS_LANES,
-                SLANES_LOG2=reference.STATS_LANES.bit_length() - 1,
-                num_warps=warps, **common)
+            kernel[(grid,)](itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, part=part, cbase=cbase,
+                            **kwargs)
         for t, tc in write_back:
             t.copy_(tc)
         del keep
+
+    @staticmethod
+    def _launch_args(batch: Batch, plan: _Plan, k: int, group):
+        """What a launch of group k passes besides this step's tables (the kernel's name, grid,
+        block starts, statistics buffers or None, and its compile-time arguments), for the
+        batch's flags: made once per plan and flags (~10 us of Python a launch otherwise)."""
+        dtype, idx_t, idx, static, starts, grid = group[:6]
+        kwargs = dict(N_SEARCH=max(1, (len(idx) - 1).bit_length()), P_DTYPE=_tl_dtype(dtype),
+                      MAXIMIZE=bool(batch.maximize), COUPLED=not batch.decoupled,
+                      SCALED=batch.grad_scale is not None,
+                      LR_TENSOR=isinstance(batch.lr, torch.Tensor), ITAB_W=static.shape[1],
+                      SR=plan.sr, KAHAN=plan.kahan, enable_fp_fusion=False)
+        block, warps = plan.block, plan.warps
+        part = cbase = None
+        if batch.stats is not None:  # chunk partials too: whole chunks a program
+            _, part, (cbase, starts, grid) = plan.stats_tables(k)
+            if not plan.int8:
+                block, warps = plan.stats_block, STATS_WARPS
+        kwargs.update(STATS=batch.stats is not None)
+        if plan.int8:
+            from .. import quant
+
+            kwargs.update(QB=INT8_BLOCKS, QBLOCK=reference.INT8_BLOCK, CODE_M=quant.CODE_M,
+                          MID_M=quant.MID_M, CODE_V=quant.CODE_V, MID_V=quant.MID_V,
+                          FMAP=quant.is_float3(batch.qtables),
+                          QBLOCK_LOG2=reference.INT8_BLOCK.bit_length() - 1, num_warps=INT8_WARPS)
+            return "adam_int8_kernel", grid, starts, part, cbase, kwargs
+        kwargs.update(MATH=_tl_dtype(reference.math_dtype(dtype)), BLOCK=block,
+                      AMSGRAD=bool(batch.amsgrad), STATE_BF16=batch.state_format == "bf16",
+                      SCHUNK=reference.STATS_CHUNK, SLANES=reference.STATS_LANES,
+                      SLANES_LOG2=reference.STATS_LANES.bit_length() - 1, num_warps=warps)
+        return "adam_kernel", grid, starts, part, cbase, kwargs
 
     @staticmethod
     def _contiguous_copies(batch: Batch, plan: _Plan, i: int, table: torch.Tensor, row: int,

@@ -64,28 +64,37 @@ def _pair_table(batch: Batch) -> torch.Tensor:
 KEY_COL = 9
 
 
-def _step_table(batch: Batch, plan: "_Plan", group, counts: List[int]):
+def _step_table(batch: Batch, plan: "_Plan", group, bump: bool = False):
     """(packed, odd) for one launch: the float64 buffer the kernels read (the static rows with
     this step's param and grad addresses, each row's bias corrections and keys for its count, then
     the launch-wide scalars), pinned on a GPU so the copy does not wait for the last step's
-    kernel; and the rows whose param or grad is not contiguous. Checks this step's grads first.
-    Made in C++ (csrc/triton_table.cpp) where the extension is built, else from torch ops."""
+    kernel; and the rows whose param or grad is not contiguous. Checks this step's grads and
+    counts first; then, when ``bump`` (a launch of every param), advances the counts: the
+    step's first write. Made in C++ (csrc/triton_table.cpp, corrections included) where the
+    extension is built, else from torch ops and _correction."""
     dtype, idx_t, idx, static = group[:4]
-    math_dt = reference.math_dtype(dtype)
-    corr = [_correction(t, batch.beta1, batch.beta2, math_dt, batch.seed if plan.wide else None)
-            for t in counts]
     lr = batch.lr
     hp = [0.0 if isinstance(lr, torch.Tensor) else float(lr), batch.beta1, batch.beta2, batch.eps,
           batch.weight_decay]
     rows = None if len(idx) == plan.n_params else idx_t  # (idx ascends: all of them is range(n))
     key_col = KEY_COL if plan.wide else -1
     pin = batch.device.type == "cuda"
+    math_f64 = reference.math_dtype(dtype) == torch.float64
+    seed = int(batch.seed) if plan.wide else 0
     if batch.plan is not None:
-        return batch.plan[0].triton_table(batch.plan[1], static, rows, corr, key_col, hp, pin)
+        return batch.plan[0].triton_table(batch.plan[1], static, rows, batch.beta1, batch.beta2,
+                                          math_f64, seed, key_col, hp, pin, bump)
     if _ops.HAS_EXT:
-        return _ops._C.triton_table(batch.params, batch.grads, batch.steps, static, rows, corr,
-                                    key_col, hp, pin)
-    return _step_table_torch(batch, static, idx, corr, key_col, hp, pin)
+        return _ops._C.triton_table(batch.params, batch.grads, batch.steps, static, rows,
+                                    batch.beta1, batch.beta2, math_f64, seed, key_col, hp, pin,
+                                    bump)
+    math_dt = reference.math_dtype(dtype)
+    corr = [_correction(t, batch.beta1, batch.beta2, math_dt, batch.seed if plan.wide else None)
+            for t in _next_counts(batch)]
+    table = _step_table_torch(batch, static, idx, corr, key_col, hp, pin)
+    if bump:
+        _bump_steps(batch)
+    return table
 
 
 def _step_table_torch(batch: Batch, static: torch.Tensor, idx: List[int], corr, key_col: int,
@@ -110,7 +119,8 @@ def _correction(t: int, beta1: float, beta2: float, math_dt: torch.dtype,
                 seed: Optional[int]) -> Tuple[int, float, float, int, int, int]:
     """Step t's (t, 1 - beta1**t, inv_bc2_sqrt rounded to the math dtype, the random streams'
     keys (0 without a seed: fp32 state, nearest rounding)): the kernel computes lr / bc1 itself.
-    (Cached for the groups of one step: every step has a new t.)"""
+    (Cached for the groups of one step: every step has a new t.) The torch-ops table's; the
+    compiled one makes the same bits in C++ (csrc/triton_table.cpp: correction)."""
     bc1 = 1.0 - reference.pow_int(beta1, t)
     bc2 = reference.step_scalars(t, 1.0, beta1, beta2, 0.0, 0.0, True)
     # Only inv_bc2_sqrt is needed rounded (StepScalars.rounded would round all nine: ~12 us of
