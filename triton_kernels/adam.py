@@ -210,11 +210,15 @@ def stats_group_kernel(part, gtab, gsum, GROUP: tl.constexpr, GROUP_LOG2: tl.con
 
 
 @triton.jit
-def stats_sum_kernel(part, ctab, out, U: tl.constexpr):
+def stats_sum_kernel(part, ctab, out, U: tl.constexpr, found_inf=None, SKIP: tl.constexpr = False):
     """Program i: out[2i], out[2i + 1] = the float64 sums, in order from 0.0, of the values
     part[2c], part[2c + 1] for c in [ctab[2i], ctab[2i + 1]) (reference.sequential_sum; for the
     statistics, param i's group sums from stats_group_kernel). A strictly sequential chain of
-    adds; U scalar loads per round are issued ahead of their adds."""
+    adds; U scalar loads per round are issued ahead of their adds. SKIP: nothing is written when
+    found_inf[0] is non-zero (a step the GradScaler skips reports the NaN it was given)."""
+    if SKIP:
+        if tl.load(found_inf) != 0:
+            return
     i = tl.program_id(0).to(tl.int64)
     c0 = tl.load(ctab + 2 * i)
     c1 = tl.load(ctab + 2 * i + 1)
@@ -319,11 +323,15 @@ def adam_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, n_tensors,
                 SR: tl.constexpr = False, KAHAN: tl.constexpr = False,
                 part=None, cbase=None, STATS: tl.constexpr = False,
                 SCHUNK: tl.constexpr = 2048, SLANES: tl.constexpr = 16,
-                SLANES_LOG2: tl.constexpr = 4):
+                SLANES_LOG2: tl.constexpr = 4, found_inf=None, SKIP: tl.constexpr = False):
     """fp32 (math dtype) or bf16 (STATE_BF16) moments, one BLOCK of one dense tensor a program,
     walked in storage order (the element index of the random streams). STATS: also the chunk
     partials of the statistics (BLOCK a multiple of SCHUNK: a program covers BLOCK // SCHUNK
-    whole chunks of its tensor)."""
+    whole chunks of its tensor). SKIP: a program writes nothing when found_inf[0] is non-zero
+    (the GradScaler's overflow, read on the device: no host sync)."""
+    if SKIP:
+        if tl.load(found_inf) != 0:
+            return
     pid = tl.program_id(0).to(tl.int64)
     t = find_tensor(starts, pid, n_tensors, N_SEARCH)
     row = itab + t * ITAB_W
@@ -467,10 +475,13 @@ def adam_int8_kernel(itab, ftab, starts, hp, lr_ptr, grad_scale_ptr, qtab, n_ten
                      SR: tl.constexpr, KAHAN: tl.constexpr, CODE_M: tl.constexpr,
                      MID_M: tl.constexpr, CODE_V: tl.constexpr, MID_V: tl.constexpr,
                      FMAP: tl.constexpr, part=None, cbase=None, STATS: tl.constexpr = False,
-                     QBLOCK_LOG2: tl.constexpr = 8):
+                     QBLOCK_LOG2: tl.constexpr = 8, found_inf=None, SKIP: tl.constexpr = False):
     """int8 moments: a program updates QB whole blocks (QBLOCK elements of one dim-0 row each;
     the tensor is contiguous, walked row-major) as a [QB, QBLOCK] tile. STATS: the blocks are
-    the statistics' chunks (chunk index = block index = absmax index)."""
+    the statistics' chunks (chunk index = block index = absmax index). SKIP: as adam_kernel."""
+    if SKIP:
+        if tl.load(found_inf) != 0:
+            return
     pid = tl.program_id(0).to(tl.int64)
     t = find_tensor(starts, pid, n_tensors, N_SEARCH)
     row = itab + t * ITAB_W

@@ -104,9 +104,11 @@ class AdamW(Optimizer):
         )
         self._batch_cache: Dict[int, GroupCache] = {}
         self._checked: Dict[int, tuple] = {}  # _check_group's memo
+        self._deferred: list = []  # Batch.deferred: settled by _settle
         _cuda_available()  # asked once, here, not while a step is traced or captured
         super().__init__(params, defaults)
         self.state = _State()
+        self.state._deferred = self._deferred
         # torch.amp.GradScaler hands over grad_scale / found_inf as attributes instead of
         # unscaling the grads itself (one pass less over the gradients).
         self._step_supports_amp_scaling = True
@@ -152,6 +154,7 @@ class AdamW(Optimizer):
     _PICKLED_ATTRIBUTES = ("last_backends",)
 
     def __getstate__(self) -> Dict[str, Any]:
+        self._settle()
         state = super().__getstate__()
         for k in self._PICKLED_ATTRIBUTES:
             if k in self.__dict__:
@@ -165,6 +168,8 @@ class AdamW(Optimizer):
         self.state = _tracked(self.state)
         self._batch_cache = {}
         self._checked = {}
+        self.__dict__.setdefault("_deferred", [])  # (settled before any load: see _settle)
+        self.state._deferred = self._deferred
         self._step_supports_amp_scaling = True  # (a copy takes GradScaler's scale as we do)
         # Groups loaded from a torch.optim state dict lack onepass's keys: use this optimizer's.
         for group in self.param_groups:
@@ -277,6 +282,7 @@ class AdamW(Optimizer):
                     group["weight_decay"], group["decay_mode"], group.get("lr_max")),
                 maximize=bool(group["maximize"]), decoupled=bool(group["decoupled"]),
                 grad_scale=grad_scale, found_inf=found_inf, device=device, scratch=scratch,
+                deferred=self._deferred,
                 state_format=pfmt, exp_avg_absmaxs=lists[4], exp_avg_sq_absmaxs=lists[5],
                 qtables=quant.tables(device) if pfmt == "int8" else None,
                 param_rounding=prnd, kahan_comps=lists[6], seed=int(group.get("seed", 0)),
@@ -336,6 +342,8 @@ class AdamW(Optimizer):
         if (_cuda_available() and not torch.compiler.is_compiling()
                 and torch.cuda.is_current_stream_capturing()):
             _capture_health_check(self)
+        if self._deferred:
+            self._settle()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -376,6 +384,17 @@ class AdamW(Optimizer):
                     batch.plan[0].release()
         return loss
 
+    @torch.compiler.disable
+    def _settle(self) -> None:
+        """Runs what earlier steps left to settle (Batch.deferred), oldest first: a triton step
+        under a GradScaler advances its host counts before the kernels read found_inf, and this
+        puts them back when found_inf says the step was skipped (one wait for an event of the
+        last step, not a sync of this one). Steps, state_dict(), load_state_dict(), pickling
+        and reads of ``state`` (_State) settle first."""
+        pending = self.__dict__.get("_deferred")
+        while pending:
+            pending.pop(0)()
+
     # ---- state dict ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a onepass or torch.optim.Adam(W) state dict; all or nothing.
@@ -385,6 +404,7 @@ class AdamW(Optimizer):
         math dtype (float32 for bf16/fp16 params, so an fp32 state is never rounded on load) and
         in the param's memory layout.
         """
+        self._settle()
         for pre_hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
             out = pre_hook(self, state_dict)
             if out is not None:
@@ -417,6 +437,7 @@ class AdamW(Optimizer):
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's state dict, with each param's state as a plain dict (loadable without onepass)."""
+        self._settle()
         sd = super().state_dict()
         sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
         return sd

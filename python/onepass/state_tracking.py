@@ -49,11 +49,36 @@ class _ParamState(dict):
 
 class _State(defaultdict):
     """Optimizer.state: a defaultdict of _ParamState that records that it, or any param's state
-    in it, was written (``_epoch``, shared with every _ParamState it holds)."""
+    in it, was written (``_epoch``, shared with every _ParamState it holds). Reads settle the
+    optimizer's deferred work first (``_deferred``, its Batch.deferred list): a count read after
+    a step that found_inf skipped on the device is the count as it stands, not one ahead."""
 
     def __init__(self, *args):
         super().__init__(None, *args)
         self._epoch = [0]
+        self._deferred: Optional[list] = None
+
+    def _settle(self) -> None:
+        pending = self._deferred
+        while pending:
+            pending.pop(0)()
+
+    def _settled(name):  # noqa: N805 - builds the reading methods below
+        base = getattr(defaultdict, name)
+
+        def method(self, *args, **kwargs):
+            if self._deferred:
+                self._settle()
+            return base(self, *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    __getitem__ = _settled("__getitem__")
+    get = _settled("get")
+    items = _settled("items")
+    values = _settled("values")
+    del _settled
 
     def __missing__(self, key):
         value = _ParamState(epoch=self._epoch)

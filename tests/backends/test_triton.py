@@ -238,3 +238,41 @@ def test_a_bad_count_raises_before_any_count_moves(layout):
     opt.state[params[2]]["step"].fill_(1.0)
     opt.step()
     assert [float(opt.state[p]["step"]) for p in params] == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_found_inf_is_read_on_the_device_and_the_counts_settle_later(fmt):
+    # Under a GradScaler the kernels read found_inf themselves; the host counts advance with
+    # the table and go back at the next settle when the step was skipped. Every step, read
+    # through opt.state (which settles), equals the reference's, whose step decides on the host.
+    from onepass.backends.triton import SkippedCounts
+
+    def make():
+        return [torch.nn.Parameter(_rand(300, seed=1).to(DEVICE)),
+                torch.nn.Parameter(_rand(4, 70, seed=2).to(DEVICE))]
+
+    ours, ref = make(), make()
+    opt = onepass.AdamW(ours, lr=1e-2, weight_decay=0.1, backend="triton", state_dtype=fmt)
+    want = onepass.AdamW(ref, lr=1e-2, weight_decay=0.1, backend="reference", state_dtype=fmt)
+    for s, skip in enumerate([0.0, 1.0, 0.0, 1.0, 1.0, 0.0]):
+        for a, b in zip(ours, ref):
+            a.grad = _rand(*a.shape, seed=10 + s).to(DEVICE)
+            b.grad = a.grad.clone()
+        for o in (opt, want):
+            o.grad_scale = torch.tensor(4.0, device=DEVICE)
+            o.found_inf = torch.tensor(skip, device=DEVICE)
+        count = opt.state[ours[0]]["step"] if s else None  # (the tensor: reading it settles nothing)
+        before = float(count) if s else 0.0
+        opt.step()
+        want.step()
+        assert len(opt._deferred) == 1 and isinstance(opt._deferred[0], SkippedCounts)
+        count = dict.__getitem__(opt.state, ours[0])["step"]  # (not a settling read)
+        assert float(count) == before + 1  # advanced, whatever found_inf says, until settled
+        for a, b in zip(ours, ref):
+            assert torch.equal(a.detach(), b.detach())
+            sa, sb = opt.state[a], want.state[b]  # (settles)
+            assert sorted(sa) == sorted(sb)
+            for key in sa:
+                assert torch.equal(sa[key].cpu(), sb[key].cpu()), (s, key)
+        assert not opt._deferred
+        assert float(count) == before + (skip == 0.0)

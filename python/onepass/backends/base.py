@@ -59,6 +59,12 @@ class Batch:
     #: (csrc/group_plan.h): a backend with ``takes_plan`` may step the part through it, with the
     #: grads the plan read in C++, instead of passing the lists above. None otherwise.
     plan: Optional[tuple] = None
+    #: The optimizer's list of what its later steps must settle first (None outside an
+    #: optimizer): a backend that leaves found_inf to its kernels, without a host sync, and
+    #: advanced host step counts that the skip would have left, appends a callable that reads
+    #: found_inf once it is there and puts the counts back (triton: SkippedCounts). The optimizer
+    #: calls them before its next step, state_dict(), load_state_dict() and pickling.
+    deferred: Optional[list] = None
 
 
 def plan_step_kwargs(batch: Batch) -> dict:

@@ -151,18 +151,21 @@ def stats_group_tables(chunk_start: List[int], device) -> Tuple[torch.Tensor, to
 
 
 def sum_stats(partials: torch.Tensor, gtab: torch.Tensor, gctab: torch.Tensor, n_groups: int,
-              gsums: torch.Tensor, out: torch.Tensor) -> None:
+              gsums: torch.Tensor, out: torch.Tensor,
+              found_inf: Optional[torch.Tensor] = None) -> None:
     """out [n_params, 2] = each param's sums of its chunk partials (partials[2c], [2c + 1]) as
     reference.update_statistics adds them: per group by the tree (stats_group_kernel, into
-    gsums, 2 * n_groups float64), then the group sums in order (stats_sum_kernel)."""
+    gsums, 2 * n_groups float64), then the group sums in order (stats_sum_kernel). out is left
+    as it is when found_inf (a device tensor) is non-zero."""
     kernels = _load()
     size = reference.STATS_GROUP
     if n_groups:
         kernels.stats_group_kernel[(n_groups,)](
             partials, gtab, gsums, GROUP=size, GROUP_LOG2=size.bit_length() - 1,
             num_warps=STATS_GROUP_WARPS, enable_fp_fusion=False)
-    kernels.stats_sum_kernel[(gctab.shape[0],)](gsums, gctab, out, U=STATS_UNROLL, num_warps=1,
-                                                enable_fp_fusion=False)
+    kernels.stats_sum_kernel[(gctab.shape[0],)](
+        gsums, gctab, out, U=STATS_UNROLL, found_inf=found_inf if found_inf is not None else gsums,
+        SKIP=found_inf is not None, num_warps=1, enable_fp_fusion=False)
 
 
 class _Plan:
@@ -280,6 +283,33 @@ def _check_stats(batch: Batch) -> None:
                          f"tensor on {batch.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
 
 
+class SkippedCounts:
+    """Batch.deferred's entry of a triton step under a GradScaler: found_inf copied to the host
+    behind the step's launches (pinned, non-blocking, with an event on a GPU), and the counts
+    the step advanced. Called at the optimizer's next settle: waits for the event (by then
+    normally long passed: one step old), and takes the counts back by one if the step was
+    skipped (exact: counts are whole numbers below 2**24)."""
+
+    __slots__ = ("flag", "event", "steps")
+
+    def __init__(self, found_inf: torch.Tensor, steps: List[torch.Tensor]):
+        first = found_inf.detach().reshape(-1)[:1]
+        if first.device.type == "cuda":
+            self.flag = torch.empty(1, dtype=first.dtype, pin_memory=True)
+            self.flag.copy_(first, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flag, self.event = first.clone(), None
+        self.steps = steps
+
+    def __call__(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        if bool(self.flag[0] != 0):
+            torch._foreach_add_(self.steps, -1.0)
+
+
 class TritonBackend(Backend):
     name = "triton"
     state_formats = ("fp32", "bf16", "int8")
@@ -309,10 +339,13 @@ class TritonBackend(Backend):
         _check_stats(batch)
 
     def step(self, batch: Batch) -> None:
-        # AMP overflow: nothing changes, not even the step count. (One sync: the counts live on the
-        # host, which must know whether to advance them; the cuda backend with capturable=True
-        # keeps them on the device and has none.)
-        if batch.found_inf is not None and bool(batch.found_inf.item() != 0):
+        # AMP overflow: nothing changes, not even the step count. Inside an optimizer the kernels
+        # read found_inf on the device and write nothing when it is set; the host counts, which
+        # the tables need now, advance and go back at the optimizer's next settle (SkippedCounts)
+        # if the step was skipped: no host sync. Outside one (no Batch.deferred), one sync here.
+        found = batch.found_inf
+        defer = found is not None and batch.deferred is not None
+        if found is not None and not defer and bool(found.item() != 0):
             return
         plan = batch.scratch.get("triton")
         if plan is None:
@@ -330,21 +363,28 @@ class TritonBackend(Backend):
             tables = [_step_table(batch, plan, group) for group in plan.groups]
             _bump_steps(batch)
         batch.scratch["triton"] = plan
+        fi = None
+        if defer:
+            fi = found if found.device == batch.device else found.to(batch.device)
         for k, (group, table) in enumerate(zip(plan.groups, tables)):
-            self._launch(batch, plan, k, group, table)
+            self._launch(batch, plan, k, group, table, fi)
         if batch.stats is not None:
-            self._sum_stats(batch, plan)
+            self._sum_stats(batch, plan, fi)
+        if defer:
+            batch.deferred.append(SkippedCounts(fi, batch.steps))
 
     @staticmethod
-    def _sum_stats(batch: Batch, plan: _Plan) -> None:
+    def _sum_stats(batch: Batch, plan: _Plan, found_inf: Optional[torch.Tensor]) -> None:
         """Each param's float64 sums of its chunk partials (per group by the tree, then the
-        groups in order) into batch.stats (empty params: no chunks, so (0, 0))."""
+        groups in order) into batch.stats (empty params: no chunks, so (0, 0)); nothing when
+        found_inf (on the device) is set."""
         if plan.n_params == 0:
             return
         (gtab, gctab, n_groups, gsums), partials, _ = plan.stats_tables(0)
-        sum_stats(partials, gtab, gctab, n_groups, gsums, batch.stats)
+        sum_stats(partials, gtab, gctab, n_groups, gsums, batch.stats, found_inf)
 
-    def _launch(self, batch: Batch, plan: _Plan, k: int, group, table) -> None:
+    def _launch(self, batch: Batch, plan: _Plan, k: int, group, table,
+                found_inf: Optional[torch.Tensor]) -> None:
         dtype, idx_t, idx, static, starts, grid, odd_state = group
         packed, odd = table
         device = batch.device
@@ -368,28 +408,31 @@ class TritonBackend(Backend):
         lr_arg = lr.to(device) if lr_tensor else hpt
         gs_arg = batch.grad_scale.to(device) if batch.grad_scale is not None else hpt
         flags = (k, batch.stats is not None, lr_tensor, batch.grad_scale is not None,
+                 found_inf is not None,
                  bool(batch.maximize), bool(batch.decoupled), bool(batch.amsgrad),
                  batch.qtables)  # (int8: the maps, FMAP; tensors hash by identity)
         launch = plan.launches.get(flags)
         if launch is None:
-            launch = plan.launches[flags] = self._launch_args(batch, plan, k, group)
+            launch = plan.launches[flags] = self._launch_args(batch, plan, k, group,
+                                                               found_inf is not None)
         name, grid, starts, part, cbase, kwargs = launch
         kernel = getattr(_load(), name)
         if part is None:  # no statistics: the kernel reads neither
             part = cbase = hpt
+        fi = found_inf if found_inf is not None else hpt  # (read only with SKIP)
         if plan.int8:
             qtab = batch.qtables.to(device=device, dtype=torch.float32).contiguous()
             kernel[(grid,)](itab, ftab_d, starts, hpt, lr_arg, gs_arg, qtab, n, part=part,
-                            cbase=cbase, **kwargs)
+                            cbase=cbase, found_inf=fi, **kwargs)
         else:
             kernel[(grid,)](itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, part=part, cbase=cbase,
-                            **kwargs)
+                            found_inf=fi, **kwargs)
         for t, tc in write_back:
             t.copy_(tc)
         del keep
 
     @staticmethod
-    def _launch_args(batch: Batch, plan: _Plan, k: int, group):
+    def _launch_args(batch: Batch, plan: _Plan, k: int, group, skip: bool):
         """What a launch of group k passes besides this step's tables (the kernel's name, grid,
         block starts, statistics buffers or None, and its compile-time arguments), for the
         batch's flags: made once per plan and flags (~10 us of Python a launch otherwise)."""
@@ -398,7 +441,7 @@ class TritonBackend(Backend):
                       MAXIMIZE=bool(batch.maximize), COUPLED=not batch.decoupled,
                       SCALED=batch.grad_scale is not None,
                       LR_TENSOR=isinstance(batch.lr, torch.Tensor), ITAB_W=static.shape[1],
-                      SR=plan.sr, KAHAN=plan.kahan, enable_fp_fusion=False)
+                      SR=plan.sr, KAHAN=plan.kahan, SKIP=skip, enable_fp_fusion=False)
         block, warps = plan.block, plan.warps
         part = cbase = None
         if batch.stats is not None:  # chunk partials too: whole chunks a program
