@@ -45,6 +45,7 @@ struct StepHyper {
   bool maximize = false, decoupled = true;
   std::optional<at::Tensor> grad_scale, found_inf;
   int64_t seed = 0;
+  bool defer_found_inf = false;  // BatchArgs::defer_found_inf
 };
 
 inline StepHyper make_hyper(double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
@@ -68,12 +69,14 @@ inline StepHyper make_hyper(double lr, const std::optional<at::Tensor>& lr_tenso
 
 // A part's batch with this step's grads (it refers to `part` and `h`, which must outlive it).
 inline BatchArgs plan_args(const PlanPart& part, const StepHyper& h, const at::Tensor* stats) {
-  return BatchArgs{part.params, part.grads, part.exp_avgs, part.exp_avg_sqs,
-                   part.max_exp_avg_sqs, part.steps, h.lr, h.lr_tensor, h.beta1, h.beta2, h.eps,
-                   h.weight_decay, part.amsgrad, h.maximize, h.decoupled, h.grad_scale,
-                   h.found_inf, part.state_format, part.param_rounding, part.exp_avg_absmaxs,
-                   part.exp_avg_sq_absmaxs, part.qtables.has_value() ? &*part.qtables : nullptr,
-                   part.kahan_comps, h.seed, stats};
+  BatchArgs a{part.params, part.grads, part.exp_avgs, part.exp_avg_sqs,
+              part.max_exp_avg_sqs, part.steps, h.lr, h.lr_tensor, h.beta1, h.beta2, h.eps,
+              h.weight_decay, part.amsgrad, h.maximize, h.decoupled, h.grad_scale,
+              h.found_inf, part.state_format, part.param_rounding, part.exp_avg_absmaxs,
+              part.exp_avg_sq_absmaxs, part.qtables.has_value() ? &*part.qtables : nullptr,
+              part.kahan_comps, h.seed, stats};
+  a.defer_found_inf = h.defer_found_inf;
+  return a;
 }
 
 // A part's step on CPU tensors (csrc/cpu/adam_cpu.cpp), or its checks only: the walk of its

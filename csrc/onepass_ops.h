@@ -95,6 +95,10 @@ struct BatchArgs {
   // changed since (the optimizer's cached plan, group_plan.h): validate_batch checks the grads
   // and settings only, and the caller the step counts' values.
   bool state_checked = false;
+  // found_inf is left to the kernels even with host step counts (they skip on the device, and the
+  // caller takes the counts back if the step was skipped: the optimizer's Batch.deferred), so
+  // that the step needs no host sync.
+  bool defer_found_inf = false;
 };
 
 // "fp32"/"bf16"/"int8" -> 0/1/2 and "nearest"/"stochastic"/"kahan" -> 0/1/2 (errors otherwise).

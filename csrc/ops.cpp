@@ -269,18 +269,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_plan",
         [](uintptr_t address, size_t part, double lr, const OptT& lr_t, double b1, double b2,
            double eps, double wd, bool maximize, bool decoupled, const OptT& gs, const OptT& fi,
-           int64_t seed, bool check_only) {
+           int64_t seed, bool check_only, bool defer_found_inf) {
           onepass::PlanPart& pp = onepass::plan_part(onepass::plan_at(address), part);
+          onepass::StepHyper h =
+              onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed);
+          h.defer_found_inf = defer_found_inf;
           py::gil_scoped_release no_gil;
-          onepass::step_planned_cuda(
-              pp,
-              onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed),
-              check_only);
+          onepass::step_planned_cuda(pp, h, check_only);
         },
         "a part of a onepass._C.GroupPlan on CUDA tensors", py::arg("address"), py::arg("part"),
         py::kw_only(), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("maximize"), py::arg("decoupled"),
-        py::arg("grad_scale"), py::arg("found_inf"), py::arg("seed"), py::arg("check_only"));
+        py::arg("grad_scale"), py::arg("found_inf"), py::arg("seed"), py::arg("check_only"),
+        py::arg("defer_found_inf") = false);
   m.def("adam_step_cuda", [](const TVec& p, const TVec& g, const TVec& m_, const TVec& v,
                              const TVec& vmax, const TVec& steps, double lr, const OptT& lr_t,
                              double b1, double b2, double eps, double wd, bool ams, bool maximize,

@@ -73,7 +73,8 @@ struct LaunchArgs {
 };
 
 // Fills L from a checked batch; false when the step is skipped (host step counts and found_inf
-// set: whether to count the step must be known on the host, one sync).
+// set: whether to count the step must be known on the host, one sync; unless the caller takes
+// the counts back itself, a.defer_found_inf, when the kernels read found_inf).
 template <class RT>
 bool prepare(const BatchArgs& a, const RT& rt, LaunchArgs& L) {
   const c10::Device dev = a.params[0].device();
@@ -107,7 +108,7 @@ bool prepare(const BatchArgs& a, const RT& rt, LaunchArgs& L) {
     h.grad_scale = L.gs_keep.data_ptr<double>();
   }
   if (a.found_inf.has_value()) {
-    if (!L.device_steps) {
+    if (!L.device_steps && !a.defer_found_inf) {
       if (a.found_inf->item<double>() != 0.0) return false;
     } else {
       L.fi_keep = a.found_inf->to(dev, at::kDouble);

@@ -55,10 +55,11 @@ void step(const TVec& p, const TVec& g, const TVec& m, const TVec& v, const TVec
 void step_plan(uintptr_t address, size_t part, double lr, const OptT& lr_t, double b1, double b2,
                double eps, double wd, bool maximize, bool decoupled, const OptT& gs,
                const OptT& fi, int64_t seed, bool device_steps, bool capturing, bool check_only,
-               bool stub_launch) {
+               bool stub_launch, bool defer_found_inf) {
   onepass::PlanPart& pp = onepass::plan_part(onepass::plan_at(address), part);
-  const onepass::StepHyper h =
+  onepass::StepHyper h =
       onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed);
+  h.defer_found_inf = defer_found_inf;
   BatchArgs a = onepass::plan_args(pp, h, nullptr);
   // (as step_planned_cuda: a step reads the host counts' values once, in host::host_count)
   if (check_only)
@@ -86,7 +87,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("maximize"), py::arg("decoupled"), py::arg("grad_scale"), py::arg("found_inf"),
         py::arg("seed"), py::arg("device_steps"), py::arg("capturing"), py::arg("check_only"),
-        py::arg("stub_launch"));
+        py::arg("stub_launch"), py::arg("defer_found_inf") = false);
   m.def("kernels_compiled", &onepass_emu::kernels_compiled,
         "the kernel instantiations compiled into this module");
   m.def("kernels_run", &onepass_emu::kernels_run, "the kernel instantiations launched since load");

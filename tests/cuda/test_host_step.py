@@ -99,3 +99,25 @@ def test_float64_grad_scale_and_found_inf_keep_their_values(backend):
         assert _same(a, b), f"step {step + 1}"
     assert _same(got[1], got[0])  # the tiny found_inf skipped step 2
     assert float(got[2][-1]) == 2.0  # the step count: two steps counted
+
+
+def test_found_inf_with_host_counts_is_left_to_the_kernels():
+    # Host counts under a GradScaler: the kernels skip on found_inf themselves (no host sync),
+    # the counts advance and the optimizer's next settle takes them back after a skipped step.
+    from onepass.backends.base import SkippedCounts
+
+    opt, params = _two_dtype_group("cuda-emu")
+    before = _snapshot(opt, params)
+    raw = [dict.__getitem__(opt.state, p)["step"] for p in params]  # (reads that settle nothing)
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    assert len(opt._deferred) == 1 and isinstance(opt._deferred[0], SkippedCounts)
+    assert [float(c) for c in raw] == [2.0, 2.0]  # advanced until settled
+    assert _same(_snapshot(opt, params), before)  # (a state read: settled)
+    assert [float(c) for c in raw] == [1.0, 1.0] and not opt._deferred
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert float(opt.state[params[0]]["step"]) == 2.0
+    assert not _same(_snapshot(opt, params), before)

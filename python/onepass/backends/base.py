@@ -62,9 +62,46 @@ class Batch:
     #: The optimizer's list of what its later steps must settle first (None outside an
     #: optimizer): a backend that leaves found_inf to its kernels, without a host sync, and
     #: advanced host step counts that the skip would have left, appends a callable that reads
-    #: found_inf once it is there and puts the counts back (triton: SkippedCounts). The optimizer
+    #: found_inf once it is there and puts the counts back (SkippedCounts). The optimizer
     #: calls them before its next step, state_dict(), load_state_dict() and pickling.
     deferred: Optional[list] = None
+
+
+class SkippedCounts:
+    """Batch.deferred's entry of a step under a GradScaler whose kernels read found_inf on the
+    device while its host counts advanced (triton; cuda with host counts): found_inf copied to
+    the host behind the step's launches (pinned, non-blocking, with an event on a GPU), and the
+    counts the step advanced. Called at the optimizer's next settle: waits for the event (by then
+    normally long passed: one step old), and takes the counts back by one if the step was
+    skipped (exact: counts are whole numbers below 2**24)."""
+
+    __slots__ = ("flag", "event", "steps")
+
+    def __init__(self, found_inf: torch.Tensor, steps: List[torch.Tensor]):
+        first = found_inf.detach().reshape(-1)[:1]
+        if first.device.type == "cuda":
+            self.flag = torch.empty(1, dtype=first.dtype, pin_memory=True)
+            self.flag.copy_(first, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flag, self.event = first.clone(), None
+        self.steps = steps
+
+    def __call__(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        if bool(self.flag[0] != 0):
+            torch._foreach_add_(self.steps, -1.0)
+
+
+def defers_found_inf(batch: Batch) -> bool:
+    """Whether a step of ``batch`` leaves found_inf to its kernels and its host counts to a
+    SkippedCounts: under an optimizer (Batch.deferred), with host step counts and a found_inf on
+    the params' device (a host found_inf is read at no cost)."""
+    fi = batch.found_inf
+    return (fi is not None and batch.deferred is not None and fi.device == batch.device
+            and bool(batch.steps) and batch.steps[0].device.type == "cpu")
 
 
 def plan_step_kwargs(batch: Batch) -> dict:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import _ops
-from .base import Backend, Batch, plan_step_kwargs
+from .base import Backend, Batch, SkippedCounts, defers_found_inf, plan_step_kwargs
 from .cpu import CpuBackend, _lowp, _tracing
 from .reference import check_batch
 
@@ -76,5 +76,8 @@ def _step_plan(batch: Batch, check_only: bool) -> None:
     """The batch through the optimizer's plan: the CUDA module's host step on the lists the plan
     holds and the grads it read in C++ (checks only with check_only)."""
     plan, part = batch.plan
+    defer = defers_found_inf(batch)
     _ops.cuda_module().step_plan(plan.address(), part, check_only=check_only,
-                                 **plan_step_kwargs(batch))
+                                 defer_found_inf=defer, **plan_step_kwargs(batch))
+    if defer and not check_only:  # (the kernels skip on found_inf; the host counts moved)
+        batch.deferred.append(SkippedCounts(batch.found_inf, batch.steps))

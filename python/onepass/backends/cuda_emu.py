@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .base import Backend, Batch, plan_step_kwargs
+from .base import Backend, Batch, SkippedCounts, defers_found_inf, plan_step_kwargs
 
 _modules: Dict[int, object] = {}
 
@@ -94,9 +94,13 @@ class CudaEmuBackend(Backend):
     def _call(self, batch: Batch, check_only: bool) -> None:
         if batch.plan is not None:  # the optimizer's cached plan: the tensors are in C++
             plan, part = batch.plan
+            defer = not self.device_steps and defers_found_inf(batch)
             _modules[self.planted_bug].step_plan(
                 plan.address(), part, device_steps=self.device_steps, capturing=self.capturing,
-                check_only=check_only, stub_launch=self.stub_launch, **plan_step_kwargs(batch))
+                check_only=check_only, stub_launch=self.stub_launch, defer_found_inf=defer,
+                **plan_step_kwargs(batch))
+            if defer and not check_only:  # as the cuda backend's
+                batch.deferred.append(SkippedCounts(batch.found_inf, batch.steps))
             return
         lr = batch.lr
         lr_tensor = lr if isinstance(lr, torch.Tensor) else None

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import reference
-from .base import Backend, Batch
+from .base import Backend, Batch, SkippedCounts, defers_found_inf
 from .reference import check_batch
 from .triton_tables import _bump_steps, _next_counts, _pair_table, _step_table
 
@@ -283,33 +283,6 @@ def _check_stats(batch: Batch) -> None:
                          f"tensor on {batch.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
 
 
-class SkippedCounts:
-    """Batch.deferred's entry of a triton step under a GradScaler: found_inf copied to the host
-    behind the step's launches (pinned, non-blocking, with an event on a GPU), and the counts
-    the step advanced. Called at the optimizer's next settle: waits for the event (by then
-    normally long passed: one step old), and takes the counts back by one if the step was
-    skipped (exact: counts are whole numbers below 2**24)."""
-
-    __slots__ = ("flag", "event", "steps")
-
-    def __init__(self, found_inf: torch.Tensor, steps: List[torch.Tensor]):
-        first = found_inf.detach().reshape(-1)[:1]
-        if first.device.type == "cuda":
-            self.flag = torch.empty(1, dtype=first.dtype, pin_memory=True)
-            self.flag.copy_(first, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.flag, self.event = first.clone(), None
-        self.steps = steps
-
-    def __call__(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-        if bool(self.flag[0] != 0):
-            torch._foreach_add_(self.steps, -1.0)
-
-
 class TritonBackend(Backend):
     name = "triton"
     state_formats = ("fp32", "bf16", "int8")
@@ -342,9 +315,10 @@ class TritonBackend(Backend):
         # AMP overflow: nothing changes, not even the step count. Inside an optimizer the kernels
         # read found_inf on the device and write nothing when it is set; the host counts, which
         # the tables need now, advance and go back at the optimizer's next settle (SkippedCounts)
-        # if the step was skipped: no host sync. Outside one (no Batch.deferred), one sync here.
+        # if the step was skipped: no host sync. Outside one (no Batch.deferred), or with
+        # found_inf on the host, it is read here.
         found = batch.found_inf
-        defer = found is not None and batch.deferred is not None
+        defer = defers_found_inf(batch)
         if found is not None and not defer and bool(found.item() != 0):
             return
         plan = batch.scratch.get("triton")
@@ -363,9 +337,7 @@ class TritonBackend(Backend):
             tables = [_step_table(batch, plan, group) for group in plan.groups]
             _bump_steps(batch)
         batch.scratch["triton"] = plan
-        fi = None
-        if defer:
-            fi = found if found.device == batch.device else found.to(batch.device)
+        fi = found if defer else None
         for k, (group, table) in enumerate(zip(plan.groups, tables)):
             self._launch(batch, plan, k, group, table, fi)
         if batch.stats is not None:
