@@ -1,7 +1,7 @@
 // Per-element cost of each stage of a low-precision CPU step (issue 18), one thread, data in L2,
 // built with the CPU kernel's flags and its AVX2 target: what each stage costs by itself, before
 // any design change. Every stage is a loop over kN elements of 256-element blocks, written as the
-// CPU kernel writes it (csrc/cpu/adam_cpu.cpp: lowp_range, int8_blocks) from adam_math.h's
+// CPU kernel writes it (csrc/cpu/loops_lowp.cpp: lowp_range, int8_blocks) from adam_math.h's
 // functions, so the compiler vectorizes it the same way.
 //
 //   bash bench/stage_cost.sh        (compiles with g++ and runs; prints ns per element)

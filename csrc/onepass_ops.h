@@ -143,7 +143,7 @@ void check_step_value(double t, size_t i);
 // error and changes nothing.
 void validate_batch(const BatchArgs& a, c10::DeviceType device_type);
 
-// The CPU kernels (csrc/cpu/adam_cpu.cpp), registered as onepass::adam_step_ / adam_check.
+// The CPU kernels (csrc/cpu/: adam_cpu.cpp and the loops it runs), registered as onepass::adam_step_ / adam_check.
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                    double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,

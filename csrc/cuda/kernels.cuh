@@ -152,7 +152,7 @@ adam_kernel(const Desc* __restrict__ descs, int n_tensors, const int32_t* __rest
 
 // ---- low precision: bf16 moments, stochastic / Kahan bf16 params, int8 moments ------------------
 // The same element math (adam_element); only the loads and stores around it differ, as in the CPU
-// kernel (csrc/cpu/adam_cpu.cpp: lowp_range, int8_blocks). SF: how the moments are stored; PR:
+// kernel (csrc/cpu/loops_lowp.cpp: lowp_range, int8_blocks). SF: how the moments are stored; PR:
 // how the param is written.
 enum StateFmt : int { kF32 = 0, kBF16 = 1, kInt8 = 2 };
 enum ParamRnd : int { kNearest = 0, kStochastic = 1, kKahan = 2 };

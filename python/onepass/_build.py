@@ -29,7 +29,8 @@ NVCC_FLAGS = ["-O3", "-fmad=false", "--expt-relaxed-constexpr", "-Xcompiler",
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 CPU_SOURCES = ["ops.cpp", "batch_checks.cpp", "group_plan.cpp", "triton_table.cpp",
-               "cpu/adam_cpu.cpp"]
+               "cpu/adam_cpu.cpp", "cpu/isa.cpp", "cpu/loops_full.cpp", "cpu/loops_lowp.cpp",
+               "cpu/run.cpp", "cpu/stats.cpp"]
 CUDA_SOURCES = ["cuda/adam_cuda.cu"]
 # The JIT add-on beside a CPU-only onepass._C: the CUDA kernels, their checks and bindings only.
 ADDON_SOURCES = ["ops.cpp", "batch_checks.cpp", "cuda/adam_cuda.cu"]

@@ -519,7 +519,7 @@ def chunk_partials(x: Tensor, chunk: int, lanes: Optional[int] = None) -> Tensor
     its lane accumulators (16: vector registers on a CPU, threads on a GPU) inside the update loop
     while the loads are in flight, and only the short tree over the lanes runs after it. A tree
     over the whole chunk needs its squares stored and summed in a pass of its own: on a 2-core
-    Zen 3 that cost +21% of a gpt2 step (csrc/cpu/adam_cpu.cpp has the figures). A fixed order
+    Zen 3 that cost +21% of a gpt2 step (csrc/cpu/stats.h has the figures). A fixed order
     either way, so SIMD lanes, GPU threads and this statement all add the same pairs."""
     lanes = chunk if lanes is None else lanes
     n = x.numel()

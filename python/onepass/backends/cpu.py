@@ -1,4 +1,4 @@
-"""The "cpu" backend: csrc/cpu/adam_cpu.cpp through torch.ops.onepass.adam_step_ (fp32 state,
+"""The "cpu" backend: csrc/cpu/ (adam_cpu.cpp's entry points) through torch.ops.onepass.adam_step_ (fp32 state,
 nearest rounding) and torch.ops.onepass.adam_step_lowp_ (bf16/int8 state, stochastic/Kahan bf16
 params).
 

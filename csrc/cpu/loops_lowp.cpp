@@ -1,0 +1,279 @@
+// The CPU loops of low-precision state and params: bf16 state, stochastic / Kahan bf16 params,
+// int8 state. Same element math (adam_element) as loops_full.cpp and the same three ISA
+// variants; only the loads and stores around it differ.
+#include "code_index.h"
+#include "isa.h"
+#include "stats.h"
+#include "work.h"
+
+#include <type_traits>
+
+namespace onepass {
+namespace cpu {
+namespace {
+
+// Same element math (adam_element); only the loads and stores around it differ. SF: how the
+// moments are stored; PR: how the param is written. Element index (random streams) = the
+// element's position in the walk: storage order of a dense param, row-major for a working copy
+// and for int8 (reference.element_index).
+
+// Writes the new param value `pv` of element `idx` (and its Kahan compensation); returns the
+// value as stored, widened to float.
+template <typename P, int PR>
+inline __attribute__((always_inline)) float store_param(P* p, Bf16* comp, float pv, uint32_t key,
+                                                        uint64_t idx) {
+  if constexpr (PR == kStochastic) {
+    const uint16_t stored = float_to_bf16_stochastic(pv, random_bits(key, idx));
+    p->x = stored;
+    return bf16_to_float(stored);
+  } else if constexpr (PR == kKahan) {
+    const uint16_t stored = float_to_bf16(pv);
+    p->x = stored;
+    comp->x = float_to_bf16(op_sub(pv, bf16_to_float(stored)));
+    return bf16_to_float(stored);
+  } else {
+    P stored;
+    Storage<P>::store(&stored, pv);
+    *p = stored;
+    return Storage<P>::load(&stored);
+  }
+}
+
+template <typename P, int PR>
+inline __attribute__((always_inline)) float load_param(const P* p, const Bf16* comp) {
+  float pv = Storage<P>::load(p);
+  if constexpr (PR == kKahan) pv = op_add(pv, bf16_to_float(comp->x));
+  return pv;
+}
+
+// Element-wise formats (fp32 or bf16 moments) over elements [begin, end); ST: whole statistics
+// chunks (stats_chunks).
+template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR, bool ST>
+inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
+                                                      const StepScalars<float>& s, int64_t begin,
+                                                      int64_t end) {
+  using M = std::conditional_t<SF == kBF16, Bf16, float>;
+  P* __restrict p = static_cast<P*>(w.p);
+  const P* __restrict g = static_cast<const P*>(w.g);
+  M* __restrict m = static_cast<M*>(w.m);
+  M* __restrict v = static_cast<M*>(w.v);
+  float* __restrict vm = static_cast<float*>(w.v_max);
+  Bf16* __restrict comp = static_cast<Bf16*>(w.comp);
+  const uint32_t key_p = w.key_p, key_m = w.key_m, key_v = w.key_v;
+  const StepScalars<float> sc = s;
+  auto elem = [&](int64_t i, int64_t lane, float* aw, float* ad) __attribute__((always_inline)) {
+    const float old = Storage<P>::load(p + i);  // as stored (Kahan: without the compensation)
+    float pi = load_param<P, PR>(p + i, comp + i);
+    float mi = Storage<M>::load(m + i);
+    float vi = Storage<M>::load(v + i);
+    float vmi = AMS ? vm[i] : 0.0f;
+    adam_element<float, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, sc);
+    const float nw = store_param<P, PR>(p + i, comp + i, pi, key_p, static_cast<uint64_t>(i));
+    if constexpr (SF == kBF16) {
+      m[i].x = float_to_bf16_stochastic(mi, random_bits(key_m, static_cast<uint64_t>(i)));
+      v[i].x = float_to_bf16_stochastic(vi, random_bits(key_v, static_cast<uint64_t>(i)));
+    } else {
+      m[i] = mi;
+      v[i] = vi;
+    }
+    if (AMS) vm[i] = vmi;
+    if constexpr (ST) add_squares(nw, old, aw[lane], ad[lane]);
+  };
+  if constexpr (ST) {
+    stats_chunks<float>(w, begin, end, elem);
+  } else {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) elem(i, 0, nullptr, nullptr);
+  }
+}
+
+// int8 state over blocks [kb, ke): dequantize, update (param written in the same pass), new
+// absmax of the block's m and v, quantize. The block's values wait in two small local buffers.
+// FMAP: the maps are quant's "float3" maps, decoded and searched with integer operations
+// (float_map_value_* / float_map_code_*); otherwise table loads and a search of the midpoints.
+// Measured on a 2-core AVX2 EPYC (Zen 3), one thread, L2-resident block loop: the table path
+// costs ~2x the fp32 element math, the bit path ~1.3x.
+template <typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
+inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
+                                                       const StepScalars<float>& s, int64_t kb,
+                                                       int64_t ke) {
+  const float* __restrict code_m = w.tables + kCodeM;
+  const float* __restrict mid_m = w.tables + kMidM;
+  const float* __restrict code_v = w.tables + kCodeV;
+  const float* __restrict mid_v = w.tables + kMidV;
+  const StepScalars<float> sc = s;
+  const uint32_t key_p = w.key_p;
+  alignas(64) float mb[kInt8Block];
+  alignas(64) float vb[kInt8Block];
+  for (int64_t k = kb; k < ke; ++k) {
+    const int64_t row = k / w.blocks_per_row;
+    const int64_t col = (k - row * w.blocks_per_row) * kInt8Block;
+    const int64_t start = row * w.row_len + col;
+    const int len = static_cast<int>(std::min<int64_t>(kInt8Block, w.row_len - col));
+    P* __restrict p = static_cast<P*>(w.p) + start;
+    const P* __restrict g = static_cast<const P*>(w.g) + start;
+    uint8_t* __restrict qm = static_cast<uint8_t*>(w.m) + start;
+    uint8_t* __restrict qv = static_cast<uint8_t*>(w.v) + start;
+    Bf16* __restrict comp = static_cast<Bf16*>(w.comp) + (w.comp ? start : 0);
+    const float am = w.absmax_m[k];
+    const float av = w.absmax_v[k];
+    // The codes are widened to 32 bits in a loop of their own (and narrowed back in one): with
+    // bytes in the update loop gcc vectorizes it with 16-byte vectors only (seen in the avx2
+    // variant's code); 32-bit lanes throughout get it 32-byte vectors, as the fp32 loop.
+    alignas(64) uint32_t cm[kInt8Block];
+    alignas(64) uint32_t cv[kInt8Block];
+#pragma omp simd
+    for (int i = 0; i < len; ++i) {
+      cm[i] = qm[i];
+      cv[i] = qv[i];
+    }
+    uint32_t bm = 0, bv = 0;
+#pragma omp simd reduction(max : bm, bv)
+    for (int i = 0; i < len; ++i) {
+      float pi = load_param<P, PR>(p + i, comp + i);
+      float mi, vi;
+      if constexpr (FMAP) {
+        mi = op_mul(float_map_value_m(cm[i]), am);
+        vi = op_mul(float_map_value_v(cv[i]), av);
+      } else {
+        mi = dequantize_code(cm[i], am, code_m);
+        vi = dequantize_code(cv[i], av, code_v);
+      }
+      float unused = 0.0f;
+      adam_element<float, false, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, unused, sc);
+      store_param<P, PR>(p + i, comp + i, pi, key_p, static_cast<uint64_t>(start + i));
+      mb[i] = mi;
+      vb[i] = vi;
+      bm = std::max(bm, abs_bits(mi));
+      bv = std::max(bv, abs_bits(vi));
+    }
+    const float nam = bits_float(bm);
+    const float nav = bits_float(bv);
+    const float im = block_scale(nam);
+    const float iv = block_scale(nav);
+    if constexpr (FMAP) {
+#pragma omp simd
+      for (int i = 0; i < len; ++i) {
+        cm[i] = float_map_code_m(op_mul(mb[i], im));
+        const float y = op_mul(vb[i], iv);
+        cv[i] = keep_positive(float_map_code_v(y), y);
+      }
+#pragma omp simd
+      for (int i = 0; i < len; ++i) {
+        qm[i] = static_cast<uint8_t>(cm[i]);
+        qv[i] = static_cast<uint8_t>(cv[i]);
+      }
+    } else if (w.index_m != nullptr) {
+      // keys of x * scale (vectorized), then the table look-ups; NaN's key (INT32_MIN) clamps to
+      // kKeyMin, below every midpoint: code 0, as the search gives it
+      alignas(64) int32_t km[kInt8Block];
+      alignas(64) int32_t kv[kInt8Block];
+#pragma omp simd
+      for (int i = 0; i < len; ++i) {
+        km[i] = std::min(std::max(order_key(op_mul(mb[i], im)), kKeyMin), kKeyMax);
+        kv[i] = std::min(std::max(order_key(op_mul(vb[i], iv)), kKeyMin), kKeyMax);
+      }
+      const int32_t* __restrict lo_m = w.index_m->lo.data();
+      const int32_t* __restrict mk_m = w.index_m->mk;
+      const int32_t* __restrict lo_v = w.index_v->lo.data();
+      const int32_t* __restrict mk_v = w.index_v->mk;
+      const int sh_m = w.index_m->shift, sh_v = w.index_v->shift;
+#pragma omp simd
+      for (int i = 0; i < len; ++i) {
+        const int32_t a = km[i];
+        const int32_t la = lo_m[(a - kKeyMin) >> sh_m];
+        qm[i] = static_cast<uint8_t>(la + (mk_m[la] < a) + (mk_m[la + 1] < a));
+        const int32_t b = kv[i];
+        const int32_t lb = lo_v[(b - kKeyMin) >> sh_v];
+        const int32_t qb = lb + (mk_v[lb] < b) + (mk_v[lb + 1] < b);
+        qv[i] = static_cast<uint8_t>(qb + ((qb == 0) & (b > 0)));  // keep_positive: key > 0 <=> y > 0
+      }
+    } else {
+      for (int i = 0; i < len; ++i) {
+        qm[i] = static_cast<uint8_t>(quantize_code(mb[i], im, mid_m));
+        const float y = op_mul(vb[i], iv);
+        qv[i] = static_cast<uint8_t>(keep_positive(code_search(y, mid_v), y));
+      }
+    }
+    w.absmax_m[k] = nam;
+    w.absmax_v[k] = nav;
+  }
+}
+
+#define ONEPASS_DEFINE_LOWP_ISA(NAME, TARGET)                                                     \
+  template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>            \
+  __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e,          \
+                                            bool stats) {                                       \
+    const auto& s = *static_cast<const StepScalars<float>*>(w.scalars);                           \
+    if constexpr (SF == kInt8) {                                                                  \
+      if (w.float_map) /* stats: stats_block takes them, block by block */                        \
+        int8_blocks<P, MAX, COUPLED, SCALED, PR, true>(w, s, b, e);                               \
+      else                                                                                        \
+        int8_blocks<P, MAX, COUPLED, SCALED, PR, false>(w, s, b, e);                              \
+    } else if (stats) {                                                                           \
+      lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR, true>(w, s, b, e);                         \
+    } else {                                                                                      \
+      lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR, false>(w, s, b, e);                        \
+    }                                                                                             \
+  }
+ONEPASS_DEFINE_LOWP_ISA(lowp_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+ONEPASS_DEFINE_LOWP_ISA(lowp_avx2, "avx2,bmi2")
+ONEPASS_DEFINE_LOWP_ISA(lowp_base, "default")
+#undef ONEPASS_DEFINE_LOWP_ISA
+
+template <typename P, int SF, int PR>
+struct LowpKernel {
+  template <bool AMS, bool MAX, bool COUPLED, bool SCALED>
+  static RangeFn get(int isa) {
+    if constexpr (AMS && SF != kF32) {
+      return nullptr;  // amsgrad only with fp32 state (validate_batch)
+    } else {
+      switch (isa) {
+        case kAvx512: return &lowp_avx512<P, AMS, MAX, COUPLED, SCALED, SF, PR>;
+        case kAvx2: return &lowp_avx2<P, AMS, MAX, COUPLED, SCALED, SF, PR>;
+        default: return &lowp_base<P, AMS, MAX, COUPLED, SCALED, SF, PR>;
+      }
+    }
+  }
+};
+
+template <typename K, bool... B>
+RangeFn pick_kernel(int isa, const bool* flags) {
+  if constexpr (sizeof...(B) == 4) {
+    return K::template get<B...>(isa);
+  } else {
+    return flags[0] ? pick_kernel<K, B..., true>(isa, flags + 1)
+                    : pick_kernel<K, B..., false>(isa, flags + 1);
+  }
+}
+
+// The loop for a low-precision param: dtype x state format x param rounding x flags x ISA.
+
+}  // namespace
+
+RangeFn pick_lowp(at::ScalarType dtype, int sf, int pr, const bool* flags) {
+  const int isa = current_isa();
+  if (dtype == at::kBFloat16) {
+    if (pr == kStochastic) {
+      if (sf == kF32) return pick_kernel<LowpKernel<Bf16, kF32, kStochastic>>(isa, flags);
+      if (sf == kBF16) return pick_kernel<LowpKernel<Bf16, kBF16, kStochastic>>(isa, flags);
+      return pick_kernel<LowpKernel<Bf16, kInt8, kStochastic>>(isa, flags);
+    }
+    if (pr == kKahan) {
+      if (sf == kF32) return pick_kernel<LowpKernel<Bf16, kF32, kKahan>>(isa, flags);
+      if (sf == kBF16) return pick_kernel<LowpKernel<Bf16, kBF16, kKahan>>(isa, flags);
+      return pick_kernel<LowpKernel<Bf16, kInt8, kKahan>>(isa, flags);
+    }
+    if (sf == kBF16) return pick_kernel<LowpKernel<Bf16, kBF16, kNearest>>(isa, flags);
+    return pick_kernel<LowpKernel<Bf16, kInt8, kNearest>>(isa, flags);
+  }
+  if (dtype == at::kHalf) {
+    if (sf == kBF16) return pick_kernel<LowpKernel<Fp16, kBF16, kNearest>>(isa, flags);
+    return pick_kernel<LowpKernel<Fp16, kInt8, kNearest>>(isa, flags);
+  }
+  if (sf == kBF16) return pick_kernel<LowpKernel<float, kBF16, kNearest>>(isa, flags);
+  return pick_kernel<LowpKernel<float, kInt8, kNearest>>(isa, flags);
+}
+
+}  // namespace cpu
+}  // namespace onepass
