@@ -5,6 +5,23 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import List, Optional
 
+def _after(cls, name: str, first):
+    """``cls``'s method ``name``, run after ``first(self)`` (counting a write, settling before a
+    read)."""
+    base = getattr(cls, name)
+
+    def method(self, *args, **kwargs):
+        first(self)
+        return base(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+def _count_write(self) -> None:
+    self._epoch[0] += 1
+
+
 class _ParamState(dict):
     """The state dict of one param: a dict that records that it was written, in ``_epoch``, the
     one-element counter of the optimizer whose state it is (its per-group caches are valid
@@ -25,23 +42,12 @@ class _ParamState(dict):
         self._epoch[0] += 1
         dict.__delitem__(self, k)
 
-    def _bump(name):  # noqa: N805 - builds the mutating methods below
-        base = getattr(dict, name)
-
-        def method(self, *args, **kwargs):
-            self._epoch[0] += 1
-            return base(self, *args, **kwargs)
-
-        method.__name__ = name
-        return method
-
-    clear = _bump("clear")
-    pop = _bump("pop")
-    popitem = _bump("popitem")
-    setdefault = _bump("setdefault")
-    update = _bump("update")
-    __ior__ = _bump("__ior__")
-    del _bump
+    clear = _after(dict, "clear", _count_write)
+    pop = _after(dict, "pop", _count_write)
+    popitem = _after(dict, "popitem", _count_write)
+    setdefault = _after(dict, "setdefault", _count_write)
+    update = _after(dict, "update", _count_write)
+    __ior__ = _after(dict, "__ior__", _count_write)
 
     def __reduce__(self):  # pickles (and deep-copies) as a plain dict
         return (dict, (dict(self),))
@@ -63,22 +69,10 @@ class _State(defaultdict):
         while pending:
             pending.pop(0)()
 
-    def _settled(name):  # noqa: N805 - builds the reading methods below
-        base = getattr(defaultdict, name)
-
-        def method(self, *args, **kwargs):
-            if self._deferred:
-                self._settle()
-            return base(self, *args, **kwargs)
-
-        method.__name__ = name
-        return method
-
-    __getitem__ = _settled("__getitem__")
-    get = _settled("get")
-    items = _settled("items")
-    values = _settled("values")
-    del _settled
+    __getitem__ = _after(defaultdict, "__getitem__", _settle)
+    get = _after(defaultdict, "get", _settle)
+    items = _after(defaultdict, "items", _settle)
+    values = _after(defaultdict, "values", _settle)
 
     def __missing__(self, key):
         value = _ParamState(epoch=self._epoch)
