@@ -1,4 +1,5 @@
-"""The "triton" backend: triton_kernels/adam.py, one launch per batch and param dtype.
+"""The "triton" backend: triton_kernels/adam.py, one launch per batch and param dtype (and
+triton_kernels/stats.py for the statistics' sums).
 
 State formats fp32, bf16 (adam_kernel) and int8 (adam_int8_kernel); bf16 params may be rounded
 to nearest, stochastically or with a Kahan compensation (reference.py, "Storage").
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import types
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -102,11 +104,15 @@ _kernels = None
 
 
 def _load():
+    """The jit functions the backend launches (triton_kernels/adam.py and stats.py), and tl."""
     global _kernels
     if _kernels is None:
-        from onepass.triton_kernels import adam  # imports triton
+        from onepass.triton_kernels import adam, stats  # imports triton
 
-        _kernels = adam
+        _kernels = types.SimpleNamespace(
+            adam_kernel=adam.adam_kernel, adam_int8_kernel=adam.adam_int8_kernel,
+            stats_group_kernel=stats.stats_group_kernel, stats_sum_kernel=stats.stats_sum_kernel,
+            tl=adam.tl)
     return _kernels
 
 
