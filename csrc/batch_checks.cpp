@@ -83,6 +83,12 @@ double read_step(const at::Tensor& st) {
                                         : *static_cast<const double*>(d);
 }
 
+int64_t advance_step(const at::Tensor& st) {
+  void* d = const_cast<void*>(raw_data(st));
+  if (st.scalar_type() == at::kFloat) return static_cast<int64_t>(*static_cast<float*>(d) += 1.0f);
+  return static_cast<int64_t>(*static_cast<double*>(d) += 1.0);
+}
+
 void check_step_tensor(const at::Tensor& st, size_t i) {
   ONEPASS_CHECK(st.numel() == 1 && st.device().is_cpu() && st.has_storage() &&
                     (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),

@@ -134,6 +134,8 @@ void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i);
 
 // A host step-count tensor's value (float32 or float64, one element).
 double read_step(const at::Tensor& st);
+// count += 1 on a host step-count tensor that passed check_step_tensor; returns the new count.
+int64_t advance_step(const at::Tensor& st);
 // Raises unless st is a step count the host can read: a one-element float32/float64 CPU tensor.
 void check_step_tensor(const at::Tensor& st, size_t i);
 // Raises unless t is a step count a step can advance: a whole number in [0, 2**24); i names it.

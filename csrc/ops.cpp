@@ -115,13 +115,7 @@ namespace onepass {
 std::vector<int64_t> bump_steps(at::TensorList steps) {
   for (size_t i = 0; i < steps.size(); ++i) check_step_tensor(steps[i], i);
   std::vector<int64_t> out(steps.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    void* d = const_cast<void*>(raw_data(steps[i]));  // (checked above: a CPU tensor with storage)
-    if (steps[i].scalar_type() == at::kFloat)
-      out[i] = static_cast<int64_t>(*static_cast<float*>(d) += 1.0f);
-    else
-      out[i] = static_cast<int64_t>(*static_cast<double*>(d) += 1.0);
-  }
+  for (size_t i = 0; i < steps.size(); ++i) out[i] = advance_step(steps[i]);
   return out;
 }
 // Checks each (param, grad) pair as validate_batch does and returns an int64 [n, 3] table of

@@ -102,15 +102,12 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
   std::memcpy(itab, statics.data_ptr<int64_t>(), static_cast<size_t>(n * w) * sizeof(int64_t));
   std::vector<Correction> made;  // one per distinct count (nearly always one)
   std::vector<int64_t> odd;      // rows whose param or grad is not contiguous
-  std::vector<void*> counts;     // each row's count (bump)
-  if (bump) counts.reserve(static_cast<size_t>(n));
   for (int64_t r = 0; r < n; ++r) {
     const size_t i = param_of(r);
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     check_grad(p, g, i);
     const int64_t t = checked_next(steps[i], i);
-    if (bump) counts.push_back(const_cast<void*>(raw_data(steps[i])));
     size_t k = 0;
     if (!made.empty() && made.back().t == t) {
       k = made.size() - 1;  // (the common case: the previous row's count)
@@ -129,15 +126,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
   }
   if (!hp.empty()) std::memcpy(o + n * w + 2 * n, hp.data(), hp.size() * sizeof(double));
   // Every check passed: the step's first write (count + 1 = t, exact below 2**24).
-  if (bump) {
-    for (int64_t r = 0; r < n; ++r) {
-      const at::Tensor& st = steps[param_of(r)];
-      if (st.scalar_type() == at::kFloat)
-        *static_cast<float*>(counts[static_cast<size_t>(r)]) += 1.0f;
-      else
-        *static_cast<double*>(counts[static_cast<size_t>(r)]) += 1.0;
-    }
-  }
+  if (bump)
+    for (int64_t r = 0; r < n; ++r) advance_step(steps[idx != nullptr ? idx[r] : r]);
   return {out, odd};
 }
 

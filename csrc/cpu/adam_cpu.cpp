@@ -27,13 +27,6 @@ using namespace cpu;  // NOLINT: this file is the CPU backend's step
 
 namespace {
 
-void bump_step(const at::Tensor& st) {
-  if (st.scalar_type() == at::kFloat)
-    *static_cast<float*>(st.data_ptr()) += 1.0f;
-  else
-    *static_cast<double*>(st.data_ptr()) += 1.0;
-}
-
 template <typename T>
 void add_scalars(std::vector<StepScalars<T>>& table, int64_t& last_step, int64_t step,
                  const BatchArgs& a, double lr, double grad_scale) {
@@ -231,7 +224,7 @@ void step_walk(const BatchArgs& a) {
   }
   run_and_count(a, work, units);
   for (auto& pw : write_back) pw.first.copy_(pw.second);
-  for (size_t i = 0; i < n; ++i) bump_step(a.steps[i]);
+  for (size_t i = 0; i < n; ++i) advance_step(a.steps[i]);
 }
 
 // A plan part's walk, kept between steps (group_plan.h: PlanPart::cpu_work): the static fields

@@ -26,7 +26,7 @@ from .distributed import _dtensor_type, _is_dtensor, _local, _local_grad
 from .hyperparams import (MIN_INT8_NUMEL, _as_float, _check_group, _check_hyperparameters,
                           _check_rounding_dtypes, _resolve_decay_mode, _state_dtype)
 from .state_formats import COMPLEX_DTYPES, _real, load_state, state_lists, torch_state_dict
-from .state_tracking import _State, _epoch_of, _tracked
+from .state_tracking import _State, _epoch_of, _tracked, settle
 
 __all__ = ["AdamW", "Adam", "torch_state_dict"]
 
@@ -391,9 +391,7 @@ class AdamW(Optimizer):
         puts them back when found_inf says the step was skipped (one wait for an event of the
         last step, not a sync of this one). Steps, state_dict(), load_state_dict(), pickling
         and reads of ``state`` (_State) settle first."""
-        pending = self.__dict__.get("_deferred")
-        while pending:
-            pending.pop(0)()
+        settle(self.__dict__.get("_deferred"))
 
     # ---- state dict ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:

@@ -18,6 +18,12 @@ def _after(cls, name: str, first):
     return method
 
 
+def settle(pending) -> None:
+    """Runs an optimizer's deferred work (Batch.deferred), oldest first, emptying the list."""
+    while pending:
+        pending.pop(0)()
+
+
 def _count_write(self) -> None:
     self._epoch[0] += 1
 
@@ -65,9 +71,7 @@ class _State(defaultdict):
         self._deferred: Optional[list] = None
 
     def _settle(self) -> None:
-        pending = self._deferred
-        while pending:
-            pending.pop(0)()
+        settle(self._deferred)
 
     __getitem__ = _after(defaultdict, "__getitem__", _settle)
     get = _after(defaultdict, "get", _settle)
