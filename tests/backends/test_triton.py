@@ -240,23 +240,27 @@ def test_a_bad_count_raises_before_any_count_moves(layout):
     assert [float(opt.state[p]["step"]) for p in params] == [2.0, 2.0, 2.0]
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "int8"])
-def test_found_inf_is_read_on_the_device_and_the_counts_settle_later(fmt):
+@pytest.mark.parametrize("fmt,dtype,rounding", [
+    ("fp32", torch.float32, "nearest"), ("int8", torch.float32, "nearest"),
+    ("bf16", torch.bfloat16, "stochastic")], ids=["fp32", "int8", "bf16-sr"])
+def test_found_inf_is_read_on_the_device_and_the_counts_settle_later(fmt, dtype, rounding):
     # Under a GradScaler the kernels read found_inf themselves; the host counts advance with
     # the table and go back at the next settle when the step was skipped. Every step, read
     # through opt.state (which settles), equals the reference's, whose step decides on the host.
     from onepass.backends.triton import SkippedCounts
 
     def make():
-        return [torch.nn.Parameter(_rand(300, seed=1).to(DEVICE)),
-                torch.nn.Parameter(_rand(4, 70, seed=2).to(DEVICE))]
+        return [torch.nn.Parameter(_rand(300, seed=1).to(DEVICE, dtype)),
+                torch.nn.Parameter(_rand(64, 70, seed=2).to(DEVICE, dtype))]  # (int8 state: >= 4096)
 
+    kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=fmt, param_rounding=rounding, seed=5)
     ours, ref = make(), make()
-    opt = onepass.AdamW(ours, lr=1e-2, weight_decay=0.1, backend="triton", state_dtype=fmt)
-    want = onepass.AdamW(ref, lr=1e-2, weight_decay=0.1, backend="reference", state_dtype=fmt)
+    opt = onepass.AdamW(ours, backend="triton", **kw)
+    want = onepass.AdamW(ref, backend="reference", **kw)
     for s, skip in enumerate([0.0, 1.0, 0.0, 1.0, 1.0, 0.0]):
         for a, b in zip(ours, ref):
-            a.grad = _rand(*a.shape, seed=10 + s).to(DEVICE)
+            g = _rand(*reversed(a.shape), seed=10 + s).to(DEVICE, dtype)
+            a.grad = g.t() if a.dim() == 2 else g  # (a transposed grad: not contiguous)
             b.grad = a.grad.clone()
         for o in (opt, want):
             o.grad_scale = torch.tensor(4.0, device=DEVICE)
@@ -265,7 +269,8 @@ def test_found_inf_is_read_on_the_device_and_the_counts_settle_later(fmt):
         before = float(count) if s else 0.0
         opt.step()
         want.step()
-        assert len(opt._deferred) == 1 and isinstance(opt._deferred[0], SkippedCounts)
+        # (one a batch: int8 keeps the 300-element param in fp32, a batch of its own)
+        assert opt._deferred and all(isinstance(d, SkippedCounts) for d in opt._deferred)
         count = dict.__getitem__(opt.state, ours[0])["step"]  # (not a settling read)
         assert float(count) == before + 1  # advanced, whatever found_inf says, until settled
         for a, b in zip(ours, ref):
