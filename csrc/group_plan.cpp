@@ -138,15 +138,19 @@ class PyGroupPlan {
     const PlanPart& part = at(k);
     return onepass::pair_table(part.params, part.grads);
   }
-  void bump_steps(size_t k) const { onepass::bump_steps(at(k).steps); }
+  void bump_steps(size_t k) {
+    const PlanCounts& counts = plan_counts(at(k));
+    for (size_t i = 0; i < counts.size(); ++i) counts.advance(i);
+  }
   std::vector<int64_t> next_counts(size_t k) const { return onepass::next_counts(at(k).steps); }
   std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
       size_t k, const at::Tensor& statics, const OptT& rows, double beta1, double beta2,
       bool math_f64, int64_t seed, int64_t key_col, const std::vector<double>& hp, bool pin,
-      bool bump) const {
-    const PlanPart& part = at(k);
+      bool bump) {
+    PlanPart& part = at(k);
     return onepass::triton_table(part.params, part.grads, part.steps, statics, rows,
-                                 {beta1, beta2, math_f64, seed}, key_col, hp, pin, bump);
+                                 {beta1, beta2, math_f64, seed}, key_col, hp, pin, bump,
+                                 &plan_counts(part));
   }
 
   // The plan's address, for the emulated cuda backend's module (test-only; built from the same

@@ -14,6 +14,26 @@
 
 namespace onepass {
 
+// A part's step counts (one-element float32 or float64 CPU tensors), checked once
+// (check_step_tensor) and then read and advanced through their addresses: the checked read of a
+// tensor is ~125 instructions, a quarter of the triton table's per-row work in a 2000-tensor step.
+// Valid for the part's life: the optimizer makes a new plan when a count tensor is replaced.
+struct PlanCounts {
+  std::vector<void*> data;
+  std::vector<uint8_t> f64;
+
+  double value(size_t i) const {
+    return f64[i] ? *static_cast<const double*>(data[i])
+                  : static_cast<double>(*static_cast<const float*>(data[i]));
+  }
+  // count + 1, written (exact below 2**24); returns the new count
+  int64_t advance(size_t i) const {
+    if (f64[i]) return static_cast<int64_t>(*static_cast<double*>(data[i]) += 1.0);
+    return static_cast<int64_t>(*static_cast<float*>(data[i]) += 1.0f);
+  }
+  size_t size() const { return data.size(); }
+};
+
 // The params of one group that share a state format and param rounding: one batch.
 struct PlanPart {
   std::vector<int64_t> pos;  // each param's position in the group's param list
@@ -30,6 +50,8 @@ struct PlanPart {
   bool amsgrad = false;
   // The state tensors passed validate_batch's checks (they stay as they are for the plan's life).
   bool state_checked = false;
+  // The counts' addresses (plan_counts), made on first use.
+  std::optional<PlanCounts> counts;
   // The CPU kernels' walk of this part, kept between steps (adam_cpu.cpp: PlannedWalk).
   std::shared_ptr<void> cpu_work;
   // The CUDA kernels' launches of this part, kept between steps (cuda/host_step.h:
@@ -97,6 +119,20 @@ bool validate_planned_state(PlanPart& part, BatchArgs& a, c10::DeviceType device
 void step_planned_cuda(PlanPart& part, const StepHyper& h, bool check_only);
 #endif
 
+// A part's counts (PlanCounts): each count tensor checked (check_step_tensor) on first use.
+inline const PlanCounts& plan_counts(PlanPart& part) {
+  if (!part.counts.has_value()) {
+    PlanCounts c;
+    for (size_t i = 0; i < part.steps.size(); ++i) {
+      check_step_tensor(part.steps[i], i);
+      c.data.push_back(const_cast<void*>(raw_data(part.steps[i])));
+      c.f64.push_back(part.steps[i].scalar_type() == at::kDouble);
+    }
+    part.counts = std::move(c);
+  }
+  return *part.counts;
+}
+
 // The object of type T kept in `slot` (made on first use).
 template <typename T>
 T& kept(std::shared_ptr<void>& slot) {
@@ -109,7 +145,7 @@ T& kept(std::shared_ptr<void>& slot) {
 // built from another version of this header refuses the plan instead of misreading it.
 struct PlanPart;
 struct GroupPlan;
-constexpr uint64_t kPlanVersion = 2;  // bump with any change to the structs above or below
+constexpr uint64_t kPlanVersion = 3;  // bump with any change to the structs above or below
 
 struct GroupPlan {
   uint64_t layout;  // first, so a module of any version can read it: plan_layout()

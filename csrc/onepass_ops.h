@@ -252,10 +252,12 @@ struct TritonCorrArgs {
 // + 1, then hp; and the rows whose param or grad is not contiguous. rows: each row's param (None:
 // row r is param r). Checks every (param, grad) pair and every count first; then, when `bump`
 // (a launch of every param of the step), advances the rows' counts: the step's first write.
+// counts: the plan's (group_plan.h), whose params and grads have storage; null for plain lists.
+struct PlanCounts;
 std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     at::TensorList params, at::TensorList grads, at::TensorList steps, const at::Tensor& statics,
     const std::optional<at::Tensor>& rows, const TritonCorrArgs& corr, int64_t key_col,
-    const std::vector<double>& hp, bool pin, bool bump);
+    const std::vector<double>& hp, bool pin, bool bump, const PlanCounts* counts = nullptr);
 
 std::string cpu_isa_get();
 std::vector<std::string> cpu_isa_supported();

@@ -6,7 +6,7 @@
 // host time for 148 tensors on this 2-core Zen 3 machine), and the corrections in Python ~12 us
 // more; the backend keeps that path for an install without this extension.
 #include "adam_math.h"
-#include "onepass_ops.h"
+#include "group_plan.h"
 
 #include <ATen/ops/empty.h>
 
@@ -23,9 +23,11 @@ int64_t checked_next(const at::Tensor& s, size_t i) {
   return static_cast<int64_t>(t) + 1;
 }
 
-// t.data_ptr() without its checks where t has storage (a plan's params and grads always do).
-const void* address(const at::Tensor& t) {
-  return t.unsafeGetTensorImpl()->has_storage() ? raw_data(t) : t.data_ptr();
+// t.data_ptr() without its checks where t has storage (a plan's params and grads always do:
+// GroupPlan::gather checks, so `planned` skips the out-of-line has_storage call, ~70 instructions
+// a row with the call's).
+const void* address(const at::Tensor& t, bool planned) {
+  return planned || t.unsafeGetTensorImpl()->has_storage() ? raw_data(t) : t.data_ptr();
 }
 
 // One count's corrections as the kernels read them.
@@ -67,7 +69,7 @@ std::vector<int64_t> next_counts(at::TensorList steps) {
 std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     at::TensorList params, at::TensorList grads, at::TensorList steps, const at::Tensor& statics,
     const std::optional<at::Tensor>& rows, const TritonCorrArgs& corr, int64_t key_col,
-    const std::vector<double>& hp, bool pin, bool bump) {
+    const std::vector<double>& hp, bool pin, bool bump, const PlanCounts* counts) {
   ONEPASS_CHECK(params.size() == grads.size() && params.size() == steps.size(),
                 "onepass: triton_table needs one grad and one step count a param");
   ONEPASS_CHECK(statics.dim() == 2 && statics.scalar_type() == at::kLong &&
@@ -77,6 +79,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
   const int64_t w = statics.size(1);
   ONEPASS_CHECK(w >= 6 && (key_col < 0 || key_col + 3 <= w), "onepass: triton_table: ", w,
                 " columns, keys at ", key_col);
+  ONEPASS_CHECK(counts == nullptr || counts->size() == steps.size(),
+                "onepass: triton_table: the plan's counts do not match its steps");
   const int64_t* idx = nullptr;
   if (rows.has_value()) {
     ONEPASS_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->numel() == n,
@@ -107,7 +111,14 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     check_grad(p, g, i);
-    const int64_t t = checked_next(steps[i], i);
+    int64_t t;
+    if (counts != nullptr) {
+      const double value = counts->value(i);
+      check_step_value(value, i);
+      t = static_cast<int64_t>(value) + 1;
+    } else {
+      t = checked_next(steps[i], i);
+    }
     size_t k = 0;
     if (!made.empty() && made.back().t == t) {
       k = made.size() - 1;  // (the common case: the previous row's count)
@@ -117,8 +128,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     }
     const Correction& c = made[k];
     int64_t* row = itab + r * w;
-    row[0] = reinterpret_cast<int64_t>(address(p));
-    row[1] = reinterpret_cast<int64_t>(address(g));
+    row[0] = reinterpret_cast<int64_t>(address(p, counts != nullptr));
+    row[1] = reinterpret_cast<int64_t>(address(g, counts != nullptr));
     if (!p.is_contiguous() || !g.is_contiguous()) odd.push_back(r);
     ftab[2 * r] = c.bc1;
     ftab[2 * r + 1] = c.inv_bc2_sqrt;
@@ -126,8 +137,13 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
   }
   if (!hp.empty()) std::memcpy(o + n * w + 2 * n, hp.data(), hp.size() * sizeof(double));
   // Every check passed: the step's first write (count + 1 = t, exact below 2**24).
-  if (bump)
-    for (int64_t r = 0; r < n; ++r) advance_step(steps[idx != nullptr ? idx[r] : r]);
+  if (bump) {
+    for (int64_t r = 0; r < n; ++r) {
+      const size_t i = static_cast<size_t>(idx != nullptr ? idx[r] : r);
+      if (counts != nullptr) counts->advance(i);
+      else advance_step(steps[i]);
+    }
+  }
   return {out, odd};
 }
 

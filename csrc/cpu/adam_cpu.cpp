@@ -237,30 +237,12 @@ struct PlannedWalk {
   int64_t units = 0;
   ScalarTables sc;
   bool usable = true;  // false: some param or compensation needs a working copy (step_walk)
-  // Every param's step count (float32 or float64, one element), read and bumped in place.
-  std::vector<void*> count_data;
-  std::vector<uint8_t> count_f64;
-
-  double count(size_t i) const {
-    return count_f64[i] ? *static_cast<const double*>(count_data[i])
-                        : static_cast<double>(*static_cast<const float*>(count_data[i]));
-  }
-  void bump_counts() {
-    for (size_t i = 0; i < count_data.size(); ++i) {
-      if (count_f64[i]) *static_cast<double*>(count_data[i]) += 1.0;
-      else *static_cast<float*>(count_data[i]) += 1.0f;
-    }
-  }
 };
 
 std::shared_ptr<PlannedWalk> make_planned_walk(const BatchArgs& a) {
   auto pw = std::make_shared<PlannedWalk>(a);
   const size_t n = a.params.size();
   pw->work.reserve(n);
-  for (const at::Tensor& st : a.steps) {
-    pw->count_data.push_back(st.data_ptr());
-    pw->count_f64.push_back(st.scalar_type() == at::kDouble);
-  }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
     if (p.numel() == 0) continue;
@@ -294,8 +276,9 @@ void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stat
     part.cpu_work = make_planned_walk(a);
     pw = static_cast<PlannedWalk*>(part.cpu_work.get());
   }
+  const PlanCounts& counts = plan_counts(part);
   if (counts_unchecked)
-    for (size_t i = 0; i < a.params.size(); ++i) check_step_value(pw->count(i), i);
+    for (size_t i = 0; i < a.params.size(); ++i) check_step_value(counts.value(i), i);
   if (check_only) return;
   if (a.found_inf.has_value() && a.found_inf->item<double>() != 0.0) return;  // AMP: skip
   if (!pw->usable || stats != nullptr) {  // (statistics re-lay the units: the general walk)
@@ -312,11 +295,11 @@ void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stat
       step_walk(a);
       return;
     }
-    fill_step(pw->work[k], raw_data(g), static_cast<int64_t>(pw->count(i)) + 1,
+    fill_step(pw->work[k], raw_data(g), static_cast<int64_t>(counts.value(i)) + 1,
               p.scalar_type() == at::kDouble, pw->sc, a, lr, grad_scale, pw->ctx);
   }
   run_and_count(a, pw->work, pw->units);
-  pw->bump_counts();
+  for (size_t i = 0; i < counts.size(); ++i) counts.advance(i);
 }
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,

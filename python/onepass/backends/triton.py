@@ -66,19 +66,21 @@ def _tune(device: torch.device, numel: int = 1 << 24, reps: int = 10) -> Tuple[i
 
     buf = torch.rand(4, numel, device=device)  # p, g, m, v of one fp32 tensor (256 MB)
     best, best_ms = (BLOCK, NUM_WARPS), float("inf")
-    hpt = torch.tensor([1e-4, 0.9, 0.999, 1e-8, 0.0], dtype=torch.float64, device=device)
-    ftab = torch.tensor([[0.1, 0.03]], dtype=torch.float64, device=device)
-    itab = torch.tensor([[buf[0].data_ptr(), buf[1].data_ptr(), buf[2].data_ptr(), buf[3].data_ptr(),
-                          buf[2].data_ptr(), numel]], dtype=torch.int64, device=device)
+    itab = torch.tensor([buf[0].data_ptr(), buf[1].data_ptr(), buf[2].data_ptr(), buf[3].data_ptr(),
+                         buf[2].data_ptr(), numel], dtype=torch.int64)
+    # one tensor's packed table (triton_kernels/adam.py): its row, corrections, hyperparameters
+    tab = torch.cat([itab.view(torch.float64),
+                     torch.tensor([0.1, 0.03, 1e-4, 0.9, 0.999, 1e-8, 0.0], dtype=torch.float64)])
+    tab = tab.to(device)
     for block, warps in CONFIGS:
         grid = -(-numel // block)
         starts = torch.tensor([0, grid], dtype=torch.int64, device=device)
 
         def launch():
             kernels.adam_kernel[(grid,)](
-                itab, ftab, starts, hpt, hpt, hpt, 1, N_SEARCH=1, P_DTYPE=tl.float32,
+                tab, starts, tab, tab, 1, N_SEARCH=1, P_DTYPE=tl.float32,
                 MATH=tl.float32, BLOCK=block, AMSGRAD=False, MAXIMIZE=False, COUPLED=False,
-                SCALED=False, LR_TENSOR=False, part=hpt, cbase=hpt, STATS=False,
+                SCALED=False, LR_TENSOR=False, part=tab, cbase=tab, STATS=False,
                 num_warps=warps, enable_fp_fusion=False)
 
         launch()  # compile and warm up
@@ -367,24 +369,22 @@ class TritonBackend(Backend):
         packed, odd = table
         device = batch.device
         n = len(idx)
-        w = static.shape[1]
         keep = []         # temporaries that must live until the launch is queued
         write_back = []   # (tensor, contiguous working copy)
         if odd_state:
             odd = sorted(set(odd) | set(odd_state))
         if odd:  # rare: a non-contiguous param, grad or state tensor
+            w = static.shape[1]
             itab = packed[: w * n].view(torch.int64).view(n, w)
             for row in odd:
                 keep += self._contiguous_copies(batch, plan, idx[row], itab, row, write_back)
         if device.type == "cuda":
             packed = packed.to(device, non_blocking=True)  # (pinned: no wait for the last step)
-        itab = packed[: w * n].view(torch.int64)
-        ftab_d = packed[w * n: (w + 2) * n]
-        hpt = packed[(w + 2) * n:]
         lr = batch.lr
         lr_tensor = isinstance(lr, torch.Tensor)
-        lr_arg = lr.to(device) if lr_tensor else hpt
-        gs_arg = batch.grad_scale.to(device) if batch.grad_scale is not None else hpt
+        # (packed stands for any pointer the kernel does not read)
+        lr_arg = lr.to(device) if lr_tensor else packed
+        gs_arg = batch.grad_scale.to(device) if batch.grad_scale is not None else packed
         flags = (k, batch.stats is not None, lr_tensor, batch.grad_scale is not None,
                  found_inf is not None,
                  bool(batch.maximize), bool(batch.decoupled), bool(batch.amsgrad),
@@ -396,14 +396,14 @@ class TritonBackend(Backend):
         name, grid, starts, part, cbase, kwargs = launch
         kernel = getattr(_load(), name)
         if part is None:  # no statistics: the kernel reads neither
-            part = cbase = hpt
-        fi = found_inf if found_inf is not None else hpt  # (read only with SKIP)
+            part = cbase = packed
+        fi = found_inf if found_inf is not None else packed  # (read only with SKIP)
         if plan.int8:
             qtab = batch.qtables.to(device=device, dtype=torch.float32).contiguous()
-            kernel[(grid,)](itab, ftab_d, starts, hpt, lr_arg, gs_arg, qtab, n, part=part,
-                            cbase=cbase, found_inf=fi, **kwargs)
+            kernel[(grid,)](packed, starts, lr_arg, gs_arg, qtab, n, part=part, cbase=cbase,
+                            found_inf=fi, **kwargs)
         else:
-            kernel[(grid,)](itab, ftab_d, starts, hpt, lr_arg, gs_arg, n, part=part, cbase=cbase,
+            kernel[(grid,)](packed, starts, lr_arg, gs_arg, n, part=part, cbase=cbase,
                             found_inf=fi, **kwargs)
         for t, tc in write_back:
             t.copy_(tc)
