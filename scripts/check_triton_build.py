@@ -41,7 +41,8 @@ import importlib.util  # noqa: E402
 
 import torch  # noqa: E402
 
-from check_codegen import parse_ptx, ptx_rules  # noqa: E402
+from check_codegen import ptx_rules  # noqa: E402
+from cuobjdump import parse_ptx  # noqa: E402
 
 # triton_kernels/ is installed as onepass.triton_kernels (pyproject.toml's package-dir): map it
 # so that this runs from the source tree without an install.
