@@ -62,20 +62,22 @@ STAGE void fp32_update(float* p, const float* g, float* m, float* v, const StepS
 STAGE void bf16_update(float* p, const float* g, uint16_t* m, uint16_t* v, const StepScalars<float>& s,
                        uint32_t km, uint32_t kv) {
   const StepScalars<float> sc = s;
+  // (as loops_lowp.cpp: a 32-bit count, and the index's high half, 0 here, in the keys)
 #pragma omp simd
-  for (int64_t i = 0; i < kN; ++i) {
+  for (uint32_t j = 0; j < uint32_t(kN); ++j) {
+    const int64_t i = j;
     float pi = p[i], mi = bf16_to_float(m[i]), vi = bf16_to_float(v[i]), unused = 0.0f;
     adam_element<float, false, false, false, false>(pi, g[i], mi, vi, unused, sc);
     p[i] = pi;
-    m[i] = float_to_bf16_stochastic(mi, random_bits(km, static_cast<uint64_t>(i)));
-    v[i] = float_to_bf16_stochastic(vi, random_bits(kv, static_cast<uint64_t>(i)));
+    m[i] = float_to_bf16_stochastic(mi, random_bits_lo(km, static_cast<uint32_t>(i)));
+    v[i] = float_to_bf16_stochastic(vi, random_bits_lo(kv, static_cast<uint32_t>(i)));
   }
 }
 
 STAGE void sr_hash(const float* x, uint16_t* out, uint32_t key) {
 #pragma omp simd
-  for (int64_t i = 0; i < kN; ++i)
-    out[i] = float_to_bf16_stochastic(x[i], random_bits(key, static_cast<uint64_t>(i)));
+  for (uint32_t j = 0; j < uint32_t(kN); ++j)
+    out[j] = float_to_bf16_stochastic(x[j], random_bits_lo(key, j));
 }
 
 STAGE void int8_decode(const uint8_t* qm, const uint8_t* qv, const float* am, const float* av,

@@ -18,12 +18,13 @@ namespace {
 // and for int8 (reference.element_index).
 
 // Writes the new param value `pv` of element `idx` (and its Kahan compensation); returns the
-// value as stored, widened to float.
+// value as stored, widened to float. Stochastic rounding: its random bits are
+// random_bits_lo(rkey, idx_lo), rkey the param stream's range_key for idx.
 template <typename P, int PR>
-inline __attribute__((always_inline)) float store_param(P* p, Bf16* comp, float pv, uint32_t key,
-                                                        uint64_t idx) {
+inline __attribute__((always_inline)) float store_param(P* p, Bf16* comp, float pv, uint32_t rkey,
+                                                        uint32_t idx_lo) {
   if constexpr (PR == kStochastic) {
-    const uint16_t stored = float_to_bf16_stochastic(pv, random_bits(key, idx));
+    const uint16_t stored = float_to_bf16_stochastic(pv, random_bits_lo(rkey, idx_lo));
     p->x = stored;
     return bf16_to_float(stored);
   } else if constexpr (PR == kKahan) {
@@ -59,19 +60,21 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
   M* __restrict v = static_cast<M*>(w.v);
   float* __restrict vm = static_cast<float*>(w.v_max);
   Bf16* __restrict comp = static_cast<Bf16*>(w.comp);
-  const uint32_t key_p = w.key_p, key_m = w.key_m, key_v = w.key_v;
+  // the streams' keys for the current range of indices (range_key: set below per 2**32 block)
+  uint32_t key_p = 0, key_m = 0, key_v = 0;
   const StepScalars<float> sc = s;
   auto elem = [&](int64_t i, int64_t lane, float* aw, float* ad) __attribute__((always_inline)) {
+    const uint32_t lo = static_cast<uint32_t>(i);
     const float old = Storage<P>::load(p + i);  // as stored (Kahan: without the compensation)
     float pi = load_param<P, PR>(p + i, comp + i);
     float mi = Storage<M>::load(m + i);
     float vi = Storage<M>::load(v + i);
     float vmi = AMS ? vm[i] : 0.0f;
     adam_element<float, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, sc);
-    const float nw = store_param<P, PR>(p + i, comp + i, pi, key_p, static_cast<uint64_t>(i));
+    const float nw = store_param<P, PR>(p + i, comp + i, pi, key_p, lo);
     if constexpr (SF == kBF16) {
-      m[i].x = float_to_bf16_stochastic(mi, random_bits(key_m, static_cast<uint64_t>(i)));
-      v[i].x = float_to_bf16_stochastic(vi, random_bits(key_v, static_cast<uint64_t>(i)));
+      m[i].x = float_to_bf16_stochastic(mi, random_bits_lo(key_m, lo));
+      v[i].x = float_to_bf16_stochastic(vi, random_bits_lo(key_v, lo));
     } else {
       m[i] = mi;
       v[i] = vi;
@@ -79,11 +82,23 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
     if (AMS) vm[i] = vmi;
     if constexpr (ST) add_squares(nw, old, aw[lane], ad[lane]);
   };
-  if constexpr (ST) {
-    stats_chunks<float>(w, begin, end, elem);
-  } else {
+  // Ranges within one 2**32 block of indices (every range of a tensor under 2**32 elements; a
+  // block boundary is a multiple of the statistics chunk), counted by a 32-bit j: the random
+  // bits' index is then 32-bit lanes (uint32(i) of begin + j narrows to them), with the high
+  // half in the keys.
+  for (int64_t b0 = begin; b0 < end;) {
+    const int64_t b1 = std::min<int64_t>(end, ((b0 >> 32) + 1) << 32);
+    key_p = range_key(w.key_p, static_cast<uint64_t>(b0));
+    key_m = range_key(w.key_m, static_cast<uint64_t>(b0));
+    key_v = range_key(w.key_v, static_cast<uint64_t>(b0));
+    if constexpr (ST) {
+      stats_chunks<float>(w, b0, b1, elem);
+    } else {
+      const uint32_t n = static_cast<uint32_t>(b1 - b0);
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) elem(i, 0, nullptr, nullptr);
+      for (uint32_t j = 0; j < n; ++j) elem(b0 + static_cast<int64_t>(j), 0, nullptr, nullptr);
+    }
+    b0 = b1;
   }
 }
 
@@ -141,7 +156,8 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
       }
       float unused = 0.0f;
       adam_element<float, false, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, unused, sc);
-      store_param<P, PR>(p + i, comp + i, pi, key_p, static_cast<uint64_t>(start + i));
+      const uint64_t idx = static_cast<uint64_t>(start + i);
+      store_param<P, PR>(p + i, comp + i, pi, range_key(key_p, idx), static_cast<uint32_t>(idx));
       mb[i] = mi;
       vb[i] = vi;
       bm = std::max(bm, abs_bits(mi));

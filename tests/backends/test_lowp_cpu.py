@@ -130,6 +130,42 @@ def test_int8_nan_gradient_agrees_and_poisons_its_block(dtype):
     assert torch.isnan(am[0, 1]) and not torch.isnan(am[0, 0]) and not torch.isnan(am[1]).any()
 
 
+@pytest.mark.parametrize("rnd", ["nearest", "stochastic"])
+def test_bf16_state_non_finite_values_agree_bit_for_bit(rnd):
+    """inf, -inf and NaN moments (and the NaN params they make) through the bf16 stores: the
+    stochastic rounding keeps an infinity and a NaN, as the reference does. NaNs compare as
+    values (torch writes a bf16 NaN as 0xffff here, the kernels as 0x7fc0); every other element
+    by its bits."""
+    inf, nan = float("inf"), float("nan")
+
+    def run(backend):
+        gen = torch.Generator().manual_seed(5)
+        p = torch.nn.Parameter((torch.randn(4, 300, generator=gen) * 0.5).bfloat16())
+        opt = onepass.AdamW([p], lr=1e-2, backend=backend, state_dtype="bf16",
+                            param_rounding=rnd, seed=7)
+        out = []
+        for step in range(3):
+            g = torch.randn(p.shape, generator=gen).bfloat16()
+            g[0, :4] = torch.tensor([inf, -inf, nan, 3e38])
+            g[2, 7 * step] = -inf
+            p.grad = g
+            opt.step()
+            st = opt.state[p]
+            out.append([p.detach().clone(), st["exp_avg"].clone(), st["exp_avg_sq"].clone()])
+        return out
+
+    got, want = run("cpu"), run("reference")
+    for step, (a, b) in enumerate(zip(got, want)):
+        for x, y in zip(a, b):
+            nan_x, nan_y = torch.isnan(x), torch.isnan(y)
+            assert torch.equal(nan_x, nan_y), f"step {step + 1}: NaNs in other places"
+            assert torch.equal(_bits(x)[~nan_x], _bits(y)[~nan_y]), f"step {step + 1}"
+    p, m, v = got[-1]
+    # the rules were exercised: infinite and NaN moments, NaN params
+    assert torch.isinf(m).any() and torch.isnan(m).any() and torch.isinf(v).any()
+    assert torch.isnan(p).any()
+
+
 def test_every_simd_variant_gives_the_reference_bits():
     want = {}
     for fmt, rnd in (("int8", "kahan"), ("bf16", "stochastic")):
