@@ -17,11 +17,13 @@ namespace cpu {
 namespace {
 
 // A thread walks its tensors one after another, and each new tensor starts four new streams (p, g,
-// m, v) that the hardware prefetcher picks up only after a few misses. Prefetching the first
-// kPrefetchLines lines of each stream of the next tensor while the current one runs cut the
-// `small` case (2000 tensors of 16 KB a stream) from 5.04 to 4.54 ms a step on this 2-core Zen 3
-// (interleaved A/B in one process, 20 rounds: 4 lines 4.64, 8 4.59, 12 4.54, 24 4.73 ms against
-// 5.09 without); gpt2's 148 long tensors do not notice it.
+// m, v) that the hardware prefetcher picks up only after a few misses; this prefetches the first
+// kPrefetchLines lines of each stream of the next tensor while the current one runs. On the
+// `small` case (2000 tensors of 16 KB a stream) on this 2-core Zen 3 it measured 4.54 against
+// 5.09 ms a step in one layout, but within 2% of no prefetch (and of 16 to 128 lines into L2, or
+// a line per page of the whole next tensor) in the benchmark's layout and a model's
+// (bench/results/prefetch-small-cpu-epyc-2core-20261130/): the gap to the mul_ ceiling there is
+// not the streams' start. gpt2's 148 long tensors do not notice it.
 constexpr int64_t kPrefetchLines = 8;
 
 inline void prefetch_start(const TensorWork& w) {
