@@ -1,4 +1,6 @@
-"""The arithmetic of onepass, stated once in plain PyTorch.
+"""The arithmetic of onepass, stated once in plain PyTorch: this file (the scalars and the update)
+and, re-exported here, reference_lowp.py (storage), reference_sqrt.py (the correctly rounded
+square root) and reference_stats.py (the fused statistics).
 
 Every backend (cpu, cuda, triton) must produce exactly these bits (``torch.equal``) for the same
 inputs. The C++ twin of this file is ``csrc/adam_math.h``; the two are kept in step by the tests.
@@ -35,7 +37,7 @@ operation at a time, in exactly this order::
 ``p`` is read from the param (bf16/fp16 widened exactly) and written back rounded to nearest even.
 State (m, v, v_max) is float32 for float32/bf16/fp16 params and float64 for float64 params.
 
-Storage (low precision; each rule is one function below, shared by every backend's statement):
+Storage (low precision; each rule is one function of reference_lowp.py, read as reference.X):
 
 * ``state_format="bf16"``: m and v are stored as bfloat16, widened exactly on load and rounded
   **stochastically** on store (:func:`round_bf16_stochastic`: nearest rounding would freeze v,
@@ -72,6 +74,17 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+# The low-precision storage rules (module docstring "Storage"), in their own file; read here as
+# reference.X like every other rule (__all__ below lists them).
+from .reference_lowp import (INT8_BLOCK, PARAM_ROUNDINGS, STATE_FORMATS, STREAM_M, STREAM_PARAM,
+                             STREAM_V, absmax_shape, dequantize_blocks, element_index, int8_rows,
+                             math_dtype, mix32, quantize_blocks, random_bits, round_bf16_stochastic,
+                             stream_key)
+# The correctly rounded square root, and the fused statistics' rule, likewise.
+from .reference_sqrt import sqrt_rn
+from .reference_stats import (STATS_CHUNK, STATS_GROUP, STATS_LANES, chunk_partials,
+                              sequential_sum, update_statistics)
+
 __all__ = [
     "StepScalars",
     "step_scalars",
@@ -81,15 +94,33 @@ __all__ = [
     "PARAM_DTYPES",
     "adam_step_",
     "adam_step_batch_",
+    # reference_lowp.py
+    "STATE_FORMATS",
+    "PARAM_ROUNDINGS",
+    "INT8_BLOCK",
+    "STREAM_PARAM",
+    "STREAM_M",
+    "STREAM_V",
+    "mix32",
+    "stream_key",
+    "random_bits",
+    "round_bf16_stochastic",
+    "element_index",
+    "int8_rows",
+    "absmax_shape",
+    "dequantize_blocks",
+    "quantize_blocks",
+    # reference_stats.py
+    "STATS_CHUNK",
+    "STATS_LANES",
+    "STATS_GROUP",
+    "chunk_partials",
+    "sequential_sum",
+    "update_statistics",
 ]
 
 #: The param dtypes onepass updates (state is float32 for the 16-bit ones, float64 for float64).
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-# Veltkamp's splitting constant for float64: 2**27 + 1 splits a 53-bit significand into two
-# 26-bit halves whose products are exact.
-_SPLIT = 134217729.0
-
 
 def pow_int(base: float, n: int) -> float:
     """base**n by binary exponentiation in float64, multiplications only.
@@ -204,75 +235,6 @@ def step_scalars(
     )
 
 
-def math_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """float64 params compute (and keep state) in float64; every other dtype in float32."""
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
-
-
-def _two_prod(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact float64 product a*b = hi + lo (Dekker, no FMA). Valid for |a|, |b| < ~1e300."""
-    hi = torch.mul(a, b)
-    t = torch.mul(a, _SPLIT)
-    a_hi = torch.sub(t, torch.sub(t, a))
-    a_lo = torch.sub(a, a_hi)
-    t = torch.mul(b, _SPLIT)
-    b_hi = torch.sub(t, torch.sub(t, b))
-    b_lo = torch.sub(b, b_hi)
-    lo = torch.sub(torch.mul(a_hi, b_hi), hi)
-    lo = torch.add(lo, torch.mul(a_hi, b_lo))
-    lo = torch.add(lo, torch.mul(a_lo, b_hi))
-    lo = torch.add(lo, torch.mul(a_lo, b_lo))
-    return hi, lo
-
-
-def _exact_product_gt(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """x > a*b exactly (all three are of x's dtype, float32 or float64; a*b close to x)."""
-    if x.dtype == torch.float32:
-        # A product of two float32 values has at most 48 significant bits: exact in float64.
-        return x.double() > torch.mul(a.double(), b.double())
-    hi, lo = _two_prod(a, b)
-    # hi is within a factor 2 of x, so x - hi is exact (Sterbenz); then x > hi + lo <=> x - hi > lo.
-    return torch.sub(x, hi) > lo
-
-
-def sqrt_rn(x: Tensor) -> Tensor:
-    """Correctly rounded square root of a float32 or float64 tensor, on any device.
-
-    torch's CPU ``sqrt`` may be 1 ulp off; this takes it as a first guess ``r`` and moves to a
-    neighbour when the exact comparison says the true root lies past the midpoint:
-
-    * up when x > r * r_up: the midpoint squared is r*r_up + u**2/4, and x - r*r_up is a multiple of
-      u**2 (u = r_up - r, x has at least the granularity of r**2), so "x > mid**2" is "x > r*r_up";
-    * down when x <= r_dn * r, by the same argument.
-
-    The products are exact (float64 for float32 inputs; Dekker's two-product for float64). Zero,
-    inf and NaN pass through unchanged. float64 inputs outside [2**-900, 2**900] are scaled by an
-    even power of two first (exact), so that the two-product neither underflows nor overflows.
-    """
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"sqrt_rn: expected float32 or float64, got {x.dtype}")
-    if x.dtype == torch.float32:
-        # A float64 root rounded to float32 is at most 1 float32-ulp off even if float64 is 1 ulp off.
-        return _sqrt_rn_core(x, torch.sqrt(x.double()).float())
-    small = x < 2.0**-900
-    big = x > 2.0**900
-    xs = torch.where(small, torch.mul(x, 2.0**200), torch.where(big, torch.mul(x, 2.0**-200), x))
-    r = _sqrt_rn_core(xs, torch.sqrt(xs))
-    return torch.where(small, torch.mul(r, 2.0**-100), torch.where(big, torch.mul(r, 2.0**100), r))
-
-
-def _sqrt_rn_core(x: Tensor, r: Tensor) -> Tensor:
-    """Moves the first guess ``r`` of sqrt(x) to the correctly rounded root (see sqrt_rn)."""
-    inf = torch.full((), math.inf, dtype=x.dtype, device=x.device)
-    r_up = torch.nextafter(r, inf)
-    r_dn = torch.nextafter(r, torch.zeros_like(inf))
-    go_up = _exact_product_gt(x, r, r_up)
-    go_dn = torch.logical_not(_exact_product_gt(x, r_dn, r))
-    special = torch.logical_or(r == 0, torch.logical_not(torch.isfinite(r)))
-    out = torch.where(go_up, r_up, torch.where(go_dn, r_dn, r))
-    return torch.where(special, r, out)
-
-
 def _scalar(x: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     # A 0-dim tensor holding x rounded once to the math dtype (torch rounds float64 -> float32
     # to nearest even), so no op ever sees a Python float that it might round differently.
@@ -284,140 +246,6 @@ def _read_step(step: Tensor) -> int:
     if value != math.floor(value) or value < 1:
         raise ValueError(f"onepass: step count must be a positive integer after increment, got {value}")
     return int(value)
-
-
-# ---- low-precision state and params (ARCHITECTURE.md section 2) ----------------------------------
-
-#: Optimizer-state formats: "fp32" (the math dtype: float32, float64 for float64 params), "bf16"
-#: (moments rounded stochastically to bfloat16) and "int8" (blockwise 8-bit codes + absmax).
-STATE_FORMATS = ("fp32", "bf16", "int8")
-#: How a bf16 param is written back: to nearest even, stochastically, or with a bf16 Kahan
-#: compensation buffer carrying what the rounding lost.
-PARAM_ROUNDINGS = ("nearest", "stochastic", "kahan")
-#: int8 state: elements per block (one float32 absmax each), blocks never crossing a dim-0 row.
-INT8_BLOCK = 256
-#: Random-stream numbers of the counter-based hash: the param and the two bf16 moments.
-STREAM_PARAM, STREAM_M, STREAM_V = 0, 1, 2
-
-_M32 = 0xFFFFFFFF
-# Multipliers of the 32-bit mixing function (a lowbias32-style xor-shift-multiply hash; constants
-# below 2**31 so the products stay exact in int64 in the torch statement below).
-_MIX1, _MIX2 = 0x21F0AAAD, 0x735A2D97
-_GOLDEN = 0x9E3779B9   # spreads consecutive (step, stream) counters over the key space
-_HI_MULT = 0x85EBCA6B  # folds bits 32.. of an element index into the key
-
-
-def mix32(x):
-    """The 32-bit mixing function on an int (Python) or an int64 tensor of values in [0, 2**32):
-    x ^= x>>16; x *= 0x21F0AAAD; x ^= x>>15; x *= 0x735A2D97; x ^= x>>15 (all mod 2**32)."""
-    x = x ^ (x >> 16)
-    x = (x * _MIX1) & _M32
-    x = x ^ (x >> 15)
-    x = (x * _MIX2) & _M32
-    return x ^ (x >> 15)
-
-
-def stream_key(seed: int, step: int, stream: int) -> int:
-    """The 32-bit key of one random stream at one step (host side, once per tensor and step)."""
-    return mix32((int(seed) + _GOLDEN * (4 * int(step) + int(stream))) & _M32)
-
-
-def random_bits(key: int, index: Tensor) -> Tensor:
-    """32 random bits per element: mix32(key ^ lo32(index) ^ (hi32(index) * 0x85EBCA6B mod 2**32))
-    for int64 element indices; an int64 tensor of values in [0, 2**32)."""
-    folded = (index & _M32) ^ (((index >> 32) * _HI_MULT) & _M32)
-    return mix32(folded ^ key)
-
-
-def round_bf16_stochastic(x: Tensor, bits: Tensor) -> Tensor:
-    """float32 -> bfloat16, rounding up in magnitude with probability (dropped bits) / 2**16: the
-    low 16 random bits are added to the float32 bit pattern, then the low half is cut off.
-    Non-finite values round to nearest (NaN stays NaN, inf stays inf)."""
-    b = x.view(torch.int32).to(torch.int64) & _M32
-    hi = (torch.add(b, bits & 0xFFFF) >> 16) & 0xFFFF
-    sr = torch.sub(torch.bitwise_xor(hi, 0x8000), 0x8000).to(torch.int16).view(torch.bfloat16)
-    return torch.where(torch.isfinite(x), sr, x.to(torch.bfloat16))
-
-
-def element_index(param: Tensor, contiguous_walk: bool = False) -> Tensor:
-    """Each element's index in the order the kernels walk the param: storage order for a dense
-    param (its state has the same strides), row-major order otherwise or when ``contiguous_walk``
-    (int8 state, which is always row-major)."""
-    n = param.numel()
-    base = torch.arange(n, dtype=torch.int64, device=param.device)
-    if not contiguous_walk and _dense(param) and not param.is_contiguous():
-        return base.as_strided(param.shape, param.stride())
-    return base.view(param.shape)
-
-
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of its dims is contiguous (as at::Tensor's
-    is_non_overlapping_and_dense, which Python does not expose)."""
-    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
-    expected = 1
-    for st, sz in dims:
-        if st != expected:
-            return False
-        expected *= sz
-    return True
-
-
-def int8_rows(shape) -> tuple[int, int]:
-    """(rows, row length) of the int8 block layout: dim 0 by the rest (a 0-/1-dim tensor is one row)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    if len(shape) < 2:
-        return 1, n
-    rows = int(shape[0])
-    return rows, (n // rows if rows else 0)
-
-
-def absmax_shape(shape) -> tuple[int, int]:
-    """The shape of an int8 moment's absmax tensor: (rows, blocks per row)."""
-    rows, length = int8_rows(shape)
-    return rows, -(-length // INT8_BLOCK)
-
-
-def dequantize_blocks(q: Tensor, absmax: Tensor, code: Tensor) -> Tensor:
-    """float32 values code[q] * absmax (one multiply) of a uint8 tensor laid out as int8_rows."""
-    rows, length = int8_rows(q.shape)
-    vals = code.to(q.device)[q.reshape(rows, length).long()]
-    scale = absmax.repeat_interleave(INT8_BLOCK, dim=1)[:, :length]
-    return torch.mul(vals, scale).view(q.shape)
-
-
-def quantize_blocks(x: Tensor, mid: Tensor, keep_positive: bool = False) -> tuple[Tensor, Tensor]:
-    """(codes uint8 of x's shape, absmax float32 [rows, blocks]) of float32 ``x``.
-
-    ``keep_positive`` (the second moment v): a positive ``x * r`` never gets code 0 but at least
-    code 1, the map's smallest positive value. A v that dequantized to 0 while its m kept a code
-    would turn the next small or zero gradient into a step of lr * m / eps, thousands of times
-    the usual one (the failure of blockwise 8-bit optimizers the main job's accuracy protocol
-    shows); the smallest code bounds |m| / sqrt(v) near 1 instead.
-
-    absmax = max |x| over the block (NaN if any element is NaN). Its scale r = 1 / absmax (one
-    correctly rounded division per block; 0 when absmax is below the smallest normal float32, inf
-    or NaN, so r is always finite) and x * r (one multiply per element: a kernel spends one
-    division per block, not one per element) picks code q = number of midpoints < x * r, so ties go
-    to the lower code and NaN to code 0. x * r may exceed 1 by an ulp; the count tops out at 255.
-    A non-finite block dequantizes to non-finite values (absmax inf or NaN): never to
-    plausible-looking numbers. A block whose absmax is below 2**-126 stores zeros' code (values
-    that small are zero to an optimizer; 1 / absmax would overflow)."""
-    rows, length = int8_rows(x.shape)
-    x2 = x.reshape(rows, length)
-    nb = -(-length // INT8_BLOCK)
-    padded = torch.nn.functional.pad(x2, (0, nb * INT8_BLOCK - length))
-    absmax = padded.view(rows, nb, INT8_BLOCK).abs().amax(dim=-1)
-    usable = (absmax >= torch.finfo(torch.float32).tiny) & (absmax < float("inf"))
-    inv = torch.where(usable, torch.div(1.0, absmax), torch.zeros((), dtype=x.dtype, device=x.device))
-    scale = inv.repeat_interleave(INT8_BLOCK, dim=1)[:, :length]
-    xn = torch.mul(x2, scale)
-    q = torch.searchsorted(mid.to(x.device), xn.contiguous())
-    q = torch.where(torch.isnan(xn), torch.zeros_like(q), q)
-    if keep_positive:
-        q = torch.where((q == 0) & (xn > 0), torch.ones_like(q), q)
-    return q.to(torch.uint8).view(x.shape), absmax
 
 
 def adam_step_(
@@ -495,86 +323,6 @@ def adam_step_(
 
 
 _CHUNK = 1 << 24
-
-# ---- fused statistics ----------------------------------------------------------------------------
-#: Elements per chunk of the statistics' partial sums (int8 state: its blocks are the chunks).
-STATS_CHUNK = 2048
-#: Lanes of an element-wise format's chunk: STATS_CHUNK // STATS_LANES = 128 rows of
-#: STATS_LANES consecutive elements, added row after row (see chunk_partials). An int8 block is
-#: summed by the tree alone.
-STATS_LANES = 16
-#: Chunk partials per second-level tree: a param's chunks are summed in groups of this many by the
-#: same halving tree (float64), and only the groups' sums in order. A GPU then adds at most a few
-#: hundred values one after another per param (2**30 elements: 256), not 2**19 chunks.
-STATS_GROUP = 2048
-
-
-def chunk_partials(x: Tensor, chunk: int, lanes: Optional[int] = None) -> Tensor:
-    """The sum of each ``chunk`` consecutive elements of 1-D ``x`` (zero-padded). The chunk is
-    cut into rows of ``lanes`` consecutive elements; the rows are added lane by lane in order
-    (row 0 + row 1, then + row 2, ...), then the lanes by a halving tree ``a[:h] + a[h:]`` until
-    one element is left. ``lanes`` = ``chunk`` (the default): the tree alone.
-
-    Why rows first: a kernel walks the chunk in memory order, so it adds each row's squares into
-    its lane accumulators (16: vector registers on a CPU, threads on a GPU) inside the update loop
-    while the loads are in flight, and only the short tree over the lanes runs after it. A tree
-    over the whole chunk needs its squares stored and summed in a pass of its own: on a 2-core
-    Zen 3 that cost +21% of a gpt2 step (csrc/cpu/stats.h has the figures). A fixed order
-    either way, so SIMD lanes, GPU threads and this statement all add the same pairs."""
-    lanes = chunk if lanes is None else lanes
-    n = x.numel()
-    nc = -(-n // chunk)
-    a = torch.nn.functional.pad(x.reshape(-1), (0, nc * chunk - n)).view(nc, chunk // lanes, lanes)
-    acc = a[:, 0]
-    for r in range(1, chunk // lanes):
-        acc = torch.add(acc, a[:, r])
-    h = lanes
-    while h > 1:
-        h //= 2
-        acc = torch.add(acc[:, :h], acc[:, h:])
-    return acc.reshape(nc)
-
-
-def sequential_sum(partials: Tensor) -> float:
-    """float64 sum of the partials in order, from 0.0 (the host loop of every backend)."""
-    total = 0.0
-    for v in partials.to(torch.float64).tolist():
-        total += v  # a Python float add: one IEEE double add
-    return total
-
-
-def _walk(x: Tensor, like: Tensor, int8: bool, dt: torch.dtype) -> Tensor:
-    """``x``'s elements as the kernels walk ``like`` (1-D, math dtype); for int8 state each
-    dim-0 row is padded with zeros to whole blocks, so chunk k is block k."""
-    x = x.to(dt)
-    if int8:
-        rows, length = int8_rows(x.shape)
-        nb = -(-length // INT8_BLOCK)
-        return torch.nn.functional.pad(x.reshape(rows, length), (0, nb * INT8_BLOCK - length)).reshape(-1)
-    out = torch.empty(x.numel(), dtype=dt, device=x.device)
-    out[element_index(like).reshape(-1)] = x.reshape(-1)
-    return out
-
-
-def update_statistics(old: Tensor, new: Tensor, int8: bool = False) -> tuple[float, float]:
-    """(Σ w², Σ Δw²) of one step: ``w`` = the param as stored after the step, ``Δw = w − w_old``
-    (the param as stored before), in the math dtype; each square one rounded multiply. Sums: per
-    chunk (:data:`STATS_CHUNK` elements of the walk in rows of :data:`STATS_LANES`, or an int8
-    block by the tree alone) by :func:`chunk_partials` in the math dtype; the chunk sums, widened to float64, per
-    group of :data:`STATS_GROUP` by :func:`chunk_partials` again (the tree alone); then
-    :func:`sequential_sum` over the groups. ‖w‖ and ‖Δw‖ are the square roots (taken by the
-    optimizer, not the kernels)."""
-    dt = math_dtype(new.dtype)
-    chunk, lanes = (INT8_BLOCK, INT8_BLOCK) if int8 else (STATS_CHUNK, STATS_LANES)
-    w = _walk(new, new, int8, dt)
-    d = torch.sub(w, _walk(old, new, int8, dt))
-
-    def total(sq: Tensor) -> float:
-        parts = chunk_partials(sq, chunk, lanes).to(torch.float64)
-        return sequential_sum(chunk_partials(parts, STATS_GROUP))
-
-    return total(torch.mul(w, w)), total(torch.mul(d, d))
-
 
 def _load_moment(x: Tensor, absmax: Optional[Tensor], fmt: str, dt: torch.dtype,
                  code: Optional[Tensor]) -> Tensor:

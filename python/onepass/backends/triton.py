@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import reference
+from .. import reference, reference_lowp
 from .base import Backend, Batch, SkippedCounts, defers_found_inf
 from .reference import check_batch
 from .triton_tables import _bump_steps, _next_counts, _pair_table, _step_table
@@ -276,7 +276,7 @@ def _walk_view(p: torch.Tensor, int8: bool):
     """The permutation of dims that walks a dense non-contiguous param in storage order (the
     element order of reference.element_index), or None: row-major (contiguous params, params with
     gaps, int8 state, whose blocks are always row-major)."""
-    if int8 or p.is_contiguous() or not reference._dense(p):
+    if int8 or p.is_contiguous() or not reference_lowp._dense(p):
         return None
     perm = sorted(range(p.dim()), key=lambda d: -p.stride(d))
     return perm if p.permute(perm).is_contiguous() else None
