@@ -120,9 +120,8 @@ STAGE void int8_encode(const float* m, const float* v, const float* am, const fl
 #pragma omp simd
     for (int j = 0; j < kBlock; ++j) {
       const int64_t i = b * kBlock + j;
-      const float y = op_mul(v[i], iv);
       qm[i] = static_cast<uint8_t>(float_map_code_m(op_mul(m[i], im)));
-      qv[i] = static_cast<uint8_t>(keep_positive(float_map_code_v(y), y));
+      qv[i] = static_cast<uint8_t>(float_map_code_v_kept(op_mul(v[i], iv)));
     }
   }
 }

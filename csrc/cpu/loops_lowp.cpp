@@ -171,8 +171,7 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
 #pragma omp simd
       for (int i = 0; i < len; ++i) {
         cm[i] = float_map_code_m(op_mul(mb[i], im));
-        const float y = op_mul(vb[i], iv);
-        cv[i] = keep_positive(float_map_code_v(y), y);
+        cv[i] = float_map_code_v_kept(op_mul(vb[i], iv));
       }
 #pragma omp simd
       for (int i = 0; i < len; ++i) {

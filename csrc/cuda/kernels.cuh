@@ -374,7 +374,7 @@ int8_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
       const float y = op_mul(vb[e], iv);
       if constexpr (FMAP) {
         qm[j] = static_cast<uint8_t>(float_map_code_m(op_mul(mb[e], im)));
-        qv[j] = static_cast<uint8_t>(keep_positive(float_map_code_v(y), y));
+        qv[j] = static_cast<uint8_t>(float_map_code_v_kept(y));
       } else {
         qm[j] = static_cast<uint8_t>(quantize_code(mb[e], im, tab + kMidM));
         qv[j] = static_cast<uint8_t>(keep_positive(code_search(y, tab + kMidV), y));
