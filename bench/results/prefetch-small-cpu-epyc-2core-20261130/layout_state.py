@@ -7,6 +7,14 @@ def make(mode):
     opt.step()
     if mode == "default":
         return opt
+    if mode == "twopass":
+        ms = [torch.zeros_like(p) for p in ps]
+        vs = [torch.zeros_like(p) for p in ps]
+        for p, m, v in zip(ps, ms, vs):
+            st = opt.state[p]
+            m.copy_(st["exp_avg"]); v.copy_(st["exp_avg_sq"])
+            st["exp_avg"] = m; st["exp_avg_sq"] = v
+        return opt
     # flat buffers: all m in one, all v in another, with a gap between tensors of `pad` floats
     pad = {"flat": 0, "flat+16": 16, "flat+1024": 1024}[mode]
     off = {"flat": 0, "flat+16": 16 * 7, "flat+1024": 333}[mode]
