@@ -78,15 +78,11 @@ void check_batch_state(const BatchArgs& a, size_t i, at::ScalarType math) {
 double read_step(const at::Tensor& st) {
   // (raw_data: a step count is a one-element CPU tensor with storage wherever this is called,
   // and data_ptr()'s checks were a third of this read in a 2000-tensor step)
-  const void* d = raw_data(st);
-  return st.scalar_type() == at::kFloat ? static_cast<double>(*static_cast<const float*>(d))
-                                        : *static_cast<const double*>(d);
+  return count_at(raw_data(st), st.scalar_type() == at::kDouble);
 }
 
 int64_t advance_step(const at::Tensor& st) {
-  void* d = const_cast<void*>(raw_data(st));
-  if (st.scalar_type() == at::kFloat) return static_cast<int64_t>(*static_cast<float*>(d) += 1.0f);
-  return static_cast<int64_t>(*static_cast<double*>(d) += 1.0);
+  return advance_count_at(const_cast<void*>(raw_data(st)), st.scalar_type() == at::kDouble);
 }
 
 void check_step_tensor(const at::Tensor& st, size_t i) {

@@ -22,15 +22,8 @@ struct PlanCounts {
   std::vector<void*> data;
   std::vector<uint8_t> f64;
 
-  double value(size_t i) const {
-    return f64[i] ? *static_cast<const double*>(data[i])
-                  : static_cast<double>(*static_cast<const float*>(data[i]));
-  }
-  // count + 1, written (exact below 2**24); returns the new count
-  int64_t advance(size_t i) const {
-    if (f64[i]) return static_cast<int64_t>(*static_cast<double*>(data[i]) += 1.0);
-    return static_cast<int64_t>(*static_cast<float*>(data[i]) += 1.0f);
-  }
+  double value(size_t i) const { return count_at(data[i], f64[i]); }
+  int64_t advance(size_t i) const { return advance_count_at(data[i], f64[i]); }  // the new count
   size_t size() const { return data.size(); }
 };
 

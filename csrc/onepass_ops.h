@@ -134,6 +134,16 @@ DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad);
 // Checks a grad against its param (dense, same dtype, device and shape); i names it in the error.
 void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i);
 
+// A step count's value at its address (a float32, or a float64 when f64), and count + 1 written
+// there (exact below 2**24) returning the new count: read_step / advance_step on a tensor, and a
+// plan's kept addresses (group_plan.h: PlanCounts).
+inline double count_at(const void* d, bool f64) {
+  return f64 ? *static_cast<const double*>(d) : static_cast<double>(*static_cast<const float*>(d));
+}
+inline int64_t advance_count_at(void* d, bool f64) {
+  if (f64) return static_cast<int64_t>(*static_cast<double*>(d) += 1.0);
+  return static_cast<int64_t>(*static_cast<float*>(d) += 1.0f);
+}
 // A host step-count tensor's value (float32 or float64, one element).
 double read_step(const at::Tensor& st);
 // count += 1 on a host step-count tensor that passed check_step_tensor; returns the new count.

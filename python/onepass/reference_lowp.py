@@ -2,7 +2,7 @@
 section 2): the math dtype a param's state is kept in, the counter-based random streams and bf16
 stochastic rounding, the element order the streams are indexed by, and the int8 blocks with their
 absmax. reference.py
-states the update around them and re-exports every name here, so ``reference.X`` is where each
+states the update around them and re-exports every public name here, so ``reference.X`` is where each
 rule is read; csrc/adam_math.h and triton_kernels/adam.py are their twins."""
 
 from __future__ import annotations

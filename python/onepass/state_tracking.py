@@ -71,7 +71,8 @@ class _State(defaultdict):
         self._deferred: Optional[list] = None
 
     def _settle(self) -> None:
-        settle(self._deferred)
+        if self._deferred:  # (every read of the state passes here: nothing more when empty)
+            settle(self._deferred)
 
     __getitem__ = _after(defaultdict, "__getitem__", _settle)
     get = _after(defaultdict, "get", _settle)

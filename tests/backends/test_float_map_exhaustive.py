@@ -4,22 +4,16 @@ and run over all 2**32 bit patterns in ~6 s."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
-import pytest
+from tests._cxx import build_and_run, needs_gxx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(HERE, "..", "..", "csrc")
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+pytestmark = needs_gxx
 
 
 def _run(tmp_path, *defines):
-    exe = str(tmp_path / "float_map_test")
-    subprocess.run(["g++", "-std=c++20", "-O2", "-Wall", "-Werror", "-I" + CSRC, *defines,
-                    os.path.join(HERE, "float_map_test.cpp"), "-o", exe], check=True)
-    return subprocess.run([exe], capture_output=True, text=True)
+    return build_and_run(os.path.join(HERE, "float_map_test.cpp"), tmp_path, *defines)
 
 
 def test_fused_v_code_equals_keep_positive_of_the_search_on_every_float(tmp_path):

@@ -5,22 +5,16 @@ C++ with no CUDA or torch, so g++ builds it in about a second."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 
-import pytest
+from tests._cxx import build_and_run, needs_gxx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(HERE, "..", "..", "csrc")
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+pytestmark = needs_gxx
 
 
 def _run(tmp_path, *defines):
-    exe = str(tmp_path / "plan_test")
-    subprocess.run(["g++", "-std=c++20", "-O2", "-Wall", "-Werror", "-I" + CSRC, *defines,
-                    os.path.join(HERE, "plan_test.cpp"), "-o", exe], check=True)
-    return subprocess.run([exe, "300"], capture_output=True, text=True)
+    return build_and_run(os.path.join(HERE, "plan_test.cpp"), tmp_path, *defines, args=["300"])
 
 
 def test_every_element_once_every_vector_access_aligned(tmp_path):

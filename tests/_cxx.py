@@ -1,0 +1,23 @@
+"""Standalone C++ test programs (plain C++ against csrc/ headers, no torch): built by g++ with
+warnings as errors, then run. Used by tests/cuda/test_plan.py and
+tests/backends/test_float_map_exhaustive.py."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "csrc")
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not found")
+
+
+def build_and_run(source: str, tmp_path, *defines: str, args=()) -> subprocess.CompletedProcess:
+    """Builds ``source`` (-O2, C++20, -Wall -Werror, csrc/ on the include path, ``defines``) in
+    ``tmp_path`` and runs it with ``args``; returns the finished process (stdout captured)."""
+    exe = str(tmp_path / os.path.splitext(os.path.basename(source))[0])
+    subprocess.run(["g++", "-std=c++20", "-O2", "-Wall", "-Werror", "-I" + CSRC, *defines, source,
+                    "-o", exe], check=True)
+    return subprocess.run([exe, *args], capture_output=True, text=True)
