@@ -14,7 +14,11 @@
 //   int8 update      adam_element on decoded m, v (registers), p and g from memory
 //   absmax           the unsigned max of |m|, |v| bit patterns over each block
 //   int8 encode      block_scale, then the float3 codes of m and v (keep_positive on v)
+//   int8 block, compiled   the four above as int8_blocks runs them (the base variant's loops:
+//                          codes widened in a loop of their own, narrowed in another)
+//   int8 block, by hand    csrc/cpu/int8_block_avx2.h, what the avx2 variant runs for fp32 params
 #include "../csrc/adam_math.h"
+#include "../csrc/cpu/int8_block_avx2.h"
 
 #include <chrono>
 #include <cstdint>
@@ -126,6 +130,60 @@ STAGE void int8_encode(const float* m, const float* v, const float* am, const fl
   }
 }
 
+
+STAGE void int8_block_compiled(float* p, const float* g, uint8_t* qm, uint8_t* qv, float* am,
+                               float* av, const StepScalars<float>& s) {
+  const StepScalars<float> sc = s;
+  alignas(64) float mb[kBlock];
+  alignas(64) float vb[kBlock];
+  alignas(64) uint32_t cm[kBlock];
+  alignas(64) uint32_t cv[kBlock];
+  for (int64_t b = 0; b < kN / kBlock; ++b) {
+    const int64_t o = b * kBlock;
+    const float sm = am[b], sv = av[b];
+#pragma omp simd
+    for (int i = 0; i < kBlock; ++i) {
+      cm[i] = qm[o + i];
+      cv[i] = qv[o + i];
+    }
+    uint32_t bm = 0, bv = 0;
+#pragma omp simd reduction(max : bm, bv)
+    for (int i = 0; i < kBlock; ++i) {
+      float pi = p[o + i], unused = 0.0f;
+      float mi = op_mul(float_map_value_m(cm[i]), sm);
+      float vi = op_mul(float_map_value_v(cv[i]), sv);
+      adam_element<float, false, false, false, false>(pi, g[o + i], mi, vi, unused, sc);
+      p[o + i] = pi;
+      mb[i] = mi;
+      vb[i] = vi;
+      const uint32_t x = abs_bits(mi), y = abs_bits(vi);
+      bm = x > bm ? x : bm;
+      bv = y > bv ? y : bv;
+    }
+    const float nam = bits_float(bm), nav = bits_float(bv);
+    const float im = block_scale(nam), iv = block_scale(nav);
+#pragma omp simd
+    for (int i = 0; i < kBlock; ++i) {
+      cm[i] = float_map_code_m(op_mul(mb[i], im));
+      cv[i] = float_map_code_v_kept(op_mul(vb[i], iv));
+    }
+#pragma omp simd
+    for (int i = 0; i < kBlock; ++i) {
+      qm[o + i] = static_cast<uint8_t>(cm[i]);
+      qv[o + i] = static_cast<uint8_t>(cv[i]);
+    }
+    am[b] = nam;
+    av[b] = nav;
+  }
+}
+
+STAGE void int8_block_by_hand(float* p, const float* g, uint8_t* qm, uint8_t* qv, float* am,
+                              float* av, const StepScalars<float>& s) {
+  const StepScalars<cpu::F8> sc = cpu::step_scalars_f8(s);
+  for (int64_t b = 0; b < kN / kBlock; ++b)
+    cpu::int8_block_avx2<false, false, false>(p + b * kBlock, g + b * kBlock, qm + b * kBlock,
+                                              qv + b * kBlock, am + b, av + b, sc);
+}
 }  // namespace
 
 int main() {
@@ -148,6 +206,9 @@ int main() {
   const StepScalars<float> s = make_step_scalars<float>(10, 0.0, 0.9, 0.999, 1e-8, 0.0, true, 1.0);
   const uint32_t km = stream_key(0, 10, kStreamM), kv = stream_key(0, 10, kStreamV);
   std::vector<float> mw(m), vw(v);  // working copies the update stages write
+  // the two int8 blocks' own states, from the same start (compared after the timing)
+  std::vector<uint8_t> q1m(qm), q1v(qv), q2m(qm), q2v(qv);
+  std::vector<float> a1m(am), a1v(av), a2m(am), a2v(av);
 
   struct Row { const char* name; double ns; };
   const Row rows[] = {
@@ -158,12 +219,18 @@ int main() {
       {"int8 update (decoded m, v)", ns_per_element([&] { int8_update(p.data(), g.data(), mw.data(), vw.data(), s); })},
       {"absmax (m and v)", ns_per_element([&] { absmax(mw.data(), vw.data(), am.data(), av.data()); })},
       {"int8 encode (m and v)", ns_per_element([&] { int8_encode(mw.data(), vw.data(), am.data(), av.data(), qm.data(), qv.data()); })},
+      {"int8 block, compiled", ns_per_element([&] { int8_block_compiled(p.data(), g.data(), q1m.data(), q1v.data(), a1m.data(), a1v.data(), s); })},
+      {"int8 block, by hand", ns_per_element([&] { int8_block_by_hand(p.data(), g.data(), q2m.data(), q2v.data(), a2m.data(), a2v.data(), s); })},
   };
+  // the same number of passes from the same start: the same codes and absmax (lr is 0, so the
+  // params do not move)
+  const bool same = q1m == q2m && q1v == q2v && a1m == a2m && a1v == a2v;
   uint64_t check = 0;  // (keeps every result alive)
   for (int64_t i = 0; i < kN; i += 997) check += qm[i] + qv[i] + m16[i] + float_bits(p[i]);
   std::printf("stage_cost: %lld elements (L2), 1 thread, AVX2, best of 5 x %d passes, ns/element\n",
               static_cast<long long>(kN), kReps);
   for (const Row& r : rows) std::printf("  %-30s %6.3f\n", r.name, r.ns);
-  std::printf("  (checksum %llu)\n", static_cast<unsigned long long>(check));
+  std::printf("  (checksum %llu; int8 blocks compiled and by hand agree: %s)\n",
+              static_cast<unsigned long long>(check), same ? "yes" : "NO");
   return 0;
 }

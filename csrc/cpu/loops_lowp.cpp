@@ -2,6 +2,7 @@
 // int8 state. Same element math (adam_element) as loops_full.cpp and the same three ISA
 // variants; only the loads and stores around it differ.
 #include "code_index.h"
+#include "int8_block_avx2.h"
 #include "isa.h"
 #include "stats.h"
 #include "work.h"
@@ -102,12 +103,25 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
   }
 }
 
+// Where int8 block k of a tensor starts (its element index) and how many elements it holds: blocks
+// run along rows (reference.quantize_blocks), the last of a row is short when the row is.
+struct Int8BlockAt {
+  int64_t start;
+  int len;
+};
+inline __attribute__((always_inline)) Int8BlockAt int8_block_at(const TensorWork& w, int64_t k) {
+  const int64_t row = k / w.blocks_per_row;
+  const int64_t col = (k - row * w.blocks_per_row) * kInt8Block;
+  return {row * w.row_len + col, static_cast<int>(std::min<int64_t>(kInt8Block, w.row_len - col))};
+}
+
 // int8 state over blocks [kb, ke): dequantize, update (param written in the same pass), new
 // absmax of the block's m and v, quantize. The block's values wait in two small local buffers.
 // FMAP: the maps are quant's "float3" maps, decoded and searched with integer operations
 // (float_map_value_* / float_map_code_*); otherwise table loads and a search of the midpoints.
 // Measured on a 2-core AVX2 EPYC (Zen 3), one thread, L2-resident block loop: the table path
-// costs ~2x the fp32 element math, the bit path ~1.3x.
+// costs ~2x the fp32 element math, the bit path ~1.3x (int8_blocks_avx2 takes fp32 params'
+// blocks under the float3 maps where AVX2 is present).
 template <typename P, bool MAX, bool COUPLED, bool SCALED, int PR, bool FMAP>
 inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
                                                        const StepScalars<float>& s, int64_t kb,
@@ -121,10 +135,7 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
   alignas(64) float mb[kInt8Block];
   alignas(64) float vb[kInt8Block];
   for (int64_t k = kb; k < ke; ++k) {
-    const int64_t row = k / w.blocks_per_row;
-    const int64_t col = (k - row * w.blocks_per_row) * kInt8Block;
-    const int64_t start = row * w.row_len + col;
-    const int len = static_cast<int>(std::min<int64_t>(kInt8Block, w.row_len - col));
+    const auto [start, len] = int8_block_at(w, k);
     P* __restrict p = static_cast<P*>(w.p) + start;
     const P* __restrict g = static_cast<const P*>(w.g) + start;
     uint8_t* __restrict qm = static_cast<uint8_t*>(w.m) + start;
@@ -215,25 +226,47 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
   }
 }
 
-#define ONEPASS_DEFINE_LOWP_ISA(NAME, TARGET)                                                     \
+// int8_blocks for fp32 params with nearest rounding under the float3 maps, where AVX2 is present:
+// whole blocks by hand (int8_block_avx2), a row's short last block by int8_blocks.
+template <bool MAX, bool COUPLED, bool SCALED>
+inline __attribute__((always_inline, target("avx2"))) void int8_blocks_avx2(
+    const TensorWork& w, const StepScalars<float>& s, int64_t kb, int64_t ke) {
+  const StepScalars<F8> sc = step_scalars_f8(s);
+  for (int64_t k = kb; k < ke; ++k) {
+    const auto [start, len] = int8_block_at(w, k);
+    if (len < kInt8Block) {
+      int8_blocks<float, MAX, COUPLED, SCALED, kNearest, true>(w, s, k, k + 1);
+      continue;
+    }
+    int8_block_avx2<MAX, COUPLED, SCALED>(
+        static_cast<float*>(w.p) + start, static_cast<const float*>(w.g) + start,
+        static_cast<uint8_t*>(w.m) + start, static_cast<uint8_t*>(w.v) + start, w.absmax_m + k,
+        w.absmax_v + k, sc);
+  }
+}
+
+#define ONEPASS_DEFINE_LOWP_ISA(NAME, TARGET, AVX2)                                               \
   template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>            \
   __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e,          \
                                             bool stats) {                                       \
     const auto& s = *static_cast<const StepScalars<float>*>(w.scalars);                           \
     if constexpr (SF == kInt8) {                                                                  \
-      if (w.float_map) /* stats: stats_block takes them, block by block */                        \
-        int8_blocks<P, MAX, COUPLED, SCALED, PR, true>(w, s, b, e);                               \
-      else                                                                                        \
+      if (!w.float_map) /* stats: stats_block takes them, block by block */                       \
         int8_blocks<P, MAX, COUPLED, SCALED, PR, false>(w, s, b, e);                              \
+      else if constexpr (AVX2 && std::is_same_v<P, float> && PR == kNearest)                      \
+        int8_blocks_avx2<MAX, COUPLED, SCALED>(w, s, b, e);                                       \
+      else                                                                                        \
+        int8_blocks<P, MAX, COUPLED, SCALED, PR, true>(w, s, b, e);                               \
     } else if (stats) {                                                                           \
       lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR, true>(w, s, b, e);                         \
     } else {                                                                                      \
       lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR, false>(w, s, b, e);                        \
     }                                                                                             \
   }
-ONEPASS_DEFINE_LOWP_ISA(lowp_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
-ONEPASS_DEFINE_LOWP_ISA(lowp_avx2, "avx2,bmi2")
-ONEPASS_DEFINE_LOWP_ISA(lowp_base, "default")
+ONEPASS_DEFINE_LOWP_ISA(lowp_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512",
+                        true)
+ONEPASS_DEFINE_LOWP_ISA(lowp_avx2, "avx2,bmi2", true)
+ONEPASS_DEFINE_LOWP_ISA(lowp_base, "default", false)
 #undef ONEPASS_DEFINE_LOWP_ISA
 
 template <typename P, int SF, int PR>

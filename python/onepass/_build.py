@@ -16,8 +16,10 @@ from typing import List, Optional
 # (double)(float)x when it packs such conversions in pairs (seen here: make_step_scalars<float>
 # returned eps and weight_decay unrounded; a 10-line file reproduces it at -O2). The loops are
 # vectorized by the loop vectorizer, which stays on.
+# -Wno-psabi: gcc's note that a 32-byte vector argument (adam_element<F8>, csrc/cpu/
+# float_map_avx2.h) is passed differently without AVX; those calls are only inlined into AVX2 code.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
-             "-fno-tree-slp-vectorize", "-fvisibility=hidden"]
+             "-fno-tree-slp-vectorize", "-fvisibility=hidden", "-Wno-psabi"]
 
 # -fmad=false keeps nvcc from contracting a*b+c anywhere (adam_math.h's device path uses the _rn
 # intrinsics anyway); never --use_fast_math.

@@ -1,9 +1,15 @@
-"""adam_math.h's fused v code (float_map_code_v_kept) against the rule it fuses on every float32
-input: tests/backends/float_map_test.cpp, plain C++ (no torch), built by g++ in about a second
-and run over all 2**32 bit patterns in ~6 s."""
+"""The float3 code rules against their statements on every float32 input, as plain C++ programs
+(no torch) built by g++ in about a second each:
+- adam_math.h's fused v code (float_map_code_v_kept) against the rule it fuses
+  (tests/backends/float_map_test.cpp, all 2**32 bit patterns in ~6 s);
+- csrc/cpu/float_map_avx2.h's AVX2 codes and values, which the CPU's int8 loop uses for fp32
+  params, against adam_math.h's scalar rules (tests/backends/float_map_avx2_test.cpp, all 2**32
+  patterns and 256 codes in ~16 s; it says "skip" on a CPU without AVX2)."""
 from __future__ import annotations
 
 import os
+
+import pytest
 
 from tests._cxx import build_and_run, needs_gxx
 
@@ -12,16 +18,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = needs_gxx
 
 
-def _run(tmp_path, *defines):
-    return build_and_run(os.path.join(HERE, "float_map_test.cpp"), tmp_path, *defines)
+def _run(tmp_path, source, *defines):
+    return build_and_run(os.path.join(HERE, source), tmp_path, *defines)
 
 
 def test_fused_v_code_equals_keep_positive_of_the_search_on_every_float(tmp_path):
-    res = _run(tmp_path)
+    res = _run(tmp_path, "float_map_test.cpp")
     assert res.returncode == 0 and res.stdout.startswith("float_map_test: ok"), res.stdout
 
 
 def test_a_one_value_slip_is_caught(tmp_path):
     # +0.0 taken for positive: code 1 instead of 0 for that one pattern
-    res = _run(tmp_path, "-DONEPASS_PLANTED_BUG=1")
+    res = _run(tmp_path, "float_map_test.cpp", "-DONEPASS_PLANTED_BUG=1")
     assert res.returncode == 1 and "1 patterns differ" in res.stdout, res.stdout
+
+
+def _avx2(tmp_path, *defines):
+    res = _run(tmp_path, "float_map_avx2_test.cpp", *defines)
+    if "skip" in res.stdout:
+        pytest.skip("the CPU has no AVX2: the int8 loop does not use float_map_avx2.h here")
+    return res
+
+
+def test_avx2_codes_and_values_equal_the_scalar_rules_on_every_float(tmp_path):
+    res = _avx2(tmp_path)
+    assert res.returncode == 0 and res.stdout.startswith("float_map_avx2_test: ok"), res.stdout
+
+
+def test_a_one_value_slip_in_the_avx2_m_code_is_caught(tmp_path):
+    # the m code's zero threshold one pattern too high: code 128 instead of 129 for one input
+    res = _avx2(tmp_path, "-DONEPASS_PLANTED_BUG=1")
+    assert res.returncode == 1 and "pattern 37200001: codes m 128" in res.stdout, res.stdout

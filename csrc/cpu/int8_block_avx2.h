@@ -1,0 +1,57 @@
+// One whole int8 block of fp32 params under the float3 maps, by hand in AVX2: the CPU int8 loop's
+// (loops_lowp.cpp: int8_blocks_avx2) and bench/stage_cost.cpp's, which times it.
+#pragma once
+
+#include "float_map_avx2.h"
+
+namespace onepass {
+namespace cpu {
+
+// One whole int8 block (kInt8Block elements) of fp32 params under the float3 maps, by hand in AVX2
+// (float_map_avx2.h): the codes widened as they are loaded, adam_element on 8 lanes, the new
+// absmax, then the codes of the block's m and v, packed to bytes. Same bits as int8_blocks'
+// loops; 1.01 against 1.53 ns an element, one thread, L2 (bench/stage_cost.sh).
+template <bool MAX, bool COUPLED, bool SCALED>
+inline __attribute__((always_inline, target("avx2"))) void int8_block_avx2(
+    float* __restrict p, const float* __restrict g, uint8_t* __restrict qm,
+    uint8_t* __restrict qv, float* __restrict absmax_m, float* __restrict absmax_v,
+    const StepScalars<F8>& sc) {
+  alignas(64) float mb[kInt8Block];
+  alignas(64) float vb[kInt8Block];
+  const __m256 am = _mm256_set1_ps(*absmax_m);
+  const __m256 av = _mm256_set1_ps(*absmax_v);
+  const __m256i abs_mask = u32x8(0x7fffffffu);
+  __m256i bm = _mm256_setzero_si256();
+  __m256i bv = _mm256_setzero_si256();
+  for (int i = 0; i < kInt8Block; i += 8) {
+    F8 pi{_mm256_loadu_ps(p + i)};
+    F8 mi{_mm256_mul_ps(fm_value_m8(load_codes8(qm + i)), am)};
+    F8 vi{_mm256_mul_ps(fm_value_v8(load_codes8(qv + i)), av)};
+    F8 unused{};
+    adam_element<F8, false, MAX, COUPLED, SCALED>(pi, F8{_mm256_loadu_ps(g + i)}, mi, vi, unused, sc);
+    _mm256_storeu_ps(p + i, pi.v);
+    _mm256_store_ps(mb + i, mi.v);
+    _mm256_store_ps(vb + i, vi.v);
+    bm = _mm256_max_epu32(bm, _mm256_and_si256(_mm256_castps_si256(mi.v), abs_mask));
+    bv = _mm256_max_epu32(bv, _mm256_and_si256(_mm256_castps_si256(vi.v), abs_mask));
+  }
+  const float nam = bits_float(max_u32x8(bm));
+  const float nav = bits_float(max_u32x8(bv));
+  const __m256 im = _mm256_set1_ps(block_scale(nam));
+  const __m256 iv = _mm256_set1_ps(block_scale(nav));
+  for (int i = 0; i < kInt8Block; i += 32)
+    store_codes32(qm + i, fm_code_m8(_mm256_mul_ps(_mm256_load_ps(mb + i), im)),
+                  fm_code_m8(_mm256_mul_ps(_mm256_load_ps(mb + i + 8), im)),
+                  fm_code_m8(_mm256_mul_ps(_mm256_load_ps(mb + i + 16), im)),
+                  fm_code_m8(_mm256_mul_ps(_mm256_load_ps(mb + i + 24), im)));
+  for (int i = 0; i < kInt8Block; i += 32)
+    store_codes32(qv + i, fm_code_v8(_mm256_mul_ps(_mm256_load_ps(vb + i), iv)),
+                  fm_code_v8(_mm256_mul_ps(_mm256_load_ps(vb + i + 8), iv)),
+                  fm_code_v8(_mm256_mul_ps(_mm256_load_ps(vb + i + 16), iv)),
+                  fm_code_v8(_mm256_mul_ps(_mm256_load_ps(vb + i + 24), iv)));
+  *absmax_m = nam;
+  *absmax_v = nav;
+}
+
+}  // namespace cpu
+}  // namespace onepass
