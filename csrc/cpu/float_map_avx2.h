@@ -4,12 +4,12 @@
 // Why by hand: gcc's vectorization of the scalar rules (adam_math.h float_map_*) widened and
 // narrowed the bytes in ~6 shuffles per 8 codes, masked every code before its saturating pack, and
 // spilled constants in the 4-vector unrolled encode; the int8 block cost 1.53 ns an element (one
-// thread, L2, bench/stage_cost.sh), against 1.01 with these.
+// thread, L2, bench/stage_cost.sh), against 0.93 with these.
 //
 // These are the same rules as adam_math.h's float_map_value_m/_v, float_map_code_m and
 // float_map_code_v_kept (the statement of them), rearranged for fewer instructions; their codes,
-// once narrowed by store_codes32, equal the scalar ones on all 2**32 float32 inputs, and the values
-// on all 256 codes (tests/backends/float_map_avx2_test.cpp).
+// once narrowed by store_codes32, equal the scalar ones on all 2**32 float32 inputs (the *_no_nan
+// forms on all but NaN), and the values on all 256 codes (tests/backends/float_map_avx2_test.cpp).
 #pragma once
 
 #include "../adam_math.h"
@@ -74,62 +74,73 @@ ONEPASS_AVX2 __m256i load_codes8(const uint8_t* q) {
 }
 
 // float_map_value_v: kFmOne - ((255 - q) << 20) is (kFmOne - (255 << 20)) + (q << 20), and code 0
-// is 0. 4 instructions.
+// is 0: vpsignd by q zeroes that lane (q >= 0 otherwise leaves the pattern). 3 instructions.
 ONEPASS_AVX2 __m256 fm_value_v8(__m256i q) {
   const __m256i b = _mm256_add_epi32(_mm256_slli_epi32(q, kFmShift),
                                      u32x8(kFmOne - (255u << kFmShift)));
-  return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(q, _mm256_setzero_si256()), b));
+  return _mm256_castsi256_ps(_mm256_sign_epi32(b, q));
 }
 
-// float_map_value_m: q > 128 adds q << 20 to one base, q < 128 subtracts it from the negative
-// one, code 128 is 0. 7 instructions.
+// float_map_value_m: q > 128 is (kFmOne - (255 << 20)) + (q << 20); q < 128 is the negative
+// pattern 0x80000000 + kFmOne - (q << 20), written as the two's complement negation of
+// (0x80000000 - kFmOne) + (q << 20), which vpsignd by q - 128 undoes; and q = 128 is 0, which
+// vpsignd gives too. 6 instructions.
 ONEPASS_AVX2 __m256 fm_value_m8(__m256i q) {
-  const __m256i t = _mm256_slli_epi32(q, kFmShift);
-  const __m256i up = _mm256_add_epi32(t, u32x8(kFmOne - (255u << kFmShift)));
-  const __m256i down = _mm256_sub_epi32(u32x8(0x80000000u + kFmOne), t);
-  const __m256i b = _mm256_blendv_epi8(down, up, _mm256_cmpgt_epi32(q, u32x8(128)));
-  return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(q, u32x8(128)), b));
+  const __m256i base = _mm256_blendv_epi8(u32x8(0x80000000u - kFmOne),
+                                          u32x8(kFmOne - (255u << kFmShift)),
+                                          _mm256_cmpgt_epi32(q, u32x8(128)));
+  const __m256i x = _mm256_add_epi32(base, _mm256_slli_epi32(q, kFmShift));
+  return _mm256_castsi256_ps(_mm256_sign_epi32(x, _mm256_sub_epi32(q, u32x8(128))));
 }
 
 // The codes below are left unclamped at the top: a y above 1 (or infinite) gives a code above
 // 255 (m: x below -1, a code below 0), which store_codes32's saturating packs clamp to 255 (0),
 // as fm_clamp does. Only codes that went through store_codes32 equal the scalar rule.
 
+// Each code comes in two forms: *_no_nan, exact for every input but NaN, and the full one, which
+// also gives a NaN its code 0. A block whose scale is nonzero has no NaN to code: its absmax is
+// then finite, so its m and v are (a NaN's or an infinity's bits would have been the maximum),
+// and |x * scale| stays near 1; int8_block_avx2 takes the shorter form there.
+
 // float_map_code_v_kept: the rank of y's pattern rounded at bit 20 (ties down), with the
 // constant that makes the smallest code 1 folded in before the arithmetic shift (a pattern below
-// it gives a rank <= 0, raised to 1 by the max: keep_positive's rule), for y in (0, inf]; 0 for
-// +-0, negatives and NaN. 7 instructions.
-ONEPASS_AVX2 __m256i fm_code_v8(__m256 y) {
+// it gives a rank <= 0, raised to 1 by the max: keep_positive's rule), for y > 0; 0 for +-0 and
+// negatives. 5 instructions (7 with NaN).
+ONEPASS_AVX2 __m256i fm_code_v8_no_nan(__m256 y) {
   const __m256i u = _mm256_castps_si256(y);
   const __m256i c = _mm256_max_epi32(
       _mm256_srai_epi32(
           _mm256_add_epi32(u, u32x8(0x7ffffu - (static_cast<uint32_t>(kFmLowV - 1) << kFmShift))),
           kFmShift),
       u32x8(1));
-  const __m256i keep = _mm256_andnot_si256(_mm256_cmpgt_epi32(u, u32x8(0x7f800000u)),
-                                           _mm256_cmpgt_epi32(u, _mm256_setzero_si256()));
-  return _mm256_and_si256(keep, c);
+  return _mm256_and_si256(_mm256_cmpgt_epi32(u, _mm256_setzero_si256()), c);
+}
+ONEPASS_AVX2 __m256i fm_code_v8(__m256 y) {
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_castps_si256(y), u32x8(0x7f800000u));
+  return _mm256_andnot_si256(nan, fm_code_v8_no_nan(y));
 }
 
 // float_map_code_m: with s = 0 or -1 (x < 0) and t = |x|'s pattern - s (the +1 that rounds ties up
 // in magnitude for x < 0), the rank k = (t rounded at bit 20) - s - (kFmLowP - 1), at least 1, is
 // the scalar rule's k (for x < 0 its smallest code is one pattern lower: the -s); t above
 // kFmHalfP + (s << 20) is the scalar threshold (a > kFmHalfP, or a >= kFmHalfN = kFmHalfP - 2**20
-// for x < 0); q = 128 + k with x's sign (vpsignd), 128 below the threshold, 0 for NaN.
-// 15 instructions.
-ONEPASS_AVX2 __m256i fm_code_m8(__m256 x) {
+// for x < 0); q = 128 + k with x's sign (vpsignd), 128 below the threshold. 13 instructions (15
+// with NaN).
+ONEPASS_AVX2 __m256i fm_code_m8_no_nan(__m256 x) {
   const __m256i u = _mm256_castps_si256(x);
   const __m256i s = _mm256_srai_epi32(u, 31);
-  const __m256i a = _mm256_and_si256(u, u32x8(0x7fffffffu));
-  const __m256i t = _mm256_sub_epi32(a, s);
+  const __m256i t = _mm256_sub_epi32(_mm256_and_si256(u, u32x8(0x7fffffffu)), s);
   const __m256i r = _mm256_srai_epi32(
       _mm256_add_epi32(t, u32x8(0x7ffffu + (static_cast<uint32_t>(1 - kFmLowP) << kFmShift))),
       kFmShift);
   const __m256i above =
       _mm256_cmpgt_epi32(t, _mm256_add_epi32(_mm256_slli_epi32(s, kFmShift), u32x8(kFmHalfP)));
   const __m256i k = _mm256_and_si256(_mm256_max_epi32(_mm256_sub_epi32(r, s), u32x8(1)), above);
-  const __m256i q = _mm256_add_epi32(_mm256_sign_epi32(k, u), u32x8(128));
-  return _mm256_andnot_si256(_mm256_cmpgt_epi32(a, u32x8(0x7f800000u)), q);
+  return _mm256_add_epi32(_mm256_sign_epi32(k, u), u32x8(128));
+}
+ONEPASS_AVX2 __m256i fm_code_m8(__m256 x) {
+  const __m256i a = _mm256_and_si256(_mm256_castps_si256(x), u32x8(0x7fffffffu));
+  return _mm256_andnot_si256(_mm256_cmpgt_epi32(a, u32x8(0x7f800000u)), fm_code_m8_no_nan(x));
 }
 
 // 32 codes (four vectors of 32-bit lanes, in order) stored as 32 bytes in order, each clamped to

@@ -1,9 +1,10 @@
 // csrc/cpu/float_map_avx2.h against adam_math.h's scalar float3 rules it restates: the m and v
 // codes of every float32 input (all 2**32 bit patterns, 8 lanes at a time, narrowed to bytes by
-// store_codes32 as the int8 loop stores them) and the values of all 256 codes. Plain C++, no
-// torch. Prints "skip" where the CPU has no AVX2. ONEPASS_PLANTED_BUG checks a copy of the m code
-// whose zero threshold is one pattern too high, to show a one-value slip is caught (the sweep
-// then stops at its first difference).
+// store_codes32 as the int8 loop stores them; the full forms are the *_no_nan forms with NaN's
+// code put in, so those are checked on every input but NaN) and the values of all 256 codes.
+// Plain C++, no torch. Prints "skip" where the CPU has no AVX2. ONEPASS_PLANTED_BUG checks a copy
+// of the m code whose zero threshold is one pattern too high, to show a one-value slip is caught
+// (the sweep then stops at its first difference).
 #include "cpu/float_map_avx2.h"
 
 #include <cstdint>
