@@ -9,6 +9,7 @@
 // Stages:
 //   fp32 update      adam_element on fp32 p, g, m, v (loads and stores included): the fp32 step
 //   bf16 moments     the same with m, v stored as bf16, stochastically rounded (hash + SR)
+//   bf16 moments, by hand   csrc/cpu/bf16_state_avx2.h, what the avx2 variant runs for fp32 params
 //   SR hash          random_bits + float_to_bf16_stochastic alone, one value an element
 //   int8 decode      float3 codes of m and v to floats (times the block's absmax)
 //   int8 update      adam_element on decoded m, v (registers), p and g from memory
@@ -18,6 +19,7 @@
 //                          codes widened in a loop of their own, narrowed in another)
 //   int8 block, by hand    csrc/cpu/int8_block_avx2.h, what the avx2 variant runs for fp32 params
 #include "../csrc/adam_math.h"
+#include "../csrc/cpu/bf16_state_avx2.h"
 #include "../csrc/cpu/int8_block_avx2.h"
 
 #include <chrono>
@@ -184,6 +186,13 @@ STAGE void int8_block_by_hand(float* p, const float* g, uint8_t* qm, uint8_t* qv
     cpu::int8_block_avx2<false, false, false>(p + b * kBlock, g + b * kBlock, qm + b * kBlock,
                                               qv + b * kBlock, am + b, av + b, sc);
 }
+
+STAGE void bf16_update_by_hand(float* p, const float* g, uint16_t* m, uint16_t* v,
+                               const StepScalars<float>& s, uint32_t km, uint32_t kv) {
+  cpu::bf16_state_avx2<false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
+                                            reinterpret_cast<Bf16*>(v), kN, 0, km, kv,
+                                            cpu::step_scalars_f8(s));
+}
 }  // namespace
 
 int main() {
@@ -206,6 +215,8 @@ int main() {
   const StepScalars<float> s = make_step_scalars<float>(10, 0.0, 0.9, 0.999, 1e-8, 0.0, true, 1.0);
   const uint32_t km = stream_key(0, 10, kStreamM), kv = stream_key(0, 10, kStreamV);
   std::vector<float> mw(m), vw(v);  // working copies the update stages write
+  // the bf16 moments compiled and by hand, from the same start; the SR hash's output
+  std::vector<uint16_t> h1m(m16), h1v(v16), h2m(m16), h2v(v16), sr16(kN);
   // the two int8 blocks' own states, from the same start (compared after the timing)
   std::vector<uint8_t> q1m(qm), q1v(qv), q2m(qm), q2v(qv);
   std::vector<float> a1m(am), a1v(av), a2m(am), a2v(av);
@@ -213,8 +224,9 @@ int main() {
   struct Row { const char* name; double ns; };
   const Row rows[] = {
       {"fp32 update", ns_per_element([&] { fp32_update(p.data(), g.data(), mw.data(), vw.data(), s); })},
-      {"bf16 moments (update + SR)", ns_per_element([&] { bf16_update(p.data(), g.data(), m16.data(), v16.data(), s, km, kv); })},
-      {"SR hash (one value)", ns_per_element([&] { sr_hash(m.data(), m16.data(), km); })},
+      {"bf16 moments (update + SR)", ns_per_element([&] { bf16_update(p.data(), g.data(), h1m.data(), h1v.data(), s, km, kv); })},
+      {"bf16 moments, by hand", ns_per_element([&] { bf16_update_by_hand(p.data(), g.data(), h2m.data(), h2v.data(), s, km, kv); })},
+      {"SR hash (one value)", ns_per_element([&] { sr_hash(m.data(), sr16.data(), km); })},
       {"int8 decode (m and v)", ns_per_element([&] { int8_decode(qm.data(), qv.data(), am.data(), av.data(), mw.data(), vw.data()); })},
       {"int8 update (decoded m, v)", ns_per_element([&] { int8_update(p.data(), g.data(), mw.data(), vw.data(), s); })},
       {"absmax (m and v)", ns_per_element([&] { absmax(mw.data(), vw.data(), am.data(), av.data()); })},
@@ -225,12 +237,13 @@ int main() {
   // the same number of passes from the same start: the same codes and absmax (lr is 0, so the
   // params do not move)
   const bool same = q1m == q2m && q1v == q2v && a1m == a2m && a1v == a2v;
+  const bool same16 = h1m == h2m && h1v == h2v;
   uint64_t check = 0;  // (keeps every result alive)
-  for (int64_t i = 0; i < kN; i += 997) check += qm[i] + qv[i] + m16[i] + float_bits(p[i]);
+  for (int64_t i = 0; i < kN; i += 997) check += qm[i] + qv[i] + sr16[i] + h1m[i] + float_bits(p[i]);
   std::printf("stage_cost: %lld elements (L2), 1 thread, AVX2, best of 5 x %d passes, ns/element\n",
               static_cast<long long>(kN), kReps);
   for (const Row& r : rows) std::printf("  %-30s %6.3f\n", r.name, r.ns);
-  std::printf("  (checksum %llu; int8 blocks compiled and by hand agree: %s)\n",
-              static_cast<unsigned long long>(check), same ? "yes" : "NO");
+  std::printf("  (checksum %llu; compiled and by hand agree: int8 blocks %s, bf16 moments %s)\n",
+              static_cast<unsigned long long>(check), same ? "yes" : "NO", same16 ? "yes" : "NO");
   return 0;
 }

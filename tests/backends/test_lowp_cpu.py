@@ -130,8 +130,10 @@ def test_int8_nan_gradient_agrees_and_poisons_its_block(dtype):
     assert torch.isnan(am[0, 1]) and not torch.isnan(am[0, 0]) and not torch.isnan(am[1]).any()
 
 
-@pytest.mark.parametrize("rnd", ["nearest", "stochastic"])
-def test_bf16_state_non_finite_values_agree_bit_for_bit(rnd):
+@pytest.mark.parametrize("dtype,rnd", [(torch.bfloat16, "nearest"), (torch.bfloat16, "stochastic"),
+                                       (torch.float32, "nearest")],
+                         ids=["bfloat16-nearest", "bfloat16-stochastic", "float32-nearest"])
+def test_bf16_state_non_finite_values_agree_bit_for_bit(dtype, rnd):
     """inf, -inf and NaN moments (and the NaN params they make) through the bf16 stores: the
     stochastic rounding keeps an infinity and a NaN, as the reference does. NaNs compare as
     values (torch writes a bf16 NaN as 0xffff here, the kernels as 0x7fc0); every other element
@@ -140,12 +142,12 @@ def test_bf16_state_non_finite_values_agree_bit_for_bit(rnd):
 
     def run(backend):
         gen = torch.Generator().manual_seed(5)
-        p = torch.nn.Parameter((torch.randn(4, 300, generator=gen) * 0.5).bfloat16())
+        p = torch.nn.Parameter((torch.randn(4, 300, generator=gen) * 0.5).to(dtype))
         opt = onepass.AdamW([p], lr=1e-2, backend=backend, state_dtype="bf16",
                             param_rounding=rnd, seed=7)
         out = []
         for step in range(3):
-            g = torch.randn(p.shape, generator=gen).bfloat16()
+            g = torch.randn(p.shape, generator=gen).to(dtype)
             g[0, :4] = torch.tensor([inf, -inf, nan, 3e38])
             g[2, 7 * step] = -inf
             p.grad = g
@@ -166,10 +168,10 @@ def test_bf16_state_non_finite_values_agree_bit_for_bit(rnd):
     assert torch.isnan(p).any()
 
 
-# (fp32 params with int8 state: the AVX2 variants' hand-vectorized int8 block, the base variant's
-# compiled loop)
+# (fp32 params with int8 or bf16 state: the AVX2 variants' hand-vectorized loops, the base
+# variant's compiled ones)
 SIMD_CASES = [(torch.bfloat16, "int8", "kahan"), (torch.bfloat16, "bf16", "stochastic"),
-              (torch.float32, "int8", "nearest")]
+              (torch.float32, "int8", "nearest"), (torch.float32, "bf16", "nearest")]
 
 
 def test_every_simd_variant_gives_the_reference_bits():
