@@ -1,6 +1,6 @@
 """Standalone C++ test programs (plain C++ against csrc/ headers, no torch): built by g++ with
-warnings as errors, then run. Used by tests/cuda/test_plan.py and
-tests/backends/test_float_map_exhaustive.py."""
+warnings as errors, then run. Used by tests/cuda/test_plan.py,
+tests/backends/test_float_map_exhaustive.py and tests/backends/test_bf16_state_exhaustive.py."""
 from __future__ import annotations
 
 import os
@@ -21,3 +21,12 @@ def build_and_run(source: str, tmp_path, *defines: str, args=()) -> subprocess.C
     subprocess.run(["g++", "-std=c++20", "-O2", "-Wall", "-Werror", "-I" + CSRC, *defines, source,
                     "-o", exe], check=True)
     return subprocess.run([exe, *args], capture_output=True, text=True)
+
+
+def build_and_run_avx2(source: str, tmp_path, *defines: str) -> subprocess.CompletedProcess:
+    """build_and_run for a program of csrc/cpu's AVX2 loops, which prints "skip" on a CPU without
+    AVX2 (the kernel then never takes those loops): the test is skipped there."""
+    res = build_and_run(source, tmp_path, *defines)
+    if "skip" in res.stdout:
+        pytest.skip("the CPU has no AVX2: the CPU kernel does not take its AVX2 loops here")
+    return res
