@@ -4,7 +4,7 @@
 // Why by hand: gcc's vectorization of the scalar rules (adam_math.h float_map_*) widened and
 // narrowed the bytes in ~6 shuffles per 8 codes, masked every code before its saturating pack, and
 // spilled constants in the 4-vector unrolled encode; the int8 block cost 1.53 ns an element (one
-// thread, L2, bench/stage_cost.sh), against 0.93 with these.
+// thread, L2, bench/stage_cost.sh), against 0.90 with these.
 //
 // These are the same rules as adam_math.h's float_map_value_m/_v, float_map_code_m and
 // float_map_code_v_kept (the statement of them), rearranged for fewer instructions; their codes,

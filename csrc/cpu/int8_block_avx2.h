@@ -20,7 +20,7 @@ ONEPASS_AVX2 void encode_block(uint8_t* __restrict q, const float* __restrict x,
 // One whole int8 block (kInt8Block elements) of fp32 params under the float3 maps, by hand in AVX2
 // (float_map_avx2.h): the codes widened as they are loaded, adam_element on 8 lanes, the new
 // absmax, then the codes of the block's m and v, packed to bytes. Same bits as int8_blocks'
-// loops; 0.93 against 1.53 ns an element, one thread, L2 (bench/stage_cost.sh).
+// loops; 0.90 against 1.53 ns an element, one thread, L2 (bench/stage_cost.sh).
 template <bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline, target("avx2"))) void int8_block_avx2(
     float* __restrict p, const float* __restrict g, uint8_t* __restrict qm,

@@ -49,6 +49,12 @@ inline __attribute__((always_inline)) float load_param(const P* p, const Bf16* c
   return pv;
 }
 
+// The end of the 2**32 block of element indices holding `i`, or `end` if that comes first: a range
+// of one such block has one range_key per stream and 32-bit index lanes.
+inline __attribute__((always_inline)) int64_t index_block_end(int64_t i, int64_t end) {
+  return std::min<int64_t>(end, ((i >> 32) + 1) << 32);
+}
+
 // Element-wise formats (fp32 or bf16 moments) over elements [begin, end); ST: whole statistics
 // chunks (stats_chunks).
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR, bool ST>
@@ -89,7 +95,7 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
   // bits' index is then 32-bit lanes (uint32(i) of begin + j narrows to them), with the high
   // half in the keys.
   for (int64_t b0 = begin; b0 < end;) {
-    const int64_t b1 = std::min<int64_t>(end, ((b0 >> 32) + 1) << 32);
+    const int64_t b1 = index_block_end(b0, end);
     key_p = range_key(w.key_p, static_cast<uint64_t>(b0));
     key_m = range_key(w.key_m, static_cast<uint64_t>(b0));
     key_v = range_key(w.key_v, static_cast<uint64_t>(b0));
@@ -259,7 +265,7 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
   Bf16* m = static_cast<Bf16*>(w.m);
   Bf16* v = static_cast<Bf16*>(w.v);
   for (int64_t i = begin; i < end;) {
-    const int64_t b1 = std::min<int64_t>(end, ((i >> 32) + 1) << 32);
+    const int64_t b1 = index_block_end(i, end);
     const int64_t n8 = (b1 - i) & ~int64_t(7);
     const uint64_t at = static_cast<uint64_t>(i);
     bf16_state_avx2<MAX, COUPLED, SCALED>(p + i, g + i, m + i, v + i, n8, static_cast<uint32_t>(at),
@@ -275,8 +281,8 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
   __attribute__((target(TARGET))) void NAME(const TensorWork& w, int64_t b, int64_t e,          \
                                             bool stats) {                                       \
     const auto& s = *static_cast<const StepScalars<float>*>(w.scalars);                           \
-    if constexpr (SF == kInt8) {                                                                  \
-      if (!w.float_map) /* stats: stats_block takes them, block by block */                       \
+    if constexpr (SF == kInt8) { /* stats: stats_block takes them, block by block */              \
+      if (!w.float_map)                                                                           \
         int8_blocks<P, MAX, COUPLED, SCALED, PR, false>(w, s, b, e);                              \
       else if constexpr (AVX2 && std::is_same_v<P, float> && PR == kNearest)                      \
         int8_blocks_avx2<MAX, COUPLED, SCALED>(w, s, b, e);                                       \
