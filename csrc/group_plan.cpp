@@ -60,9 +60,12 @@ class PyGroupPlan {
         if (p.layout() != at::kStrided || !p.has_storage()) usable_ = false;
         part.data.push_back(usable_ ? raw_data(p) : nullptr);
         part.sizes.push_back(p.sizes().vec());
+        part.strides.push_back(usable_ ? p.strides().vec() : std::vector<int64_t>());
+        part.contiguous.push_back(usable_ && p.is_contiguous());
         part.dtypes.push_back(p.scalar_type());
       }
       part.grads.resize(part.params.size());
+      part.grad_data.resize(part.params.size());
       plan_.parts.push_back(std::move(part));
     }
   }
@@ -84,6 +87,7 @@ class PyGroupPlan {
     if (!usable_ || !PyList_Check(list)) return false;
     const size_t n = plan_.held.size();
     if (static_cast<size_t>(PyList_GET_SIZE(list)) != n) return false;
+    for (PlanPart& part : plan_.parts) part.grads_fit = true;
     for (size_t j = 0; j < n; ++j) {
       PyObject* o = PyList_GET_ITEM(list, j);
       if (o != plan_.held[j]) return false;
@@ -94,13 +98,24 @@ class PyGroupPlan {
       if (g.defined() != (k >= 0)) return false;
       if (k < 0) continue;
       // the kernels read a grad through raw_data: one without storage goes the checked way
-      if (!g.unsafeGetTensorImpl()->has_storage()) return false;
+      const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
+      if (!gi->has_storage()) return false;
       PlanPart& part = plan_.parts[k];
       const int32_t i = plan_.index_in[j];
-      if (raw_data(t) != part.data[i] || t.scalar_type() != part.dtypes[i] ||
-          !same_dims(t.sizes(), part.sizes[i]))
+      const c10::TensorImpl* ti = t.unsafeGetTensorImpl();
+      if (raw_data(t) != part.data[i] || ti->dtype() != part.dtypes[i] ||
+          !same_dims(ti->sizes(), part.sizes[i]))
+        return false;
+      // the state was made in the param's layout of then (both row-major: the same walk)
+      const bool contiguous = ti->is_contiguous();
+      if (!(contiguous && part.contiguous[i]) && !same_dims(ti->strides(), part.strides[i]))
         return false;
       part.grads[i] = g;
+      // (a grad that fails these still steps: the step's own checks and layout handling take it)
+      part.grads_fit = part.grads_fit && contiguous && gi->layout() == at::kStrided &&
+                       gi->dtype() == ti->dtype() && gi->device() == ti->device() &&
+                       same_dims(gi->sizes(), part.sizes[i]) && gi->is_contiguous();
+      part.grad_data[i] = raw_data(g);
     }
     return true;
   }
@@ -124,8 +139,10 @@ class PyGroupPlan {
   // Drops the grads gather read, so that zero_grad(set_to_none=True) frees their memory (the
   // optimizer calls it when the step ends, whether it ran or raised).
   void release() {
-    for (PlanPart& part : plan_.parts)
+    for (PlanPart& part : plan_.parts) {
+      part.grads_fit = false;  // (grad_data no longer holds this step's grads)
       for (at::Tensor& g : part.grads) g = at::Tensor();
+    }
   }
 
   // A part's grads of this step, for the backends that take Python lists (reference).
@@ -150,7 +167,8 @@ class PyGroupPlan {
     PlanPart& part = at(k);
     return onepass::triton_table(part.params, part.grads, part.steps, statics, rows,
                                  {beta1, beta2, math_f64, seed}, key_col, hp, pin, bump,
-                                 &plan_counts(part));
+                                 &plan_counts(part),
+                                 part.grads_fit ? part.grad_data.data() : nullptr);
   }
 
   // The plan's address, for the emulated cuda backend's module (test-only; built from the same

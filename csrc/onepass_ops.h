@@ -97,6 +97,10 @@ struct BatchArgs {
   // changed since (the optimizer's cached plan, group_plan.h): validate_batch checks the grads
   // and settings only, and the caller the step counts' values.
   bool state_checked = false;
+  // Set when every grad passed the plan's gather checks this step (group_plan.h:
+  // PlanPart::grads_fit): the grads' addresses. Those checks imply check_grad's (validate_batch
+  // skips it) and that every param and grad is contiguous (walked in place, no working copy).
+  const void* const* grad_data = nullptr;
   // found_inf is left to the kernels even with host step counts (they skip on the device, and the
   // caller takes the counts back if the step was skipped: the optimizer's Batch.deferred), so
   // that the step needs no host sync.
@@ -265,11 +269,14 @@ struct TritonCorrArgs {
 // row r is param r). Checks every (param, grad) pair and every count first; then, when `bump`
 // (a launch of every param of the step), advances the rows' counts: the step's first write.
 // counts: the plan's (group_plan.h), whose params and grads have storage; null for plain lists.
+// grad_data: the plan's grad addresses when its gather checked every grad (BatchArgs::grad_data):
+// the pairs are not checked again.
 struct PlanCounts;
 std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     at::TensorList params, at::TensorList grads, at::TensorList steps, const at::Tensor& statics,
     const std::optional<at::Tensor>& rows, const TritonCorrArgs& corr, int64_t key_col,
-    const std::vector<double>& hp, bool pin, bool bump, const PlanCounts* counts = nullptr);
+    const std::vector<double>& hp, bool pin, bool bump, const PlanCounts* counts = nullptr,
+    const void* const* grad_data = nullptr);
 
 std::string cpu_isa_get();
 std::vector<std::string> cpu_isa_supported();

@@ -69,7 +69,8 @@ std::vector<int64_t> next_counts(at::TensorList steps) {
 std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     at::TensorList params, at::TensorList grads, at::TensorList steps, const at::Tensor& statics,
     const std::optional<at::Tensor>& rows, const TritonCorrArgs& corr, int64_t key_col,
-    const std::vector<double>& hp, bool pin, bool bump, const PlanCounts* counts) {
+    const std::vector<double>& hp, bool pin, bool bump, const PlanCounts* counts,
+    const void* const* grad_data) {
   ONEPASS_CHECK(params.size() == grads.size() && params.size() == steps.size(),
                 "onepass: triton_table needs one grad and one step count a param");
   ONEPASS_CHECK(statics.dim() == 2 && statics.scalar_type() == at::kLong &&
@@ -110,7 +111,7 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     const size_t i = param_of(r);
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    check_grad(p, g, i);
+    if (grad_data == nullptr) check_grad(p, g, i);
     int64_t t;
     if (counts != nullptr) {
       const double value = counts->value(i);
@@ -129,8 +130,12 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     const Correction& c = made[k];
     int64_t* row = itab + r * w;
     row[0] = reinterpret_cast<int64_t>(address(p, counts != nullptr));
-    row[1] = reinterpret_cast<int64_t>(address(g, counts != nullptr));
-    if (!p.is_contiguous() || !g.is_contiguous()) odd.push_back(r);
+    if (grad_data != nullptr) {
+      row[1] = reinterpret_cast<int64_t>(grad_data[i]);
+    } else {
+      row[1] = reinterpret_cast<int64_t>(address(g, counts != nullptr));
+      if (!p.is_contiguous() || !g.is_contiguous()) odd.push_back(r);
+    }
     ftab[2 * r] = c.bc1;
     ftab[2 * r + 1] = c.inv_bc2_sqrt;
     if (key_col >= 0) std::memcpy(row + key_col, c.keys, sizeof(c.keys));

@@ -111,6 +111,71 @@ def test_changes_the_plan_must_notice(fmt):
     _step(a, b, oa, ob, 8)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda-emu", "triton"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_metadata_changed_in_place_leaves_the_fast_path(backend, fmt):
+    # The plan's gather passes a step's grads unchecked when every grad is contiguous, of its
+    # param's dtype and shape, and every param contiguous (PlanPart::grads_fit). Each change
+    # below keeps the storage and shape the plan compares, and must take the checked way: a
+    # square param transposed in place, a grad strided in place, a grad given a wrong dtype.
+    if backend not in BACKENDS:
+        pytest.skip(f"the {backend} backend is not available here")
+    if backend == "triton" and fmt == "int8":
+        pytest.skip("the triton backend's int8 walk needs a contiguous param (its own check)")
+    torch.manual_seed(0)
+    shapes = [(8, 8), (5, 3), (4096,)]
+    a = [torch.randn(s, requires_grad=True) for s in shapes]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    kw = dict(lr=1e-2, weight_decay=0.1, state_dtype=fmt, min_int8_numel=16)
+    oa = onepass.AdamW(a, backend=backend, **kw)
+    ob = onepass.AdamW(b, backend="reference", **kw)
+    _step(a, b, oa, ob, 0)
+    _step(a, b, oa, ob, 1)
+    plan = _plan(oa)
+    assert plan is not None
+    # a grad strided in place (same storage and shape, transposed strides)
+    g = _grads(2, a)
+    _set(a, g)
+    _set(b, g)
+    for p in (a[0], b[0]):
+        p.grad.set_(p.grad.t().contiguous().untyped_storage(), 0, (8, 8), (1, 8))
+    assert not a[0].grad.is_contiguous()
+    oa.step()
+    ob.step()
+    _same(a, b, oa, ob)
+    # a grad of the wrong dtype, past torch's own assignment check: refused, nothing written
+    _set(a, _grads(3, a))
+    a[1].grad.data = a[1].grad.data.double()
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(RuntimeError, match="Double|float64"):
+        oa.step()
+    for p, q in zip(a, before):
+        assert torch.equal(p, q)
+    _step(a, b, oa, ob, 3)
+    # a square param transposed in place (storage and shape unchanged): its state is in the
+    # layout of then, which the walk by storage order would pair with the wrong elements
+    with torch.no_grad():
+        a[0].t_()
+        b[0].t_()
+    assert not a[0].is_contiguous()
+    if fmt == "int8" or backend == "triton":
+        # int8 state is row-major whatever the param's layout, and so is the triton backend's
+        # walk of a param that is not (a working copy of it): same elements as the reference
+        _step(a, b, oa, ob, 4)
+        _step(a, b, oa, ob, 5)
+        return
+    _set(a, _grads(4, a))
+    before = [p.detach().clone() for p in a]
+    state = [{k: v.clone() for k, v in oa.state[p].items()} for p in a]
+    # (the cpu and cuda walks pair storage positions: the unplanned step's own layout check)
+    with pytest.raises(RuntimeError, match="memory layout"):
+        oa.step()
+    for p, q, st in zip(a, before, state):
+        assert torch.equal(p, q)
+        for k, v in st.items():
+            assert torch.equal(oa.state[p][k], v)
+
+
 def test_new_grads_every_step_and_their_memory_is_let_go():
     a, b, oa, ob = _pair()
     refs = []

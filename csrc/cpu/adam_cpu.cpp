@@ -290,13 +290,18 @@ void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stat
   for (size_t k = 0; k < pw->work.size(); ++k) {
     const size_t i = pw->index[k];
     const at::Tensor& p = a.params[i];
-    const at::Tensor& g = a.grads[i];
-    if (!in_walk_layout(g, p, pw->ctx.int8)) {  // this step's grad needs a copy: nothing written yet
-      step_walk(a);
-      return;
+    const void* g;
+    if (a.grad_data != nullptr) {  // (gather found every grad and param contiguous)
+      g = a.grad_data[i];
+    } else {
+      if (!in_walk_layout(a.grads[i], p, pw->ctx.int8)) {  // the grad needs a copy: nothing written
+        step_walk(a);
+        return;
+      }
+      g = raw_data(a.grads[i]);
     }
-    fill_step(pw->work[k], raw_data(g), static_cast<int64_t>(counts.value(i)) + 1,
-              p.scalar_type() == at::kDouble, pw->sc, a, lr, grad_scale, pw->ctx);
+    fill_step(pw->work[k], g, static_cast<int64_t>(counts.value(i)) + 1,
+              part.dtypes[i] == at::kDouble, pw->sc, a, lr, grad_scale, pw->ctx);
   }
   run_and_count(a, pw->work, pw->units);
   for (size_t i = 0; i < counts.size(); ++i) counts.advance(i);

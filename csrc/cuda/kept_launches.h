@@ -100,6 +100,8 @@ inline TensorMeta tensor_meta(const BatchArgs& a, size_t i, Working& w) {
 // Whether every tensor of the batch is walked in place (no working copy this step).
 inline bool all_in_place(const BatchArgs& a) {
   const bool int8 = a.state_format == kInt8;
+  // (the plan's gather found every param and grad contiguous)
+  if (a.grad_data != nullptr && a.param_rounding != kKahan) return true;
   for (size_t i = 0; i < a.params.size(); ++i) {
     const at::Tensor& p = a.params[i];
     if (!walks_in_place(p, int8) || !in_walk_layout(a.grads[i], p, int8)) return false;
@@ -186,7 +188,8 @@ const StepEntry* kept_entries(const BatchArgs& a, const RT& rt,
   k.entries.resize(k.param_of.size());
   for (size_t d = 0; d < k.param_of.size(); ++d) {
     const int32_t i = k.param_of[d];
-    const StepEntry e = step_entry(raw_data(a.grads[i]), scalars[i]);
+    const StepEntry e = step_entry(a.grad_data != nullptr ? a.grad_data[i] : raw_data(a.grads[i]),
+                                   scalars[i]);
     StepEntry& last = k.entries[d];
     same = same && last.g == e.g && last.scalars == e.scalars;  // (g_aligned follows g)
     last = e;
