@@ -18,6 +18,7 @@
 //   int8 block, compiled   the four above as int8_blocks runs them (the base variant's loops:
 //                          codes widened in a loop of their own, narrowed in another)
 //   int8 block, by hand    csrc/cpu/int8_block_avx2.h, what the avx2 variant runs for fp32 params
+//   bf16 params: ...       the two by-hand loops on bf16 params and grads (rounded to nearest)
 #include "../csrc/adam_math.h"
 #include "../csrc/cpu/bf16_state_avx2.h"
 #include "../csrc/cpu/int8_block_avx2.h"
@@ -183,15 +184,29 @@ STAGE void int8_block_by_hand(float* p, const float* g, uint8_t* qm, uint8_t* qv
                               float* av, const StepScalars<float>& s) {
   const StepScalars<cpu::F8> sc = cpu::step_scalars_f8(s);
   for (int64_t b = 0; b < kN / kBlock; ++b)
-    cpu::int8_block_avx2<false, false, false>(p + b * kBlock, g + b * kBlock, qm + b * kBlock,
+    cpu::int8_block_avx2<float, false, false, false>(p + b * kBlock, g + b * kBlock, qm + b * kBlock,
                                               qv + b * kBlock, am + b, av + b, sc);
 }
 
 STAGE void bf16_update_by_hand(float* p, const float* g, uint16_t* m, uint16_t* v,
                                const StepScalars<float>& s, uint32_t km, uint32_t kv) {
-  cpu::bf16_state_avx2<false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
+  cpu::bf16_state_avx2<float, false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
                                             reinterpret_cast<Bf16*>(v), kN, 0, km, kv,
                                             cpu::step_scalars_f8(s));
+}
+STAGE void int8_block_bf16_params(Bf16* p, const Bf16* g, uint8_t* qm, uint8_t* qv, float* am,
+                                  float* av, const StepScalars<float>& s) {
+  const StepScalars<cpu::F8> sc = cpu::step_scalars_f8(s);
+  for (int64_t b = 0; b < kN / kBlock; ++b)
+    cpu::int8_block_avx2<Bf16, false, false, false>(p + b * kBlock, g + b * kBlock, qm + b * kBlock,
+                                                    qv + b * kBlock, am + b, av + b, sc);
+}
+
+STAGE void bf16_update_bf16_params(Bf16* p, const Bf16* g, uint16_t* m, uint16_t* v,
+                                   const StepScalars<float>& s, uint32_t km, uint32_t kv) {
+  cpu::bf16_state_avx2<Bf16, false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
+                                                  reinterpret_cast<Bf16*>(v), kN, 0, km, kv,
+                                                  cpu::step_scalars_f8(s));
 }
 }  // namespace
 
@@ -219,7 +234,15 @@ int main() {
   std::vector<uint16_t> h1m(m16), h1v(v16), h2m(m16), h2v(v16), sr16(kN);
   // the two int8 blocks' own states, from the same start (compared after the timing)
   std::vector<uint8_t> q1m(qm), q1v(qv), q2m(qm), q2v(qv);
-  std::vector<float> a1m(am), a1v(av), a2m(am), a2v(av);
+  std::vector<float> a1m(am), a1v(av), a2m(am), a2v(av), a3m(am), a3v(av);
+  // bf16 params and grads (the same values rounded), with their own states
+  std::vector<Bf16> pb(kN), gb(kN);
+  for (int64_t i = 0; i < kN; ++i) {
+    pb[i].x = float_to_bf16(p[i]);
+    gb[i].x = float_to_bf16(g[i]);
+  }
+  std::vector<uint8_t> q3m(qm), q3v(qv);
+  std::vector<uint16_t> h3m(m16), h3v(v16);
 
   struct Row { const char* name; double ns; };
   const Row rows[] = {
@@ -233,13 +256,16 @@ int main() {
       {"int8 encode (m and v)", ns_per_element([&] { int8_encode(mw.data(), vw.data(), am.data(), av.data(), qm.data(), qv.data()); })},
       {"int8 block, compiled", ns_per_element([&] { int8_block_compiled(p.data(), g.data(), q1m.data(), q1v.data(), a1m.data(), a1v.data(), s); })},
       {"int8 block, by hand", ns_per_element([&] { int8_block_by_hand(p.data(), g.data(), q2m.data(), q2v.data(), a2m.data(), a2v.data(), s); })},
+      {"bf16 params: bf16 moments", ns_per_element([&] { bf16_update_bf16_params(pb.data(), gb.data(), h3m.data(), h3v.data(), s, km, kv); })},
+      {"bf16 params: int8 block", ns_per_element([&] { int8_block_bf16_params(pb.data(), gb.data(), q3m.data(), q3v.data(), a3m.data(), a3v.data(), s); })},
   };
   // the same number of passes from the same start: the same codes and absmax (lr is 0, so the
   // params do not move)
   const bool same = q1m == q2m && q1v == q2v && a1m == a2m && a1v == a2v;
   const bool same16 = h1m == h2m && h1v == h2v;
   uint64_t check = 0;  // (keeps every result alive)
-  for (int64_t i = 0; i < kN; i += 997) check += qm[i] + qv[i] + sr16[i] + h1m[i] + float_bits(p[i]);
+  for (int64_t i = 0; i < kN; i += 997)
+    check += qm[i] + qv[i] + sr16[i] + h1m[i] + float_bits(p[i]) + q3m[i] + h3m[i] + pb[i].x;
   std::printf("stage_cost: %lld elements (L2), 1 thread, AVX2, best of 5 x %d passes, ns/element\n",
               static_cast<long long>(kN), kReps);
   for (const Row& r : rows) std::printf("  %-30s %6.3f\n", r.name, r.ns);

@@ -1,5 +1,6 @@
-// bf16 moments (stochastically rounded) of fp32 params, by hand in AVX2, 8 elements at a time: the
-// CPU loop's for that case (loops_lowp.cpp: lowp_range_bf16_avx2) and bench/stage_cost.cpp's.
+// bf16 moments (stochastically rounded) of fp32 or bf16 params (rounded to nearest), by hand in
+// AVX2, 8 elements at a time: the CPU loop's for those cases (loops_lowp.cpp:
+// lowp_range_bf16_avx2) and bench/stage_cost.cpp's.
 //
 // The random bits (adam_math.h random_bits_lo, mix32) and the rounding (float_to_bf16_stochastic)
 // restated on 8 lanes; adam_element on F8 (float_map_avx2.h). The bits equal the scalar rules':
@@ -7,7 +8,7 @@
 // (tests/backends/bf16_state_avx2_test.cpp), the whole loop in the reference matrix.
 #pragma once
 
-#include "float_map_avx2.h"
+#include "bf16x8_avx2.h"
 
 namespace onepass {
 namespace cpu {
@@ -30,39 +31,23 @@ ONEPASS_AVX2 __m256i bf16_stochastic8(__m256 f, __m256i bits) {
                             _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
 }
 
-// 8 bf16 values widened to floats.
-ONEPASS_AVX2 __m256 load_bf16x8(const Bf16* x) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-// The high halves of 8 32-bit lanes stored as 8 bf16 (16 bytes): a byte shuffle gathers each
-// 128-bit half's four into its low 8 bytes, a qword permutation puts those two side by side.
-ONEPASS_AVX2 void store_bf16x8(Bf16* out, __m256i b) {
-  const __m256i hi = _mm256_shuffle_epi8(
-      b, _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
-                          2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                   _mm256_castsi256_si128(_mm256_permute4x64_epi64(hi, 0x08)));
-}
-
-// Elements [0, n) (n a multiple of 8) of fp32 params p with bf16 moments m, v; element k's index
-// in its random streams is index_lo + k within the 2**32 block whose range keys are key_m, key_v
-// (no wrap past 2**32: the caller splits ranges there).
-template <bool MAX, bool COUPLED, bool SCALED>
+// Elements [0, n) (n a multiple of 8) of params p (float or Bf16) with bf16 moments m, v; element
+// k's index in its random streams is index_lo + k within the 2**32 block whose range keys are
+// key_m, key_v (no wrap past 2**32: the caller splits ranges there).
+template <typename P, bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline, target("avx2"))) void bf16_state_avx2(
-    float* __restrict p, const float* __restrict g, Bf16* __restrict m, Bf16* __restrict v,
+    P* __restrict p, const P* __restrict g, Bf16* __restrict m, Bf16* __restrict v,
     int64_t n, uint32_t index_lo, uint32_t key_m, uint32_t key_v, const StepScalars<F8>& sc) {
   const __m256i km = u32x8(key_m);
   const __m256i kv = u32x8(key_v);
   __m256i idx = _mm256_add_epi32(u32x8(index_lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   for (int64_t i = 0; i < n; i += 8) {
-    F8 pi{_mm256_loadu_ps(p + i)};
+    F8 pi{load8(p + i)};
     F8 mi{load_bf16x8(m + i)};
     F8 vi{load_bf16x8(v + i)};
     F8 unused{};
-    adam_element<F8, false, MAX, COUPLED, SCALED>(pi, F8{_mm256_loadu_ps(g + i)}, mi, vi, unused, sc);
-    _mm256_storeu_ps(p + i, pi.v);
+    adam_element<F8, false, MAX, COUPLED, SCALED>(pi, F8{load8(g + i)}, mi, vi, unused, sc);
+    store8(p + i, pi.v);
     store_bf16x8(m + i, bf16_stochastic8(mi.v, mix32x8(_mm256_xor_si256(idx, km))));
     store_bf16x8(v + i, bf16_stochastic8(vi.v, mix32x8(_mm256_xor_si256(idx, kv))));
     idx = _mm256_add_epi32(idx, u32x8(8));

@@ -2,7 +2,7 @@
 // (loops_lowp.cpp: int8_blocks_avx2) and bench/stage_cost.cpp's, which times it.
 #pragma once
 
-#include "float_map_avx2.h"
+#include "bf16x8_avx2.h"
 
 namespace onepass {
 namespace cpu {
@@ -17,13 +17,14 @@ ONEPASS_AVX2 void encode_block(uint8_t* __restrict q, const float* __restrict x,
                   CODE(_mm256_mul_ps(_mm256_load_ps(x + i + 24), scale)));
 }
 
-// One whole int8 block (kInt8Block elements) of fp32 params under the float3 maps, by hand in AVX2
-// (float_map_avx2.h): the codes widened as they are loaded, adam_element on 8 lanes, the new
-// absmax, then the codes of the block's m and v, packed to bytes. Same bits as int8_blocks'
-// loops; 0.90 against 1.53 ns an element, one thread, L2 (bench/stage_cost.sh).
-template <bool MAX, bool COUPLED, bool SCALED>
+// One whole int8 block (kInt8Block elements) of params p (float, or Bf16 rounded to nearest) under
+// the float3 maps, by hand in AVX2 (float_map_avx2.h): the codes widened as they are loaded,
+// adam_element on 8 lanes, the new absmax, then the codes of the block's m and v, packed to bytes.
+// Same bits as int8_blocks' loops; fp32 params 0.90 against 1.53 ns an element, one thread, L2
+// (bench/stage_cost.sh).
+template <typename P, bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline, target("avx2"))) void int8_block_avx2(
-    float* __restrict p, const float* __restrict g, uint8_t* __restrict qm,
+    P* __restrict p, const P* __restrict g, uint8_t* __restrict qm,
     uint8_t* __restrict qv, float* __restrict absmax_m, float* __restrict absmax_v,
     const StepScalars<F8>& sc) {
   alignas(64) float mb[kInt8Block];
@@ -34,12 +35,12 @@ inline __attribute__((always_inline, target("avx2"))) void int8_block_avx2(
   __m256i bm = _mm256_setzero_si256();
   __m256i bv = _mm256_setzero_si256();
   for (int i = 0; i < kInt8Block; i += 8) {
-    F8 pi{_mm256_loadu_ps(p + i)};
+    F8 pi{load8(p + i)};
     F8 mi{_mm256_mul_ps(fm_value_m8(load_codes8(qm + i)), am)};
     F8 vi{_mm256_mul_ps(fm_value_v8(load_codes8(qv + i)), av)};
     F8 unused{};
-    adam_element<F8, false, MAX, COUPLED, SCALED>(pi, F8{_mm256_loadu_ps(g + i)}, mi, vi, unused, sc);
-    _mm256_storeu_ps(p + i, pi.v);
+    adam_element<F8, false, MAX, COUPLED, SCALED>(pi, F8{load8(g + i)}, mi, vi, unused, sc);
+    store8(p + i, pi.v);
     _mm256_store_ps(mb + i, mi.v);
     _mm256_store_ps(vb + i, vi.v);
     bm = _mm256_max_epu32(bm, _mm256_and_si256(_mm256_castps_si256(mi.v), abs_mask));

@@ -233,45 +233,51 @@ inline __attribute__((always_inline)) void int8_blocks(const TensorWork& w,
   }
 }
 
-// int8_blocks for fp32 params with nearest rounding under the float3 maps, where AVX2 is present:
-// whole blocks by hand (int8_block_avx2), a row's short last block by int8_blocks.
-template <bool MAX, bool COUPLED, bool SCALED>
+// The param types the hand-written AVX2 loops take (bf16x8_avx2.h: load8, store8), rounded to
+// nearest: fp32 and bf16 (fp16 params keep the compiled loops).
+template <typename P>
+constexpr bool kHandParams = std::is_same_v<P, float> || std::is_same_v<P, Bf16>;
+
+// int8_blocks for fp32 or bf16 params with nearest rounding under the float3 maps, where AVX2 is
+// present: whole blocks by hand (int8_block_avx2), a row's short last block by int8_blocks.
+template <typename P, bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline, target("avx2"))) void int8_blocks_avx2(
     const TensorWork& w, const StepScalars<float>& s, int64_t kb, int64_t ke) {
   const StepScalars<F8> sc = step_scalars_f8(s);
   for (int64_t k = kb; k < ke; ++k) {
     const auto [start, len] = int8_block_at(w, k);
     if (len < kInt8Block) {
-      int8_blocks<float, MAX, COUPLED, SCALED, kNearest, true>(w, s, k, k + 1);
+      int8_blocks<P, MAX, COUPLED, SCALED, kNearest, true>(w, s, k, k + 1);
       continue;
     }
-    int8_block_avx2<MAX, COUPLED, SCALED>(
-        static_cast<float*>(w.p) + start, static_cast<const float*>(w.g) + start,
+    int8_block_avx2<P, MAX, COUPLED, SCALED>(
+        static_cast<P*>(w.p) + start, static_cast<const P*>(w.g) + start,
         static_cast<uint8_t*>(w.m) + start, static_cast<uint8_t*>(w.v) + start, w.absmax_m + k,
         w.absmax_v + k, sc);
   }
 }
 
-// lowp_range for fp32 params with bf16 moments (nearest rounding, no amsgrad, no statistics) where
-// AVX2 is present: runs of 8 elements by hand (bf16_state_avx2: 0.85 against 1.0 ns an element,
-// bench/stage_cost.sh), within each 2**32 block of indices (the range keys' span); a block's
-// last few by lowp_range.
-template <bool MAX, bool COUPLED, bool SCALED>
+// lowp_range for fp32 or bf16 params with bf16 moments (nearest rounding, no amsgrad, no
+// statistics) where AVX2 is present: runs of 8 elements by hand (bf16_state_avx2, fp32 params:
+// 0.85 against 1.0 ns an element, bench/stage_cost.sh), within each 2**32 block of indices (the
+// range keys' span); a block's last few by lowp_range.
+template <typename P, bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
     const TensorWork& w, const StepScalars<float>& s, int64_t begin, int64_t end) {
   const StepScalars<F8> sc = step_scalars_f8(s);
-  float* p = static_cast<float*>(w.p);
-  const float* g = static_cast<const float*>(w.g);
+  P* p = static_cast<P*>(w.p);
+  const P* g = static_cast<const P*>(w.g);
   Bf16* m = static_cast<Bf16*>(w.m);
   Bf16* v = static_cast<Bf16*>(w.v);
   for (int64_t i = begin; i < end;) {
     const int64_t b1 = index_block_end(i, end);
     const int64_t n8 = (b1 - i) & ~int64_t(7);
     const uint64_t at = static_cast<uint64_t>(i);
-    bf16_state_avx2<MAX, COUPLED, SCALED>(p + i, g + i, m + i, v + i, n8, static_cast<uint32_t>(at),
-                                          range_key(w.key_m, at), range_key(w.key_v, at), sc);
+    bf16_state_avx2<P, MAX, COUPLED, SCALED>(p + i, g + i, m + i, v + i, n8,
+                                             static_cast<uint32_t>(at), range_key(w.key_m, at),
+                                             range_key(w.key_v, at), sc);
     if (i + n8 < b1)
-      lowp_range<float, false, MAX, COUPLED, SCALED, kBF16, kNearest, false>(w, s, i + n8, b1);
+      lowp_range<P, false, MAX, COUPLED, SCALED, kBF16, kNearest, false>(w, s, i + n8, b1);
     i = b1;
   }
 }
@@ -284,15 +290,14 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
     if constexpr (SF == kInt8) { /* stats: stats_block takes them, block by block */              \
       if (!w.float_map)                                                                           \
         int8_blocks<P, MAX, COUPLED, SCALED, PR, false>(w, s, b, e);                              \
-      else if constexpr (AVX2 && std::is_same_v<P, float> && PR == kNearest)                      \
-        int8_blocks_avx2<MAX, COUPLED, SCALED>(w, s, b, e);                                       \
+      else if constexpr (AVX2 && kHandParams<P> && PR == kNearest)                                \
+        int8_blocks_avx2<P, MAX, COUPLED, SCALED>(w, s, b, e);                                    \
       else                                                                                        \
         int8_blocks<P, MAX, COUPLED, SCALED, PR, true>(w, s, b, e);                               \
     } else if (stats) {                                                                           \
       lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR, true>(w, s, b, e);                         \
-    } else if constexpr (AVX2 && SF == kBF16 && std::is_same_v<P, float> && PR == kNearest &&    \
-                         !AMS) {                                                                  \
-      lowp_range_bf16_avx2<MAX, COUPLED, SCALED>(w, s, b, e);                                     \
+    } else if constexpr (AVX2 && SF == kBF16 && kHandParams<P> && PR == kNearest && !AMS) {      \
+      lowp_range_bf16_avx2<P, MAX, COUPLED, SCALED>(w, s, b, e);                                  \
     } else {                                                                                      \
       lowp_range<P, AMS, MAX, COUPLED, SCALED, SF, PR, false>(w, s, b, e);                        \
     }                                                                                             \

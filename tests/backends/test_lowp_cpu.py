@@ -171,6 +171,7 @@ def test_bf16_state_non_finite_values_agree_bit_for_bit(dtype, rnd):
 # (fp32 params with int8 or bf16 state: the AVX2 variants' hand-vectorized loops, the base
 # variant's compiled ones)
 SIMD_CASES = [(torch.bfloat16, "int8", "kahan"), (torch.bfloat16, "bf16", "stochastic"),
+              (torch.bfloat16, "int8", "nearest"), (torch.bfloat16, "bf16", "nearest"),
               (torch.float32, "int8", "nearest"), (torch.float32, "bf16", "nearest")]
 
 

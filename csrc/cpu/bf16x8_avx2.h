@@ -1,0 +1,47 @@
+// Eight bf16 values in and out of an AVX2 register, each widened to (or taken from) the high half
+// of a 32-bit lane: the bf16 params' and bf16 moments' loads and stores of the hand-written CPU
+// loops (bf16_state_avx2.h, int8_block_avx2.h), and float_to_bf16 (adam_math.h) on 8 lanes. The
+// rounding equals the scalar rule on all 2**32 float32 patterns
+// (tests/backends/bf16_state_avx2_test.cpp).
+#pragma once
+
+#include "float_map_avx2.h"
+
+namespace onepass {
+namespace cpu {
+
+// 8 bf16 values widened to floats.
+ONEPASS_AVX2 __m256 load_bf16x8(const Bf16* x) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// The high halves of 8 32-bit lanes stored as 8 bf16 (16 bytes): a byte shuffle gathers each
+// 128-bit half's four into its low 8 bytes, a qword permutation puts those two side by side.
+ONEPASS_AVX2 void store_bf16x8(Bf16* out, __m256i b) {
+  const __m256i hi = _mm256_shuffle_epi8(
+      b, _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                          2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm256_castsi256_si128(_mm256_permute4x64_epi64(hi, 0x08)));
+}
+
+// float_to_bf16 on 8 lanes, each pattern in the high half of its lane: to nearest, ties to even
+// (0x7fff plus the kept half's lowest bit added); a NaN (unordered with itself) takes 0x7fc0.
+ONEPASS_AVX2 __m256i bf16_nearest8(__m256 f) {
+  const __m256i u = _mm256_castps_si256(f);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), u32x8(1));
+  const __m256i sum = _mm256_add_epi32(u, _mm256_add_epi32(odd, u32x8(0x7fffu)));
+  return _mm256_blendv_epi8(sum, u32x8(0x7fc00000u),
+                            _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+
+// A param's (or grad's) 8 elements as floats, and the param's 8 new values stored: fp32 as they
+// are, bf16 rounded to nearest (the loops' kNearest param rounding).
+ONEPASS_AVX2 __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+ONEPASS_AVX2 __m256 load8(const Bf16* x) { return load_bf16x8(x); }
+ONEPASS_AVX2 void store8(float* out, __m256 f) { _mm256_storeu_ps(out, f); }
+ONEPASS_AVX2 void store8(Bf16* out, __m256 f) { store_bf16x8(out, bf16_nearest8(f)); }
+
+}  // namespace cpu
+}  // namespace onepass
