@@ -180,33 +180,22 @@ STAGE void int8_block_compiled(float* p, const float* g, uint8_t* qm, uint8_t* q
   }
 }
 
-STAGE void int8_block_by_hand(float* p, const float* g, uint8_t* qm, uint8_t* qv, float* am,
-                              float* av, const StepScalars<float>& s) {
+// (P: float or Bf16 params and grads, as the CPU loop instantiates them)
+template <typename P>
+STAGE void int8_block_by_hand(P* p, const P* g, uint8_t* qm, uint8_t* qv, float* am, float* av,
+                              const StepScalars<float>& s) {
   const StepScalars<cpu::F8> sc = cpu::step_scalars_f8(s);
   for (int64_t b = 0; b < kN / kBlock; ++b)
-    cpu::int8_block_avx2<float, false, false, false>(p + b * kBlock, g + b * kBlock, qm + b * kBlock,
-                                              qv + b * kBlock, am + b, av + b, sc);
+    cpu::int8_block_avx2<P, false, false, false>(p + b * kBlock, g + b * kBlock, qm + b * kBlock,
+                                                 qv + b * kBlock, am + b, av + b, sc);
 }
 
-STAGE void bf16_update_by_hand(float* p, const float* g, uint16_t* m, uint16_t* v,
+template <typename P>
+STAGE void bf16_update_by_hand(P* p, const P* g, uint16_t* m, uint16_t* v,
                                const StepScalars<float>& s, uint32_t km, uint32_t kv) {
-  cpu::bf16_state_avx2<float, false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
-                                            reinterpret_cast<Bf16*>(v), kN, 0, km, kv,
-                                            cpu::step_scalars_f8(s));
-}
-STAGE void int8_block_bf16_params(Bf16* p, const Bf16* g, uint8_t* qm, uint8_t* qv, float* am,
-                                  float* av, const StepScalars<float>& s) {
-  const StepScalars<cpu::F8> sc = cpu::step_scalars_f8(s);
-  for (int64_t b = 0; b < kN / kBlock; ++b)
-    cpu::int8_block_avx2<Bf16, false, false, false>(p + b * kBlock, g + b * kBlock, qm + b * kBlock,
-                                                    qv + b * kBlock, am + b, av + b, sc);
-}
-
-STAGE void bf16_update_bf16_params(Bf16* p, const Bf16* g, uint16_t* m, uint16_t* v,
-                                   const StepScalars<float>& s, uint32_t km, uint32_t kv) {
-  cpu::bf16_state_avx2<Bf16, false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
-                                                  reinterpret_cast<Bf16*>(v), kN, 0, km, kv,
-                                                  cpu::step_scalars_f8(s));
+  cpu::bf16_state_avx2<P, false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
+                                               reinterpret_cast<Bf16*>(v), kN, 0, km, kv,
+                                               cpu::step_scalars_f8(s));
 }
 }  // namespace
 
@@ -256,8 +245,8 @@ int main() {
       {"int8 encode (m and v)", ns_per_element([&] { int8_encode(mw.data(), vw.data(), am.data(), av.data(), qm.data(), qv.data()); })},
       {"int8 block, compiled", ns_per_element([&] { int8_block_compiled(p.data(), g.data(), q1m.data(), q1v.data(), a1m.data(), a1v.data(), s); })},
       {"int8 block, by hand", ns_per_element([&] { int8_block_by_hand(p.data(), g.data(), q2m.data(), q2v.data(), a2m.data(), a2v.data(), s); })},
-      {"bf16 params: bf16 moments", ns_per_element([&] { bf16_update_bf16_params(pb.data(), gb.data(), h3m.data(), h3v.data(), s, km, kv); })},
-      {"bf16 params: int8 block", ns_per_element([&] { int8_block_bf16_params(pb.data(), gb.data(), q3m.data(), q3v.data(), a3m.data(), a3v.data(), s); })},
+      {"bf16 params: bf16 moments", ns_per_element([&] { bf16_update_by_hand(pb.data(), gb.data(), h3m.data(), h3v.data(), s, km, kv); })},
+      {"bf16 params: int8 block", ns_per_element([&] { int8_block_by_hand(pb.data(), gb.data(), q3m.data(), q3v.data(), a3m.data(), a3v.data(), s); })},
   };
   // the same number of passes from the same start: the same codes and absmax (lr is 0, so the
   // params do not move)
