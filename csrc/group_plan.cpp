@@ -87,7 +87,10 @@ class PyGroupPlan {
     if (!usable_ || !PyList_Check(list)) return false;
     const size_t n = plan_.held.size();
     if (static_cast<size_t>(PyList_GET_SIZE(list)) != n) return false;
-    for (PlanPart& part : plan_.parts) part.grads_fit = true;
+    // (set only when every grad was read: a plan that refuses the list keeps none of this step)
+    for (PlanPart& part : plan_.parts) part.grads_fit = false;
+    std::vector<uint8_t>& fit = fit_;  // (one flag a part, kept: no allocation a step)
+    fit.assign(plan_.parts.size(), 1);
     for (size_t j = 0; j < n; ++j) {
       PyObject* o = PyList_GET_ITEM(list, j);
       if (o != plan_.held[j]) return false;
@@ -112,11 +115,12 @@ class PyGroupPlan {
         return false;
       part.grads[i] = g;
       // (a grad that fails these still steps: the step's own checks and layout handling take it)
-      part.grads_fit = part.grads_fit && contiguous && gi->layout() == at::kStrided &&
-                       gi->dtype() == ti->dtype() && gi->device() == ti->device() &&
-                       same_dims(gi->sizes(), part.sizes[i]) && gi->is_contiguous();
+      fit[k] = fit[k] && contiguous && gi->layout() == at::kStrided &&
+               gi->dtype() == ti->dtype() && gi->device() == ti->device() &&
+               same_dims(gi->sizes(), part.sizes[i]) && gi->is_contiguous();
       part.grad_data[i] = raw_data(g);
     }
+    for (size_t k = 0; k < fit.size(); ++k) plan_.parts[k].grads_fit = fit[k] != 0;
     return true;
   }
 
@@ -181,6 +185,7 @@ class PyGroupPlan {
 
   GroupPlan plan_;
   bool usable_ = true;
+  std::vector<uint8_t> fit_;  // gather's flags, one a part (PlanPart::grads_fit once all are read)
 };
 
 }  // namespace
