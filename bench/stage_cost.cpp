@@ -8,7 +8,7 @@
 //
 // Stages:
 //   fp32 update      adam_element on fp32 p, g, m, v (loads and stores included): the fp32 step
-//   bf16 moments     the same with m, v stored as bf16, stochastically rounded (hash + SR)
+//   bf16 moments     the same with m, v stored as bf16, stochastically rounded (one hash, two SR)
 //   bf16 moments, by hand   csrc/cpu/bf16_state_avx2.h, what the avx2 variant runs for fp32 params
 //   SR hash          random_bits + float_to_bf16_stochastic alone, one value an element
 //   int8 decode      float3 codes of m and v to floats (times the block's absmax)
@@ -67,7 +67,7 @@ STAGE void fp32_update(float* p, const float* g, float* m, float* v, const StepS
 }
 
 STAGE void bf16_update(float* p, const float* g, uint16_t* m, uint16_t* v, const StepScalars<float>& s,
-                       uint32_t km, uint32_t kv) {
+                       uint32_t kmv) {
   const StepScalars<float> sc = s;
   // (as loops_lowp.cpp: a 32-bit count, and the index's high half, 0 here, in the keys)
 #pragma omp simd
@@ -76,8 +76,9 @@ STAGE void bf16_update(float* p, const float* g, uint16_t* m, uint16_t* v, const
     float pi = p[i], mi = bf16_to_float(m[i]), vi = bf16_to_float(v[i]), unused = 0.0f;
     adam_element<float, false, false, false, false>(pi, g[i], mi, vi, unused, sc);
     p[i] = pi;
-    m[i] = float_to_bf16_stochastic(mi, random_bits_lo(km, static_cast<uint32_t>(i)));
-    v[i] = float_to_bf16_stochastic(vi, random_bits_lo(kv, static_cast<uint32_t>(i)));
+    const uint32_t draw = random_bits_lo(kmv, static_cast<uint32_t>(i));
+    m[i] = float_to_bf16_stochastic(mi, draw);
+    v[i] = float_to_bf16_stochastic(vi, v_bits(draw));
   }
 }
 
@@ -192,9 +193,9 @@ STAGE void int8_block_by_hand(P* p, const P* g, uint8_t* qm, uint8_t* qv, float*
 
 template <typename P>
 STAGE void bf16_update_by_hand(P* p, const P* g, uint16_t* m, uint16_t* v,
-                               const StepScalars<float>& s, uint32_t km, uint32_t kv) {
+                               const StepScalars<float>& s, uint32_t kmv) {
   cpu::bf16_state_avx2<P, false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
-                                               reinterpret_cast<Bf16*>(v), kN, 0, km, kv,
+                                               reinterpret_cast<Bf16*>(v), kN, 0, kmv,
                                                cpu::step_scalars_f8(s));
 }
 }  // namespace
@@ -217,7 +218,7 @@ int main() {
   int8_encode(m.data(), v.data(), am.data(), av.data(), qm.data(), qv.data());
   // lr 0: the params do not drift over the repetitions (the work is the same)
   const StepScalars<float> s = make_step_scalars<float>(10, 0.0, 0.9, 0.999, 1e-8, 0.0, true, 1.0);
-  const uint32_t km = stream_key(0, 10, kStreamM), kv = stream_key(0, 10, kStreamV);
+  const uint32_t kmv = stream_key(0, 10, kStreamMoments);
   std::vector<float> mw(m), vw(v);  // working copies the update stages write
   // the bf16 moments compiled and by hand, from the same start; the SR hash's output
   std::vector<uint16_t> h1m(m16), h1v(v16), h2m(m16), h2v(v16), sr16(kN);
@@ -236,16 +237,16 @@ int main() {
   struct Row { const char* name; double ns; };
   const Row rows[] = {
       {"fp32 update", ns_per_element([&] { fp32_update(p.data(), g.data(), mw.data(), vw.data(), s); })},
-      {"bf16 moments (update + SR)", ns_per_element([&] { bf16_update(p.data(), g.data(), h1m.data(), h1v.data(), s, km, kv); })},
-      {"bf16 moments, by hand", ns_per_element([&] { bf16_update_by_hand(p.data(), g.data(), h2m.data(), h2v.data(), s, km, kv); })},
-      {"SR hash (one value)", ns_per_element([&] { sr_hash(m.data(), sr16.data(), km); })},
+      {"bf16 moments (update + SR)", ns_per_element([&] { bf16_update(p.data(), g.data(), h1m.data(), h1v.data(), s, kmv); })},
+      {"bf16 moments, by hand", ns_per_element([&] { bf16_update_by_hand(p.data(), g.data(), h2m.data(), h2v.data(), s, kmv); })},
+      {"SR hash (one value)", ns_per_element([&] { sr_hash(m.data(), sr16.data(), kmv); })},
       {"int8 decode (m and v)", ns_per_element([&] { int8_decode(qm.data(), qv.data(), am.data(), av.data(), mw.data(), vw.data()); })},
       {"int8 update (decoded m, v)", ns_per_element([&] { int8_update(p.data(), g.data(), mw.data(), vw.data(), s); })},
       {"absmax (m and v)", ns_per_element([&] { absmax(mw.data(), vw.data(), am.data(), av.data()); })},
       {"int8 encode (m and v)", ns_per_element([&] { int8_encode(mw.data(), vw.data(), am.data(), av.data(), qm.data(), qv.data()); })},
       {"int8 block, compiled", ns_per_element([&] { int8_block_compiled(p.data(), g.data(), q1m.data(), q1v.data(), a1m.data(), a1v.data(), s); })},
       {"int8 block, by hand", ns_per_element([&] { int8_block_by_hand(p.data(), g.data(), q2m.data(), q2v.data(), a2m.data(), a2v.data(), s); })},
-      {"bf16 params: bf16 moments", ns_per_element([&] { bf16_update_by_hand(pb.data(), gb.data(), h3m.data(), h3v.data(), s, km, kv); })},
+      {"bf16 params: bf16 moments", ns_per_element([&] { bf16_update_by_hand(pb.data(), gb.data(), h3m.data(), h3v.data(), s, kmv); })},
       {"bf16 params: int8 block", ns_per_element([&] { int8_block_by_hand(pb.data(), gb.data(), q3m.data(), q3v.data(), a3m.data(), a3v.data(), s); })},
   };
   // the same number of passes from the same start: the same codes and absmax (lr is 0, so the

@@ -202,14 +202,14 @@ template <> struct Storage<Fp16> {
 };
 
 // ---- low-precision storage: random bits, stochastic rounding, 8-bit codes ------------------------
-// The twins of reference.mix32 / stream_key / random_bits / round_bf16_stochastic /
+// The twins of reference.mix32 / stream_key / random_bits / moment_bits / round_bf16_stochastic /
 // quantize_blocks / dequantize_blocks (module docstring "Storage"). Integer arithmetic is uint32
 // (mod 2**32, as the reference masks it), so host and device give the same bits.
 constexpr uint32_t kMix1 = 0x21F0AAADu;
 constexpr uint32_t kMix2 = 0x735A2D97u;
 constexpr uint32_t kGolden = 0x9E3779B9u;
 constexpr uint32_t kHiMult = 0x85EBCA6Bu;
-constexpr uint32_t kStreamParam = 0, kStreamM = 1, kStreamV = 2;
+constexpr uint32_t kStreamParam = 0, kStreamMoments = 1;
 constexpr int kInt8Block = 256;  // reference.INT8_BLOCK
 // Offsets into quant.tables(): signed codes, signed midpoints, unsigned codes, unsigned midpoints.
 constexpr int kCodeM = 0, kMidM = 256, kCodeV = 511, kMidV = 767, kTablesLen = 1022;
@@ -244,6 +244,10 @@ ONEPASS_HD uint32_t random_bits_lo(uint32_t range_key, uint32_t index_lo) {
 ONEPASS_HD uint32_t random_bits(uint32_t key, uint64_t index) {
   return random_bits_lo(range_key(key, index), static_cast<uint32_t>(index));
 }
+
+// reference.moment_bits: the two bf16 moments round with one draw of the moments' stream, m with
+// its low 16 bits (the draw itself: float_to_bf16_stochastic reads the low 16), v with these.
+ONEPASS_HD uint32_t v_bits(uint32_t moment_draw) { return moment_draw >> 16; }
 
 // float -> bf16 bits, rounding up in magnitude with probability (dropped bits) / 2**16: the low
 // 16 random bits are added to the float's bit pattern and the low half is cut off (no carry out of

@@ -34,18 +34,18 @@ const void* address(const at::Tensor& t, bool planned) {
 struct Correction {
   int64_t t;
   double bc1, inv_bc2_sqrt;
-  int64_t keys[3];
+  int64_t keys[2];  // the param's stream, the moments'
 };
 
 Correction correction(int64_t t, const TritonCorrArgs& a, bool keys) {
   // inv_bc2_sqrt rounded once to the math type, as reference.round_scalar does
   const double inv = inv_bc2_sqrt(a.beta2, t);
   Correction c{t, bias_correction1(a.beta1, t),
-               a.math_f64 ? inv : static_cast<double>(static_cast<float>(inv)), {0, 0, 0}};
+               a.math_f64 ? inv : static_cast<double>(static_cast<float>(inv)), {0, 0}};
   if (keys) {
     const uint32_t seed = static_cast<uint32_t>(a.seed);  // (the reference masks it to 32 bits)
-    const uint32_t streams[3] = {kStreamParam, kStreamM, kStreamV};
-    for (int s = 0; s < 3; ++s) c.keys[s] = stream_key(seed, t, streams[s]);
+    c.keys[0] = stream_key(seed, t, kStreamParam);
+    c.keys[1] = stream_key(seed, t, kStreamMoments);
   }
   return c;
 }
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
                 "onepass: triton_table's static table must be a contiguous int64 CPU matrix");
   const int64_t n = statics.size(0);
   const int64_t w = statics.size(1);
-  ONEPASS_CHECK(w >= 6 && (key_col < 0 || key_col + 3 <= w), "onepass: triton_table: ", w,
+  ONEPASS_CHECK(w >= 6 && (key_col < 0 || key_col + 2 <= w), "onepass: triton_table: ", w,
                 " columns, keys at ", key_col);
   ONEPASS_CHECK(counts == nullptr || counts->size() == steps.size(),
                 "onepass: triton_table: the plan's counts do not match its steps");

@@ -11,8 +11,8 @@ float64 bits), then ftab (T rows of 2), then hp (lr, beta1, beta2, eps, weight d
 instead of three views saves the host ~5 us a launch (three Tensor slices in Python):
 
     itab[t] = (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq addresses, numel)   int64
-              + for low precision (ITAB_W = 13): Kahan compensation, exp_avg absmax and
-              exp_avg_sq absmax addresses, the stream keys of the param, m and v
+              + for low precision (ITAB_W = 12): Kahan compensation, exp_avg absmax and
+              exp_avg_sq absmax addresses, the stream keys of the param and of the moments
               (reference.stream_key of the tensor's step), the int8 row length
     ftab[t] = (bias correction 1 - beta1**t, sqrt(1 - beta2**t) rounded)            float64
     starts[t] = first program of tensor t (cumulative program counts, starts[T] = grid size)
@@ -40,19 +40,19 @@ approximate on NVIDIA GPUs).
 import triton
 import triton.language as tl
 
-# Columns of itab. The first six are always there; the rest (ITAB_W = 13) only for bf16/int8
+# Columns of itab. The first six are always there; the rest (ITAB_W = 12) only for bf16/int8
 # state or stochastic/Kahan param rounding. Keys are the uint32 reference.stream_key of the
-# tensor's step for the param, m and v streams. (jit code reads the tl.constexpr copies.)
+# tensor's step for the param's stream and the moments' (one stream for m and v:
+# reference.moment_bits). (jit code reads the tl.constexpr copies.)
 COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "numel",
-           "comp", "absmax_m", "absmax_v", "key_p", "key_m", "key_v", "row_len")
+           "comp", "absmax_m", "absmax_v", "key_p", "key_moments", "row_len")
 ITAB_NARROW, ITAB_WIDE = 6, len(COLUMNS)
 COL_COMP = tl.constexpr(6)
 COL_ABSMAX_M = tl.constexpr(7)
 COL_ABSMAX_V = tl.constexpr(8)
 COL_KEY_P = tl.constexpr(9)
-COL_KEY_M = tl.constexpr(10)
-COL_KEY_V = tl.constexpr(11)
-COL_ROW_LEN = tl.constexpr(12)
+COL_KEY_MOMENTS = tl.constexpr(10)
+COL_ROW_LEN = tl.constexpr(11)
 
 
 
@@ -257,10 +257,10 @@ def update_elements(row, p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs, mask, beta1, o
         key_p = 0
     stored = store_param(p_ptr, c_ptr, offs, mask, p, key_p, P_DTYPE, MATH, SR, KAHAN)
     if STATE_BF16:
-        key_m = tl.load(row + COL_KEY_M).to(tl.uint32)
-        key_v = tl.load(row + COL_KEY_V).to(tl.uint32)
-        tl.store(m_ptr + offs, round_bf16_stochastic(m, random_bits(key_m, offs)), mask=mask)
-        tl.store(v_ptr + offs, round_bf16_stochastic(v, random_bits(key_v, offs)), mask=mask)
+        bits = random_bits(tl.load(row + COL_KEY_MOMENTS).to(tl.uint32), offs)
+        # reference.moment_bits: m rounds with the low 16 bits, v with the high 16
+        tl.store(m_ptr + offs, round_bf16_stochastic(m, bits), mask=mask)
+        tl.store(v_ptr + offs, round_bf16_stochastic(v, bits >> 16), mask=mask)
     else:
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)

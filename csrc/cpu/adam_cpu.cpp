@@ -124,18 +124,22 @@ void fill_static(TensorWork& w, const BatchArgs& a, size_t i, const at::Tensor& 
 }
 
 // The per-step scalars of a batch: params with the same step count in a row share an entry.
-// Reserved for every param up front, so the entries TensorWork points to never move.
+// Reserved for every param up front, so the entries TensorWork points to never move. The random
+// streams' keys depend on the count alone too: hashed once per run of one count (two mix32 a
+// tensor were ~40 of a 2000-tensor bf16-state step's ~800 instructions a tensor).
 struct ScalarTables {
   std::vector<StepScalars<float>> f;
   std::vector<StepScalars<double>> d;
   int64_t last_f = -1, last_d = -1;
+  int64_t key_step = -1;
+  uint32_t key_p = 0, key_moments = 0;
 
   void reset(size_t n) {
     f.clear();
     d.clear();
     f.reserve(n);
     d.reserve(n);
-    last_f = last_d = -1;
+    last_f = last_d = key_step = -1;
   }
 };
 
@@ -153,9 +157,13 @@ void fill_step(TensorWork& w, const void* g, int64_t step, bool f64, ScalarTable
     w.scalars = &sc.f.back();
   }
   if (ctx.lowp) {
-    w.key_p = stream_key(ctx.seed, step, kStreamParam);
-    w.key_m = stream_key(ctx.seed, step, kStreamM);
-    w.key_v = stream_key(ctx.seed, step, kStreamV);
+    if (step != sc.key_step) {
+      sc.key_step = step;
+      sc.key_p = stream_key(ctx.seed, step, kStreamParam);
+      sc.key_moments = stream_key(ctx.seed, step, kStreamMoments);
+    }
+    w.key_p = sc.key_p;
+    w.key_moments = sc.key_moments;
   }
 }
 

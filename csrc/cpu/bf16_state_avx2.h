@@ -33,13 +33,13 @@ ONEPASS_AVX2 __m256i bf16_stochastic8(__m256 f, __m256i bits) {
 
 // Elements [0, n) (n a multiple of 8) of params p (float or Bf16) with bf16 moments m, v; element
 // k's index in its random streams is index_lo + k within the 2**32 block whose range keys are
-// key_m, key_v (no wrap past 2**32: the caller splits ranges there).
+// key_mv, the moments' stream (no wrap past 2**32: the caller splits ranges there); one draw
+// rounds both moments (v_bits: v takes its high 16 bits).
 template <typename P, bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline, target("avx2"))) void bf16_state_avx2(
     P* __restrict p, const P* __restrict g, Bf16* __restrict m, Bf16* __restrict v,
-    int64_t n, uint32_t index_lo, uint32_t key_m, uint32_t key_v, const StepScalars<F8>& sc) {
-  const __m256i km = u32x8(key_m);
-  const __m256i kv = u32x8(key_v);
+    int64_t n, uint32_t index_lo, uint32_t key_mv, const StepScalars<F8>& sc) {
+  const __m256i kmv = u32x8(key_mv);
   __m256i idx = _mm256_add_epi32(u32x8(index_lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   for (int64_t i = 0; i < n; i += 8) {
     F8 pi{load8(p + i)};
@@ -48,8 +48,9 @@ inline __attribute__((always_inline, target("avx2"))) void bf16_state_avx2(
     F8 unused{};
     adam_element<F8, false, MAX, COUPLED, SCALED>(pi, F8{load8(g + i)}, mi, vi, unused, sc);
     store8(p + i, pi.v);
-    store_bf16x8(m + i, bf16_stochastic8(mi.v, mix32x8(_mm256_xor_si256(idx, km))));
-    store_bf16x8(v + i, bf16_stochastic8(vi.v, mix32x8(_mm256_xor_si256(idx, kv))));
+    const __m256i draw = mix32x8(_mm256_xor_si256(idx, kmv));
+    store_bf16x8(m + i, bf16_stochastic8(mi.v, draw));
+    store_bf16x8(v + i, bf16_stochastic8(vi.v, _mm256_srli_epi32(draw, 16)));
     idx = _mm256_add_epi32(idx, u32x8(8));
   }
 }

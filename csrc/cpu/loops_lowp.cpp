@@ -69,7 +69,7 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
   float* __restrict vm = static_cast<float*>(w.v_max);
   Bf16* __restrict comp = static_cast<Bf16*>(w.comp);
   // the streams' keys for the current range of indices (range_key: set below per 2**32 block)
-  uint32_t key_p = 0, key_m = 0, key_v = 0;
+  uint32_t key_p = 0, key_mv = 0;
   const StepScalars<float> sc = s;
   auto elem = [&](int64_t i, int64_t lane, float* aw, float* ad) __attribute__((always_inline)) {
     const uint32_t lo = static_cast<uint32_t>(i);
@@ -81,8 +81,9 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
     adam_element<float, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, sc);
     const float nw = store_param<P, PR>(p + i, comp + i, pi, key_p, lo);
     if constexpr (SF == kBF16) {
-      m[i].x = float_to_bf16_stochastic(mi, random_bits_lo(key_m, lo));
-      v[i].x = float_to_bf16_stochastic(vi, random_bits_lo(key_v, lo));
+      const uint32_t draw = random_bits_lo(key_mv, lo);
+      m[i].x = float_to_bf16_stochastic(mi, draw);
+      v[i].x = float_to_bf16_stochastic(vi, v_bits(draw));
     } else {
       m[i] = mi;
       v[i] = vi;
@@ -97,8 +98,7 @@ inline __attribute__((always_inline)) void lowp_range(const TensorWork& w,
   for (int64_t b0 = begin; b0 < end;) {
     const int64_t b1 = index_block_end(b0, end);
     key_p = range_key(w.key_p, static_cast<uint64_t>(b0));
-    key_m = range_key(w.key_m, static_cast<uint64_t>(b0));
-    key_v = range_key(w.key_v, static_cast<uint64_t>(b0));
+    key_mv = range_key(w.key_moments, static_cast<uint64_t>(b0));
     if constexpr (ST) {
       stats_chunks<float>(w, b0, b1, elem);
     } else {
@@ -274,8 +274,8 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
     const int64_t n8 = (b1 - i) & ~int64_t(7);
     const uint64_t at = static_cast<uint64_t>(i);
     bf16_state_avx2<P, MAX, COUPLED, SCALED>(p + i, g + i, m + i, v + i, n8,
-                                             static_cast<uint32_t>(at), range_key(w.key_m, at),
-                                             range_key(w.key_v, at), sc);
+                                             static_cast<uint32_t>(at),
+                                             range_key(w.key_moments, at), sc);
     if (i + n8 < b1)
       lowp_range<P, false, MAX, COUPLED, SCALED, kBF16, kNearest, false>(w, s, i + n8, b1);
     i = b1;

@@ -48,7 +48,7 @@ struct TensorWork {
   const float* tables = nullptr;  // quant.tables(): codes and midpoints
   int64_t row_len = 0;          // int8: elements per dim-0 row
   int64_t blocks_per_row = 0;
-  uint32_t key_p = 0, key_m = 0, key_v = 0;  // stream keys of this tensor at this step
+  uint32_t key_p = 0, key_moments = 0;  // stream keys of this tensor at this step
   const CodeIndex* index_m = nullptr;  // int8: the code search tables (null: fallback)
   const CodeIndex* index_v = nullptr;
   bool float_map = false;  // int8: the tables are quant's "float3" maps (bit-level search)

@@ -186,7 +186,7 @@ __device__ __forceinline__ void store_param(P* p, Bf16* comp, int64_t i, float p
 template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR, typename M>
 __device__ __forceinline__ void lowp_element(P* p, const P* g, M* m, M* v, float* vm, Bf16* comp,
                                              int64_t i, uint64_t idx, const StepScalars<float>& s,
-                                             uint32_t key_p, uint32_t key_m, uint32_t key_v) {
+                                             uint32_t key_p, uint32_t key_moments) {
   float pi = load_param<P, PR>(p, comp, i);
   float mi = Storage<M>::load(m + i);
   float vi = Storage<M>::load(v + i);
@@ -195,8 +195,9 @@ __device__ __forceinline__ void lowp_element(P* p, const P* g, M* m, M* v, float
   adam_element<float, AMS, MAX, COUPLED, SCALED>(pi, Storage<P>::load(g + i), mi, vi, vmi, s);
   store_param<P, PR>(p, comp, i, pi, key_p, idx);
   if constexpr (SF == kBF16) {
-    m[i].x = float_to_bf16_stochastic(mi, random_bits(key_m, idx));
-    v[i].x = float_to_bf16_stochastic(vi, random_bits(key_v, idx));
+    const uint32_t draw = random_bits(key_moments, idx);
+    m[i].x = float_to_bf16_stochastic(mi, draw);
+    v[i].x = float_to_bf16_stochastic(vi, v_bits(draw));
   } else {
     m[i] = mi;
     v[i] = vi;
@@ -244,7 +245,7 @@ lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
     for (int k = 0; k < VEC; ++k)
       lowp_element<P, AMS, MAX, COUPLED, SCALED, SF, PR>(
           pp.x, gg.x, mm.x, vv.x, vmm.x, cc.x, k, static_cast<uint64_t>(base + k), s, ts.key_p,
-          ts.key_m, ts.key_v);
+          ts.key_moments);
     store_pack(p + base, pp);
     store_pack(m + base, mm);
     store_pack(v + base, vv);
@@ -258,7 +259,7 @@ lowp_kernel(const LowpDesc* __restrict__ descs, int n_tensors,
       if (past_end(i, d.n)) break;
       lowp_element<P, AMS, MAX, COUPLED, SCALED, SF, PR>(p, g, m, v, vm, comp, i,
                                                          static_cast<uint64_t>(i), s, ts.key_p,
-                                                         ts.key_m, ts.key_v);
+                                                         ts.key_moments);
     }
   }
 }

@@ -78,7 +78,7 @@ struct TensorScalars {
     StepScalars<float> f;
     StepScalars<double> d;
   };
-  uint32_t key_p, key_m, key_v, pad;
+  uint32_t key_p, key_moments, pad[2];
 };
 
 template <typename T> ONEPASS_HD const StepScalars<T>& scalars_of(const TensorScalars& t);
@@ -117,9 +117,8 @@ ONEPASS_HD TensorScalars tensor_scalars(int64_t step, double lr, double grad_sca
     t.f = make_step_scalars<float>(step, lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
                                    grad_scale);
   t.key_p = stream_key(h.seed, step, kStreamParam);
-  t.key_m = stream_key(h.seed, step, kStreamM);
-  t.key_v = stream_key(h.seed, step, kStreamV);
-  t.pad = 0;
+  t.key_moments = stream_key(h.seed, step, kStreamMoments);
+  t.pad[0] = t.pad[1] = 0;
   return t;
 }
 

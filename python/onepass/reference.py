@@ -41,7 +41,8 @@ Storage (low precision; each rule is one function of reference_lowp.py, read as 
 
 * ``state_format="bf16"``: m and v are stored as bfloat16, widened exactly on load and rounded
   **stochastically** on store (:func:`round_bf16_stochastic`: nearest rounding would freeze v,
-  since (1 - beta2) * v = 0.001 v is below half a bf16 ulp of v).
+  since (1 - beta2) * v = 0.001 v is below half a bf16 ulp of v); one draw of random bits an
+  element serves both (:func:`moment_bits`: m the low 16 bits, v the high 16).
 * ``state_format="int8"``: m and v are stored as one byte per element, the index of a code of a
   256-value map (onepass.quant: signed for m, unsigned for v), and one float32 absmax per block of
   ``INT8_BLOCK`` = 256 elements of a dim-0 row. Load: ``code[q] * absmax``. Store: the updated
@@ -76,10 +77,10 @@ from torch import Tensor
 
 # The low-precision storage rules (module docstring "Storage"), in their own file; read here as
 # reference.X like every other rule (__all__ below lists them).
-from .reference_lowp import (INT8_BLOCK, PARAM_ROUNDINGS, STATE_FORMATS, STREAM_M, STREAM_PARAM,
-                             STREAM_V, absmax_shape, dequantize_blocks, element_index, int8_rows,
-                             math_dtype, mix32, quantize_blocks, random_bits, round_bf16_stochastic,
-                             stream_key)
+from .reference_lowp import (INT8_BLOCK, PARAM_ROUNDINGS, STATE_FORMATS, STREAM_MOMENTS,
+                             STREAM_PARAM, absmax_shape, dequantize_blocks, element_index, int8_rows,
+                             math_dtype, mix32, moment_bits, quantize_blocks, random_bits,
+                             round_bf16_stochastic, stream_key)
 # The correctly rounded square root, and the fused statistics' rule, likewise.
 from .reference_sqrt import sqrt_rn
 from .reference_stats import (STATS_CHUNK, STATS_GROUP, STATS_LANES, chunk_partials,
@@ -99,9 +100,9 @@ __all__ = [
     "PARAM_ROUNDINGS",
     "INT8_BLOCK",
     "STREAM_PARAM",
-    "STREAM_M",
-    "STREAM_V",
+    "STREAM_MOMENTS",
     "mix32",
+    "moment_bits",
     "stream_key",
     "random_bits",
     "round_bf16_stochastic",
@@ -332,14 +333,13 @@ def _load_moment(x: Tensor, absmax: Optional[Tensor], fmt: str, dt: torch.dtype,
 
 
 def _store_moment(dst: Tensor, absmax: Optional[Tensor], value: Tensor, fmt: str,
-                  mid: Optional[Tensor], key: Optional[int], index: Optional[Tensor],
-                  keep_positive: bool = False) -> None:
+                  mid: Optional[Tensor], bits: Optional[Tensor], keep_positive: bool = False) -> None:
     if fmt == "int8":
         q, a = quantize_blocks(value, mid, keep_positive)
         dst.copy_(q)
         absmax.copy_(a)
     elif fmt == "bf16":
-        dst.copy_(round_bf16_stochastic(value, random_bits(key, index)))
+        dst.copy_(round_bf16_stochastic(value, bits))
     else:
         dst.copy_(value)
 
@@ -386,10 +386,11 @@ def _update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: StepScalars, *,
         max_exp_avg_sq.copy_(vh)
     denom = torch.add(torch.mul(sqrt_rn(vh), c(s.inv_bc2_sqrt)), c(s.eps))
     p = torch.sub(torch.mul(p, c(s.decay)), torch.mul(c(s.step_size), torch.div(m, denom)))
-    key_m = stream_key(seed, t, STREAM_M) if fmt == "bf16" else None
-    key_v = stream_key(seed, t, STREAM_V) if fmt == "bf16" else None
-    _store_moment(exp_avg, absmax_m, m, fmt, codes[1], key_m, index)
-    _store_moment(exp_avg_sq, absmax_v, v, fmt, codes[3], key_v, index, keep_positive=True)
+    bits_m = bits_v = None
+    if fmt == "bf16":
+        bits_m, bits_v = moment_bits(random_bits(stream_key(seed, t, STREAM_MOMENTS), index))
+    _store_moment(exp_avg, absmax_m, m, fmt, codes[1], bits_m)
+    _store_moment(exp_avg_sq, absmax_v, v, fmt, codes[3], bits_v, keep_positive=True)
     if stochastic:
         param.copy_(round_bf16_stochastic(p, random_bits(stream_key(seed, t, STREAM_PARAM), index)))
     elif comp is not None:

@@ -229,7 +229,7 @@ class _Plan:
                     comp = batch.kahan_comps[i] if self.kahan else m
                     states.append(comp)
                     length = reference.int8_rows(m.shape)[1]
-                    row += [comp.data_ptr(), 0, 0, 0, 0, 0, length]
+                    row += [comp.data_ptr(), 0, 0, 0, 0, length]
                     if self.int8:
                         am, av = batch.exp_avg_absmaxs[i], batch.exp_avg_sq_absmaxs[i]
                         row[7], row[8] = am.data_ptr(), av.data_ptr()

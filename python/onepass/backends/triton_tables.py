@@ -107,7 +107,7 @@ def _step_table_torch(batch: Batch, static: torch.Tensor, idx: List[int], corr, 
     mine = [by_count[int(batch.steps[i].item()) + 1] for i in idx]
     ftab = torch.tensor([c[1:3] for c in mine], dtype=torch.float64)
     if key_col >= 0:
-        table[:, key_col:key_col + 3] = torch.tensor([c[3:] for c in mine], dtype=torch.int64)
+        table[:, key_col:key_col + 2] = torch.tensor([c[3:] for c in mine], dtype=torch.int64)
     odd = (pairs[:, 2] != 3).nonzero().flatten().tolist()
     packed = torch.cat([table.view(torch.float64).reshape(-1), ftab.reshape(-1),
                         torch.tensor(hp, dtype=torch.float64)])
@@ -125,7 +125,7 @@ def _correction(t: int, beta1: float, beta2: float, math_dt: torch.dtype,
     bc2 = reference.step_scalars(t, 1.0, beta1, beta2, 0.0, 0.0, True)
     # Only inv_bc2_sqrt is needed rounded (StepScalars.rounded would round all nine: ~12 us of
     # the ~40 us host path of a gpt2 step).
-    keys = ((0, 0, 0) if seed is None else
+    keys = ((0, 0) if seed is None else
             tuple(reference.stream_key(seed, t, s) for s in
-                  (reference.STREAM_PARAM, reference.STREAM_M, reference.STREAM_V)))
+                  (reference.STREAM_PARAM, reference.STREAM_MOMENTS)))
     return (t, bc1, reference.round_scalar(bc2.inv_bc2_sqrt, math_dt)) + keys
