@@ -270,7 +270,7 @@ __attribute__((noinline, target("avx2"))) void lowp_tail_bf16_avx2(const TensorW
 
 // lowp_range for fp32 or bf16 params with bf16 moments (nearest rounding, no amsgrad, no
 // statistics) where AVX2 is present: runs of 8 elements by hand (bf16_state_avx2, fp32 params:
-// 0.85 against 1.0 ns an element, bench/stage_cost.sh), within each 2**32 block of indices (the
+// 0.71 against 0.87 ns an element, bench/stage_cost.sh), within each 2**32 block of indices (the
 // range keys' span); a block's last few by lowp_range.
 template <typename P, bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(

@@ -123,23 +123,29 @@ def test_non_dense_param_is_updated_in_place():
     assert not torch.equal(got[1], torch.zeros_like(got[1]))
 
 
-def test_params_with_different_step_counts_get_their_own_scalars():
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_params_with_different_step_counts_get_their_own_scalars(state_dtype):
+    # (bf16 state: the random streams' keys, hashed once per run of one count, follow the counts
+    # too: a, b, d, c have counts 3, 1, 1, 3 on the third step; b, float64, keeps float64 state)
     def run(backend):
         gen = torch.Generator().manual_seed(5)
         a = torch.nn.Parameter(torch.randn(100, generator=gen))
         b = torch.nn.Parameter(torch.randn(50, generator=gen, dtype=torch.float64))
+        d = torch.nn.Parameter(torch.randn(40, generator=gen))
         c = torch.nn.Parameter(torch.randn(30, generator=gen))
-        opt = onepass.AdamW([a, b, c], lr=1e-2, backend=backend)
-        # a steps alone twice, then all three together: counts 3, 1, 1 (and mixed dtypes)
+        ps = (a, b, d, c)
+        opt = onepass.AdamW(ps, lr=1e-2, backend=backend, state_dtype=state_dtype)
+        # a and c step alone twice, then all four together (and mixed dtypes)
         for s in range(4):
-            for p in (a, b, c):
-                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) if (s >= 2 or p is a) else None
+            for p in ps:
+                late = p is b or p is d
+                p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) if (s >= 2 or not late) else None
             opt.step()
-        return [a.detach().clone(), b.detach().clone(), c.detach().clone(),
-                *(opt.state[p]["step"].clone() for p in (a, b, c))]
+        return [*(p.detach().clone() for p in ps), *(opt.state[p]["exp_avg"].clone() for p in ps),
+                *(opt.state[p]["step"].clone() for p in ps)]
 
     got = run("cpu")
-    assert [float(x) for x in got[3:]] == [4.0, 2.0, 2.0]
+    assert [float(x) for x in got[8:]] == [4.0, 2.0, 2.0, 4.0]
     assert _equal(got, run("reference"))
 
 
