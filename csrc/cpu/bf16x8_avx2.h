@@ -36,6 +36,25 @@ ONEPASS_AVX2 __m256i bf16_nearest8(__m256 f) {
                             _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
 }
 
+// 16 bf16 values in lane order, for loops over bf16 params (bf16_state_avx2.h): one 32-byte load
+// unpacked against zero within each 128-bit half gives a = elements {0-3, 8-11} and
+// b = {4-7, 12-15}, each in the high half of its lane (2 in-lane shuffles for 16 values, where
+// load_bf16x8 takes a lane-crossing widening and a shift for 8); store_bf16x16 packs a and b back
+// in the same order (2 shifts and 1 in-lane pack for 16, where store_bf16x8 takes a shuffle and a
+// lane-crossing permutation for 8). An elementwise step does not care which lane holds which
+// element, so long as every operand (params, grads, moments, random bits) is in the same order.
+ONEPASS_AVX2 void load_bf16x16(const Bf16* x, __m256& a, __m256& b) {
+  const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), u));
+  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), u));
+}
+// (each lane's high half; the logical shifts leave values below 2**16, which the pack's unsigned
+// saturation keeps as they are)
+ONEPASS_AVX2 void store_bf16x16(Bf16* out, __m256i a, __m256i b) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16)));
+}
+
 // A param's (or grad's) 8 elements as floats, and the param's 8 new values stored: fp32 as they
 // are, bf16 rounded to nearest (the loops' kNearest param rounding).
 ONEPASS_AVX2 __m256 load8(const float* x) { return _mm256_loadu_ps(x); }

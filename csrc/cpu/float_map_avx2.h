@@ -152,6 +152,27 @@ ONEPASS_AVX2 void store_codes32(uint8_t* out, __m256i a, __m256i b, __m256i c, _
                       _mm256_permutevar8x32_epi32(x, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 }
 
+// 16 codes widened in lane order (bf16x8_avx2.h: load_bf16x16): a = elements {0-3, 8-11},
+// b = {4-7, 12-15}; the 16 bytes in both 128-bit halves, each half picking its four a byte.
+ONEPASS_AVX2 void load_codes16_lanes(const uint8_t* q, __m256i& a, __m256i& b) {
+  const __m256i u =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  a = _mm256_shuffle_epi8(u, _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1,
+                                              -1, -1, 8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1,
+                                              11, -1, -1, -1));
+  b = _mm256_shuffle_epi8(u, _mm256_setr_epi8(4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1,
+                                              -1, -1, 12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1,
+                                              -1, 15, -1, -1, -1));
+}
+
+// store_codes32 for codes in lane order (a, b: elements 0-15 as load_codes16_lanes gives them;
+// c, d: 16-31): the packs leave dwords holding elements 0-3 4-7 16-19 20-23 8-11 12-15 24-27
+// 28-31, which a qword permutation puts in order.
+ONEPASS_AVX2 void store_codes32_lanes(uint8_t* out, __m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i x = _mm256_packus_epi16(_mm256_packus_epi32(a, b), _mm256_packus_epi32(c, d));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute4x64_epi64(x, 0xd8));
+}
+
 // The largest of 8 unsigned 32-bit lanes.
 ONEPASS_AVX2 uint32_t max_u32x8(__m256i x) {
   __m128i m = _mm_max_epu32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
