@@ -89,8 +89,7 @@ class PyGroupPlan {
     if (static_cast<size_t>(PyList_GET_SIZE(list)) != n) return false;
     // (set only when every grad was read: a plan that refuses the list keeps none of this step)
     for (PlanPart& part : plan_.parts) part.grads_fit = false;
-    std::vector<uint8_t>& fit = fit_;  // (one flag a part, kept: no allocation a step)
-    fit.assign(plan_.parts.size(), 1);
+    fit_.assign(plan_.parts.size(), 1);  // (one flag a part, kept: no allocation a step)
     for (size_t j = 0; j < n; ++j) {
       PyObject* o = PyList_GET_ITEM(list, j);
       if (o != plan_.held[j]) return false;
@@ -115,12 +114,12 @@ class PyGroupPlan {
         return false;
       part.grads[i] = g;
       // (a grad that fails these still steps: the step's own checks and layout handling take it)
-      fit[k] = fit[k] && contiguous && gi->layout() == at::kStrided &&
+      fit_[k] = fit_[k] && contiguous && gi->layout() == at::kStrided &&
                gi->dtype() == ti->dtype() && gi->device() == ti->device() &&
                same_dims(gi->sizes(), part.sizes[i]) && gi->is_contiguous();
       part.grad_data[i] = raw_data(g);
     }
-    for (size_t k = 0; k < fit.size(); ++k) plan_.parts[k].grads_fit = fit[k] != 0;
+    for (size_t k = 0; k < fit_.size(); ++k) plan_.parts[k].grads_fit = fit_[k] != 0;
     return true;
   }
 

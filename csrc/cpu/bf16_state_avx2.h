@@ -33,10 +33,17 @@ ONEPASS_AVX2 __m256i bf16_stochastic8(__m256 f, __m256i bits) {
                             _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
 }
 
-// One draw's two roundings for 8 lanes of m and v (v_bits: v takes the draw's high 16 bits).
-ONEPASS_AVX2 void bf16_moments8(__m256 m, __m256 v, __m256i draw, __m256i& mo, __m256i& vo) {
-  mo = bf16_stochastic8(m, draw);
-  vo = bf16_stochastic8(v, _mm256_srli_epi32(draw, 16));
+// 8 elements' update: adam_element, then m and v rounded with one draw each of the moments'
+// stream at their indices idx (v_bits: v takes the draw's high 16 bits); mo, vo hold the bf16
+// patterns in their lanes' high halves.
+template <bool MAX, bool COUPLED, bool SCALED>
+ONEPASS_AVX2 void bf16_update8(F8& p, __m256 g, __m256 m, __m256 v, __m256i idx, __m256i kmv,
+                               __m256i& mo, __m256i& vo, const StepScalars<F8>& sc) {
+  F8 mi{m}, vi{v}, unused{};
+  adam_element<F8, false, MAX, COUPLED, SCALED>(p, F8{g}, mi, vi, unused, sc);
+  const __m256i draw = mix32x8(_mm256_xor_si256(idx, kmv));
+  mo = bf16_stochastic8(mi.v, draw);
+  vo = bf16_stochastic8(vi.v, _mm256_srli_epi32(draw, 16));
 }
 
 // Elements [0, n) (n a multiple of 8) of params p (float or Bf16) with bf16 moments m, v; element
@@ -63,16 +70,14 @@ inline __attribute__((always_inline, target("avx2"))) void bf16_state_avx2(
       load_bf16x16(g + i, ga, gb);
       load_bf16x16(m + i, ma, mb);
       load_bf16x16(v + i, va, vb);
-      F8 p0{pa}, p1{pb}, m0{ma}, m1{mb}, v0{va}, v1{vb}, unused{};
-      adam_element<F8, false, MAX, COUPLED, SCALED>(p0, F8{ga}, m0, v0, unused, sc);
-      adam_element<F8, false, MAX, COUPLED, SCALED>(p1, F8{gb}, m1, v1, unused, sc);
+      F8 p0{pa}, p1{pb};
+      __m256i m0, m1, v0, v1;
+      bf16_update8<MAX, COUPLED, SCALED>(p0, ga, ma, va, ia, kmv, m0, v0, sc);
+      bf16_update8<MAX, COUPLED, SCALED>(p1, gb, mb, vb, _mm256_add_epi32(ia, u32x8(4)), kmv, m1,
+                                         v1, sc);
       store_bf16x16(p + i, bf16_nearest8(p0.v), bf16_nearest8(p1.v));
-      __m256i m0o, m1o, v0o, v1o;
-      bf16_moments8(m0.v, v0.v, mix32x8(_mm256_xor_si256(ia, kmv)), m0o, v0o);
-      bf16_moments8(m1.v, v1.v, mix32x8(_mm256_xor_si256(_mm256_add_epi32(ia, u32x8(4)), kmv)),
-                    m1o, v1o);
-      store_bf16x16(m + i, m0o, m1o);
-      store_bf16x16(v + i, v0o, v1o);
+      store_bf16x16(m + i, m0, m1);
+      store_bf16x16(v + i, v0, v1);
       ia = _mm256_add_epi32(ia, u32x8(16));
     }
   }
@@ -80,13 +85,10 @@ inline __attribute__((always_inline, target("avx2"))) void bf16_state_avx2(
                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   for (; i < n; i += 8) {
     F8 pi{load8(p + i)};
-    F8 mi{load_bf16x8(m + i)};
-    F8 vi{load_bf16x8(v + i)};
-    F8 unused{};
-    adam_element<F8, false, MAX, COUPLED, SCALED>(pi, F8{load8(g + i)}, mi, vi, unused, sc);
-    store8(p + i, pi.v);
     __m256i mo, vo;
-    bf16_moments8(mi.v, vi.v, mix32x8(_mm256_xor_si256(idx, kmv)), mo, vo);
+    bf16_update8<MAX, COUPLED, SCALED>(pi, load8(g + i), load_bf16x8(m + i), load_bf16x8(v + i),
+                                       idx, kmv, mo, vo, sc);
+    store8(p + i, pi.v);
     store_bf16x8(m + i, mo);
     store_bf16x8(v + i, vo);
     idx = _mm256_add_epi32(idx, u32x8(8));

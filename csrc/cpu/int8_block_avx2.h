@@ -65,14 +65,14 @@ inline __attribute__((always_inline, target("avx2"))) void int8_block_avx2(
   if constexpr (kLanes) {
     for (int i = 0; i < kInt8Block; i += 16) {
       __m256 pa, pb, ga, gb;
-      __m256i ma, mb2, va, vb2;
+      __m256i cm0, cm1, cv0, cv1;  // (codes)
       load_bf16x16(p + i, pa, pb);
       load_bf16x16(g + i, ga, gb);
-      load_codes16_lanes(qm + i, ma, mb2);
-      load_codes16_lanes(qv + i, va, vb2);
+      load_codes16_lanes(qm + i, cm0, cm1);
+      load_codes16_lanes(qv + i, cv0, cv1);
       F8 p0{pa}, p1{pb};
-      int8_update8<MAX, COUPLED, SCALED>(p0, ga, ma, va, am, av, mb + i, vb + i, bm, bv, sc);
-      int8_update8<MAX, COUPLED, SCALED>(p1, gb, mb2, vb2, am, av, mb + i + 8, vb + i + 8, bm, bv,
+      int8_update8<MAX, COUPLED, SCALED>(p0, ga, cm0, cv0, am, av, mb + i, vb + i, bm, bv, sc);
+      int8_update8<MAX, COUPLED, SCALED>(p1, gb, cm1, cv1, am, av, mb + i + 8, vb + i + 8, bm, bv,
                                          sc);
       store_bf16x16(p + i, bf16_nearest8(p0.v), bf16_nearest8(p1.v));
     }
