@@ -1,7 +1,7 @@
 """Standalone C++ test programs (plain C++ against csrc/ headers, no torch): built by g++ with
 warnings as errors, then run. Used by tests/cuda/test_plan.py,
-tests/backends/test_float_map_exhaustive.py, tests/backends/test_bf16_state_exhaustive.py and
-tests/backends/test_lane_order_avx2.py."""
+tests/backends/test_float_map_exhaustive.py, tests/backends/test_bf16_state_exhaustive.py,
+tests/backends/test_bf16_state_loop_avx2.py and tests/backends/test_lane_order_avx2.py."""
 from __future__ import annotations
 
 import os
