@@ -13,12 +13,6 @@
 #include <algorithm>
 #include <type_traits>
 
-// tests/backends/bf16_state_loop_avx2_test.cpp builds the loop with one planted slip to show its
-// check catches it: 1, every run keyed by the first index's 65536-block; 2, NaN lanes not fixed.
-#ifndef ONEPASS_PLANTED_LOOP_BUG
-#define ONEPASS_PLANTED_LOOP_BUG 0
-#endif
-
 namespace onepass {
 namespace cpu {
 
@@ -42,15 +36,11 @@ inline uint32_t premix_key(uint32_t key, uint32_t hi) { return key ^ (hi ^ (key 
 
 // float_to_bf16_stochastic on 8 lanes, each bf16 pattern in the high half of its 32-bit lane (the
 // low half is what the rounding cuts off): bits16, random bits in the low 16 of each lane, added
-// to the pattern. NaN lanes are left to bf16_nan8, which the loops call only when a vector holds
-// a NaN (one test of m and v together: 3 of the 8 elements' ~45 vector operations saved).
+// to the pattern. NaN lanes are left to bf16_nan8 (bf16x8_avx2.h), which the loops call only
+// when a vector holds a NaN (one test of m and v together: 3 of the 8 elements' ~45 vector
+// operations saved).
 ONEPASS_AVX2 __m256i bf16_add_bits8(__m256 f, __m256i bits16) {
   return _mm256_add_epi32(_mm256_castps_si256(f), bits16);
-}
-// A NaN lane of f takes 0x7fc0 (float_to_bf16's NaN) in place of its sum.
-ONEPASS_AVX2 __m256i bf16_nan8(__m256i sum, __m256 f) {
-  return _mm256_blendv_epi8(sum, u32x8(0x7fc00000u),
-                            _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
 }
 ONEPASS_AVX2 __m256i bf16_stochastic8(__m256 f, __m256i bits) {
   return bf16_nan8(bf16_add_bits8(f, _mm256_and_si256(bits, u32x8(0xffffu))), f);
@@ -132,7 +122,7 @@ inline __attribute__((always_inline, target("avx2"))) void bf16_state_avx2(
         bf16_update8<MAX, COUPLED, SCALED>(p0, ga, ma, va, _mm256_xor_si256(ia, key), m0, v0, sc);
         bf16_update8<MAX, COUPLED, SCALED>(
             p1, gb, mb, vb, _mm256_xor_si256(_mm256_add_epi32(ia, u32x8(4)), key), m1, v1, sc);
-        store_bf16x16(p + i, bf16_nearest8(p0.v), bf16_nearest8(p1.v));
+        store_bf16x16_nearest(p + i, p0.v, p1.v);
         store_bf16x16(m + i, m0, m1);
         store_bf16x16(v + i, v0, v1);
         ia = _mm256_add_epi32(ia, u32x8(16));

@@ -74,7 +74,7 @@ inline __attribute__((always_inline, target("avx2"))) void int8_block_avx2(
       int8_update8<MAX, COUPLED, SCALED>(p0, ga, cm0, cv0, am, av, mb + i, vb + i, bm, bv, sc);
       int8_update8<MAX, COUPLED, SCALED>(p1, gb, cm1, cv1, am, av, mb + i + 8, vb + i + 8, bm, bv,
                                          sc);
-      store_bf16x16(p + i, bf16_nearest8(p0.v), bf16_nearest8(p1.v));
+      store_bf16x16_nearest(p + i, p0.v, p1.v);
     }
   } else {
     for (int i = 0; i < kInt8Block; i += 8) {

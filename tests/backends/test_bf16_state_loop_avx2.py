@@ -1,6 +1,7 @@
 """The CPU's bf16-state hand loop as a whole (csrc/cpu/bf16_state_avx2.h: bf16_state_avx2) against
 the scalar rules, element by element: its random bits keyed once per 65536-aligned run of indices
-and in full across a run's boundary, its NaN moments fixed only where a vector holds one.
+and in full across a run's boundary, its NaN moments and bf16 params fixed only where a vector
+holds one.
 tests/backends/bf16_state_loop_avx2_test.cpp, plain C++ (no torch) built by g++ in a few seconds
 (it says "skip" on a CPU without AVX2). The kernel's own walks start at multiples of 16 elements;
 this also takes starts that are not, near 2**32's end, and NaNs of every kind."""
@@ -36,3 +37,9 @@ def test_unfixed_nan_lanes_are_caught(tmp_path):
     res = _run(tmp_path, "-DONEPASS_PLANTED_LOOP_BUG=2")
     assert res.returncode == 1 and "elements differ" in res.stdout and "7fc0" in res.stdout, \
         res.stdout
+
+
+def test_unfixed_nan_params_are_caught(tmp_path):
+    # a bf16 param's NaN keeps its rounded sum (store_bf16x16_nearest without the fix)
+    res = _run(tmp_path, "-DONEPASS_PLANTED_LOOP_BUG=3")
+    assert res.returncode == 1 and "elements differ" in res.stdout, res.stdout
