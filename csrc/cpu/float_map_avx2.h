@@ -120,22 +120,25 @@ ONEPASS_AVX2 __m256i fm_code_v8(__m256 y) {
   return _mm256_andnot_si256(nan, fm_code_v8_no_nan(y));
 }
 
-// float_map_code_m: with s = 0 or -1 (x < 0) and t = |x|'s pattern - s (the +1 that rounds ties up
-// in magnitude for x < 0), the rank k = (t rounded at bit 20) - s - (kFmLowP - 1), at least 1, is
-// the scalar rule's k (for x < 0 its smallest code is one pattern lower: the -s); t above
-// kFmHalfP + (s << 20) is the scalar threshold (a > kFmHalfP, or a >= kFmHalfN = kFmHalfP - 2**20
-// for x < 0); q = 128 + k with x's sign (vpsignd), 128 below the threshold. 13 instructions (15
-// with NaN).
+// float_map_code_m: with a = |x|'s pattern and n = 1 for x < 0 (else 0), the scalar rule's rank is
+// k = ((a + n + 0x7ffff) >> 20) - (kFmLowP - n) + 1, at least 1, i.e. (a + K + n * (2**20 + 1))
+// >> 20 with K = 0x7ffff + ((1 - kFmLowP) << 20) (n ties up in magnitude and lowers the smallest
+// code by one for x < 0); x is coded only above its threshold, a > kFmHalfP for x >= 0 and
+// a + 1 > kFmHalfN = kFmHalfP - 2**20 for x < 0; q = 128 + k with x's sign (vpsignd), 128 below
+// the threshold. Both x-dependent constants are picked by x's sign bit (vblendvps reads it where
+// it is), not derived from it. 10 instructions (12 with NaN).
 ONEPASS_AVX2 __m256i fm_code_m8_no_nan(__m256 x) {
+  constexpr uint32_t kK = 0x7ffffu + (static_cast<uint32_t>(1 - kFmLowP) << kFmShift);
   const __m256i u = _mm256_castps_si256(x);
-  const __m256i s = _mm256_srai_epi32(u, 31);
-  const __m256i t = _mm256_sub_epi32(_mm256_and_si256(u, u32x8(0x7fffffffu)), s);
-  const __m256i r = _mm256_srai_epi32(
-      _mm256_add_epi32(t, u32x8(0x7ffffu + (static_cast<uint32_t>(1 - kFmLowP) << kFmShift))),
-      kFmShift);
-  const __m256i above =
-      _mm256_cmpgt_epi32(t, _mm256_add_epi32(_mm256_slli_epi32(s, kFmShift), u32x8(kFmHalfP)));
-  const __m256i k = _mm256_and_si256(_mm256_max_epi32(_mm256_sub_epi32(r, s), u32x8(1)), above);
+  const __m256i a = _mm256_and_si256(u, u32x8(0x7fffffffu));
+  const __m256i add = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(u32x8(kK)),
+                       _mm256_castsi256_ps(u32x8(kK + (1u << kFmShift) + 1u)), x));
+  const __m256i thr = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(u32x8(static_cast<uint32_t>(kFmHalfP))),
+                       _mm256_castsi256_ps(u32x8(static_cast<uint32_t>(kFmHalfN) - 1u)), x));
+  const __m256i r = _mm256_srai_epi32(_mm256_add_epi32(a, add), kFmShift);
+  const __m256i k = _mm256_and_si256(_mm256_max_epi32(r, u32x8(1)), _mm256_cmpgt_epi32(a, thr));
   return _mm256_add_epi32(_mm256_sign_epi32(k, u), u32x8(128));
 }
 ONEPASS_AVX2 __m256i fm_code_m8(__m256 x) {
