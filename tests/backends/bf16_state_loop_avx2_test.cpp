@@ -38,7 +38,8 @@ float value(uint32_t& x, float scale) {
 
 // The scalar rules on element k (index index_lo + k) of the loop's inputs.
 template <typename P>
-void scalar(P& p, P g, Bf16& m, Bf16& v, uint32_t index, uint32_t key, const StepScalars<float>& s) {
+void scalar(P& p, P g, Bf16& m, Bf16& v, uint32_t index, uint32_t key,
+            const StepScalars<float>& s) {
   float pi = Storage<P>::load(&p), mi = bf16_to_float(m.x), vi = bf16_to_float(v.x), unused = 0.0f;
   adam_element<float, false, false, false, false>(pi, Storage<P>::load(&g), mi, vi, unused, s);
   Storage<P>::store(&p, pi);

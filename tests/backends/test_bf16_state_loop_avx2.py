@@ -23,7 +23,8 @@ def _run(tmp_path, *defines):
 
 def test_bf16_state_loop_matches_the_scalar_rules(tmp_path):
     res = _run(tmp_path)
-    assert res.returncode == 0 and res.stdout.startswith("bf16_state_loop_avx2_test: ok"), res.stdout
+    assert res.returncode == 0 and res.stdout.startswith("bf16_state_loop_avx2_test: ok"), \
+        res.stdout
 
 
 def test_runs_keyed_by_the_first_block_are_caught(tmp_path):
