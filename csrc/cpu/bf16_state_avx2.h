@@ -78,6 +78,40 @@ ONEPASS_AVX2 void bf16_state8(P* __restrict p, const P* __restrict g, Bf16* __re
   store_bf16x8(v + i, vo);
 }
 
+// Elements [i, end) of bf16_state_avx2's range, all in one 65536-aligned run of indices, keyed by
+// `key` (premix_key of that run's block).
+template <typename P, bool MAX, bool COUPLED, bool SCALED>
+ONEPASS_AVX2 void bf16_state_run(P* __restrict p, const P* __restrict g, Bf16* __restrict m,
+                                 Bf16* __restrict v, int64_t i, int64_t end, uint32_t index_lo,
+                                 __m256i key, const StepScalars<F8>& sc) {
+  if constexpr (std::is_same_v<P, Bf16>) {
+    __m256i ia = _mm256_add_epi32(u32x8(index_lo + static_cast<uint32_t>(i)),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11));
+    for (; i + 16 <= end; i += 16) {
+      __m256 pa, pb, ga, gb, ma, mb, va, vb;
+      load_bf16x16(p + i, pa, pb);
+      load_bf16x16(g + i, ga, gb);
+      load_bf16x16(m + i, ma, mb);
+      load_bf16x16(v + i, va, vb);
+      F8 p0{pa}, p1{pb};
+      __m256i m0, m1, v0, v1;
+      bf16_update8<MAX, COUPLED, SCALED>(p0, ga, ma, va, _mm256_xor_si256(ia, key), m0, v0, sc);
+      bf16_update8<MAX, COUPLED, SCALED>(
+          p1, gb, mb, vb, _mm256_xor_si256(_mm256_add_epi32(ia, u32x8(4)), key), m1, v1, sc);
+      store_bf16x16_nearest(p + i, p0.v, p1.v);
+      store_bf16x16(m + i, m0, m1);
+      store_bf16x16(v + i, v0, v1);
+      ia = _mm256_add_epi32(ia, u32x8(16));
+    }
+  }
+  __m256i idx = _mm256_add_epi32(u32x8(index_lo + static_cast<uint32_t>(i)),
+                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  for (; i < end; i += 8) {
+    bf16_state8<P, MAX, COUPLED, SCALED>(p, g, m, v, i, _mm256_xor_si256(idx, key), sc);
+    idx = _mm256_add_epi32(idx, u32x8(8));
+  }
+}
+
 // Elements [0, n) (n a multiple of 8) of params p (float or Bf16) with bf16 moments m, v; element
 // k's index in its random streams is index_lo + k within the 2**32 block whose range keys are
 // key_mv, the moments' stream (no wrap past 2**32: the caller splits ranges there); one draw
@@ -96,43 +130,26 @@ inline __attribute__((always_inline, target("avx2"))) void bf16_state_avx2(
     P* __restrict p, const P* __restrict g, Bf16* __restrict m, Bf16* __restrict v,
     int64_t n, uint32_t index_lo, uint32_t key_mv, const StepScalars<F8>& sc) {
   const __m256i in_order = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // (most ranges: one run, keyed once)
+  if ((index_lo & 0xffffu) + n <= 65536) {
+    bf16_state_run<P, MAX, COUPLED, SCALED>(p, g, m, v, 0, n, index_lo,
+                                            u32x8(premix_key(key_mv, index_lo >> 16)), sc);
+    return;
+  }
   for (int64_t i = 0; i < n;) {
     const uint32_t at = index_lo + static_cast<uint32_t>(i);
-    const int64_t run = std::min<int64_t>(n - i, 65536 - (at & 0xffffu)) & ~int64_t(7);
-    if (run == 0) {  // (a vector across a 65536 boundary)
+    const int64_t len = std::min<int64_t>(n - i, 65536 - (at & 0xffffu)) & ~int64_t(7);
+    if (len == 0) {  // (a vector across a 65536 boundary)
       const __m256i idx = _mm256_add_epi32(u32x8(at), in_order);
       bf16_state8<P, MAX, COUPLED, SCALED>(p, g, m, v, i,
                                            mix32x8_first(_mm256_xor_si256(idx, u32x8(key_mv))), sc);
       i += 8;
       continue;
     }
-    const __m256i key =
-        u32x8(premix_key(key_mv, (ONEPASS_PLANTED_LOOP_BUG == 1 ? index_lo : at) >> 16));
-    const int64_t end = i + run;
-    if constexpr (std::is_same_v<P, Bf16>) {
-      __m256i ia = _mm256_add_epi32(u32x8(at), _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11));
-      for (; i + 16 <= end; i += 16) {
-        __m256 pa, pb, ga, gb, ma, mb, va, vb;
-        load_bf16x16(p + i, pa, pb);
-        load_bf16x16(g + i, ga, gb);
-        load_bf16x16(m + i, ma, mb);
-        load_bf16x16(v + i, va, vb);
-        F8 p0{pa}, p1{pb};
-        __m256i m0, m1, v0, v1;
-        bf16_update8<MAX, COUPLED, SCALED>(p0, ga, ma, va, _mm256_xor_si256(ia, key), m0, v0, sc);
-        bf16_update8<MAX, COUPLED, SCALED>(
-            p1, gb, mb, vb, _mm256_xor_si256(_mm256_add_epi32(ia, u32x8(4)), key), m1, v1, sc);
-        store_bf16x16_nearest(p + i, p0.v, p1.v);
-        store_bf16x16(m + i, m0, m1);
-        store_bf16x16(v + i, v0, v1);
-        ia = _mm256_add_epi32(ia, u32x8(16));
-      }
-    }
-    __m256i idx = _mm256_add_epi32(u32x8(index_lo + static_cast<uint32_t>(i)), in_order);
-    for (; i < end; i += 8) {
-      bf16_state8<P, MAX, COUPLED, SCALED>(p, g, m, v, i, _mm256_xor_si256(idx, key), sc);
-      idx = _mm256_add_epi32(idx, u32x8(8));
-    }
+    const uint32_t hi = (ONEPASS_PLANTED_LOOP_BUG == 1 ? index_lo : at) >> 16;
+    bf16_state_run<P, MAX, COUPLED, SCALED>(p, g, m, v, i, i + len, index_lo,
+                                            u32x8(premix_key(key_mv, hi)), sc);
+    i += len;
   }
 }
 
