@@ -201,6 +201,22 @@ def test_thread_count_does_not_change_bits(threads):
     assert all(_equal(a, b) for a, b in zip(got, want))
 
 
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_bf16_state_across_65536_index_blocks_matches_reference(dtype, threads):
+    # bf16 state keys its random bits once per 65536-index block (bf16_state_avx2.h): tensors that
+    # span several blocks, split between threads mid-block, against the reference
+    shapes = [(300, 1000), (70001,), (3, 65537)]
+    want = _run("reference", dtype, "bf16", "nearest", {}, shapes=shapes, steps=2)[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _run("cpu", dtype, "bf16", "nearest", {}, shapes=shapes, steps=2)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert all(_equal(a, b) for a, b in zip(got, want))
+
 def _lowp_args(fmt="int8"):
     from onepass import quant, reference
 
