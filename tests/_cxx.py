@@ -31,3 +31,12 @@ def build_and_run_avx2(source: str, tmp_path, *defines: str) -> subprocess.Compl
     if "skip" in res.stdout:
         pytest.skip("the CPU has no AVX2: the CPU kernel does not take its AVX2 loops here")
     return res
+
+
+def build_and_run_avx512(source: str, tmp_path, *defines: str) -> subprocess.CompletedProcess:
+    """build_and_run for a program of csrc/cpu's AVX-512 code, which prints "skip" on a CPU
+    without AVX-512 F, BW, VL and DQ (the kernel then never takes that code): skipped there."""
+    res = build_and_run(source, tmp_path, *defines)
+    if "skip" in res.stdout:
+        pytest.skip("the CPU has no AVX-512: the CPU kernel does not take its AVX-512 loops here")
+    return res

@@ -4,6 +4,7 @@
 #include "bf16_state_avx2.h"
 #include "code_index.h"
 #include "int8_block_avx2.h"
+#include "int8_block_avx512.h"
 #include "isa.h"
 #include "stats.h"
 #include "work.h"
@@ -257,6 +258,24 @@ inline __attribute__((always_inline, target("avx2"))) void int8_blocks_avx2(
   }
 }
 
+// int8_blocks_avx2 with AVX-512's 16-lane block (int8_block_avx512.h), where the CPU has it.
+template <typename P, bool MAX, bool COUPLED, bool SCALED>
+inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq"))) void
+int8_blocks_avx512(const TensorWork& w, const StepScalars<float>& s, int64_t kb, int64_t ke) {
+  const StepScalars<F16> sc = step_scalars_f16(s);
+  for (int64_t k = kb; k < ke; ++k) {
+    const auto [start, len] = int8_block_at(w, k);
+    if (len < kInt8Block) {
+      int8_blocks<P, MAX, COUPLED, SCALED, kNearest, true>(w, s, k, k + 1);
+      continue;
+    }
+    int8_block_avx512<P, MAX, COUPLED, SCALED>(
+        static_cast<P*>(w.p) + start, static_cast<const P*>(w.g) + start,
+        static_cast<uint8_t*>(w.m) + start, static_cast<uint8_t*>(w.v) + start, w.absmax_m + k,
+        w.absmax_v + k, sc);
+  }
+}
+
 // A range's last few elements (fewer than 8) for lowp_range_bf16_avx2, out of line: inlined (with
 // the statistics' range), their copy of the step's scalars went into every call's prologue: a
 // 16-element tensor's call took 261 instructions, 231 with both out of line (callgrind of
@@ -293,7 +312,7 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
 }
 
 // (the statistics' range out of line, as lowp_tail_bf16_avx2 and for the same reason)
-#define ONEPASS_DEFINE_LOWP_ISA(NAME, TARGET, AVX2)                                               \
+#define ONEPASS_DEFINE_LOWP_ISA(NAME, TARGET, AVX2, AVX512)                                       \
   template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>            \
   __attribute__((noinline, target(TARGET))) void NAME##_stats(const TensorWork& w, int64_t b,    \
                                                               int64_t e) {                      \
@@ -307,6 +326,8 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
     if constexpr (SF == kInt8) { /* stats: stats_block takes them, block by block */              \
       if (!w.float_map)                                                                           \
         int8_blocks<P, MAX, COUPLED, SCALED, PR, false>(w, s, b, e);                              \
+      else if constexpr (AVX512 && kHandParams<P> && PR == kNearest)                              \
+        int8_blocks_avx512<P, MAX, COUPLED, SCALED>(w, s, b, e);                                  \
       else if constexpr (AVX2 && kHandParams<P> && PR == kNearest)                                \
         int8_blocks_avx2<P, MAX, COUPLED, SCALED>(w, s, b, e);                                    \
       else                                                                                        \
@@ -320,9 +341,9 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
     }                                                                                             \
   }
 ONEPASS_DEFINE_LOWP_ISA(lowp_avx512, "avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512",
-                        true)
-ONEPASS_DEFINE_LOWP_ISA(lowp_avx2, "avx2,bmi2", true)
-ONEPASS_DEFINE_LOWP_ISA(lowp_base, "default", false)
+                        true, true)
+ONEPASS_DEFINE_LOWP_ISA(lowp_avx2, "avx2,bmi2", true, false)
+ONEPASS_DEFINE_LOWP_ISA(lowp_base, "default", false, false)
 #undef ONEPASS_DEFINE_LOWP_ISA
 
 template <typename P, int SF, int PR>
