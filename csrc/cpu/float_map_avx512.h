@@ -72,6 +72,10 @@ template <int N>
 ONEPASS_AVX512 __m512i shr32(__m512i x) { return (__m512i)((U32x16)x >> N); }
 template <int N>
 ONEPASS_AVX512 __m512i sar32(__m512i x) { return (__m512i)((I32x16)x >> N); }
+// (and so does _mm512_max_epu32: the unsigned max as a GNU vector select, vpmaxud)
+ONEPASS_AVX512 __m512i max_u32(__m512i a, __m512i b) {
+  return (__m512i)((U32x16)a > (U32x16)b ? (U32x16)a : (U32x16)b);
+}
 
 // ---- params in and out: fp32 as they are, bf16 widened / rounded to nearest ------------------
 ONEPASS_AVX512 __m512 load16(const float* x) { return _mm512_loadu_ps(x); }

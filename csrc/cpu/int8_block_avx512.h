@@ -43,8 +43,8 @@ int8_block_avx512(P* __restrict p, const P* __restrict g, uint8_t* __restrict qm
     adam_element<F16, false, MAX, COUPLED, SCALED>(pi, F16{load16(g + i)}, mi, vi, unused, sc);
     _mm512_store_ps(mb + i, mi.v);
     _mm512_store_ps(vb + i, vi.v);
-    bm = _mm512_max_epu32(bm, _mm512_and_si512(_mm512_castps_si512(mi.v), abs_mask));
-    bv = _mm512_max_epu32(bv, _mm512_and_si512(_mm512_castps_si512(vi.v), abs_mask));
+    bm = max_u32(bm, _mm512_and_si512(_mm512_castps_si512(mi.v), abs_mask));
+    bv = max_u32(bv, _mm512_and_si512(_mm512_castps_si512(vi.v), abs_mask));
     store16(p + i, pi.v);
   }
   const float nam = bits_float(max_u32x16(bm));
