@@ -19,12 +19,14 @@
 //                          codes widened in a loop of their own, narrowed in another)
 //   int8 block, by hand    csrc/cpu/int8_block_avx2.h, what the avx2 variant runs for fp32 params
 //   bf16 params: ...       the two by-hand loops on bf16 params and grads (rounded to nearest)
-//   ..., AVX-512           csrc/cpu/int8_block_avx512.h, what the avx512 variant runs (fp32 and
-//                          bf16 params), where the CPU has AVX-512 (F, BW, VL, DQ)
+//   ..., AVX-512           csrc/cpu/int8_block_avx512.h and bf16_state_avx512.h, what the avx512
+//                          variant runs (fp32 and bf16 params), where the CPU has AVX-512 (F, BW,
+//                          VL, DQ)
 #include "../csrc/adam_math.h"
 #include "../csrc/cpu/bf16_state_avx2.h"
 #include "../csrc/cpu/int8_block_avx2.h"
 #include "../csrc/cpu/int8_block_avx512.h"
+#include "../csrc/cpu/bf16_state_avx512.h"
 
 #include <chrono>
 #include <cstdint>
@@ -205,6 +207,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), noinline)) void int
 }
 
 template <typename P>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), noinline)) void bf16_update_avx512(
+    P* p, const P* g, uint16_t* m, uint16_t* v, const StepScalars<float>& s, uint32_t kmv) {
+  cpu::bf16_state_avx512<P, false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
+                                                 reinterpret_cast<Bf16*>(v), kN, 0, kmv,
+                                                 cpu::step_scalars_f16(s), s);
+}
+
+template <typename P>
 STAGE void bf16_update_by_hand(P* p, const P* g, uint16_t* m, uint16_t* v,
                                const StepScalars<float>& s, uint32_t kmv) {
   cpu::bf16_state_avx2<P, false, false, false>(p, g, reinterpret_cast<Bf16*>(m),
@@ -250,6 +260,9 @@ int main() {
   std::vector<uint8_t> q4m(qm), q4v(qv), q5m(qm), q5v(qv);
   std::vector<float> a4m(am), a4v(av), a5m(am), a5v(av), p4(p);
   std::vector<Bf16> pb5(pb);
+  std::vector<uint16_t> h4m(m16), h4v(v16), h5m(m16), h5v(v16);
+  std::vector<float> p6(p);
+  std::vector<Bf16> pb7(pb);
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   std::vector<uint16_t> h3m(m16), h3v(v16);
@@ -272,13 +285,17 @@ int main() {
   const Row rows512[] = {
       {"int8 block, AVX-512", avx512 ? ns_per_element([&] { int8_block_avx512(p4.data(), g.data(), q4m.data(), q4v.data(), a4m.data(), a4v.data(), s); }) : 0.0},
       {"bf16 params: int8, AVX-512", avx512 ? ns_per_element([&] { int8_block_avx512(pb5.data(), gb.data(), q5m.data(), q5v.data(), a5m.data(), a5v.data(), s); }) : 0.0},
+      {"bf16 moments, AVX-512", avx512 ? ns_per_element([&] { bf16_update_avx512(p6.data(), g.data(), h4m.data(), h4v.data(), s, kmv); }) : 0.0},
+      {"bf16 params: bf16, AVX-512", avx512 ? ns_per_element([&] { bf16_update_avx512(pb7.data(), gb.data(), h5m.data(), h5v.data(), s, kmv); }) : 0.0},
   };
   // the same number of passes from the same start: the same codes and absmax (lr is 0, so the
   // params do not move)
   const bool same = q1m == q2m && q1v == q2v && a1m == a2m && a1v == a2v;
   const bool same512 = q4m == q2m && q4v == q2v && a4m == a2m && a4v == a2v && q5m == q3m &&
                        q5v == q3v && a5m == a3m && a5v == a3v && p4 == p &&
-                       std::memcmp(pb5.data(), pb.data(), kN * sizeof(Bf16)) == 0;
+                       std::memcmp(pb5.data(), pb.data(), kN * sizeof(Bf16)) == 0 &&
+                       h4m == h2m && h4v == h2v && h5m == h3m && h5v == h3v && p6 == p &&
+                       std::memcmp(pb7.data(), pb.data(), kN * sizeof(Bf16)) == 0;
   const bool same16 = h1m == h2m && h1v == h2v;
   uint64_t check = 0;  // (keeps every result alive)
   for (int64_t i = 0; i < kN; i += 997)
@@ -288,9 +305,9 @@ int main() {
   for (const Row& r : rows) std::printf("  %-30s %6.3f\n", r.name, r.ns);
   if (avx512) {
     for (const Row& r : rows512) std::printf("  %-30s %6.3f\n", r.name, r.ns);
-    std::printf("  (AVX-512 and AVX2 int8 blocks agree: %s)\n", same512 ? "yes" : "NO");
+    std::printf("  (AVX-512 and AVX2 loops agree, int8 and bf16: %s)\n", same512 ? "yes" : "NO");
   } else {
-    std::printf("  (no AVX-512 on this CPU: its int8 block not timed)\n");
+    std::printf("  (no AVX-512 on this CPU: its loops not timed)\n");
   }
   std::printf("  (checksum %llu; compiled and by hand agree: int8 blocks %s, bf16 moments %s)\n",
               static_cast<unsigned long long>(check), same ? "yes" : "NO", same16 ? "yes" : "NO");

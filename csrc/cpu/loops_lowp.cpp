@@ -5,6 +5,7 @@
 #include "code_index.h"
 #include "int8_block_avx2.h"
 #include "int8_block_avx512.h"
+#include "bf16_state_avx512.h"
 #include "isa.h"
 #include "stats.h"
 #include "work.h"
@@ -311,6 +312,28 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
   }
 }
 
+// lowp_range_bf16_avx2 with 16-lane runs (bf16_state_avx512), where the CPU has AVX-512.
+template <typename P, bool MAX, bool COUPLED, bool SCALED>
+inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq"))) void
+lowp_range_bf16_avx512(const TensorWork& w, const StepScalars<float>& s, int64_t begin,
+                       int64_t end) {
+  const StepScalars<F16> sc = step_scalars_f16(s);
+  P* p = static_cast<P*>(w.p);
+  const P* g = static_cast<const P*>(w.g);
+  Bf16* m = static_cast<Bf16*>(w.m);
+  Bf16* v = static_cast<Bf16*>(w.v);
+  for (int64_t i = begin; i < end;) {
+    const int64_t b1 = index_block_end(i, end);
+    const int64_t n8 = (b1 - i) & ~int64_t(7);
+    const uint64_t at = static_cast<uint64_t>(i);
+    bf16_state_avx512<P, MAX, COUPLED, SCALED>(p + i, g + i, m + i, v + i, n8,
+                                               static_cast<uint32_t>(at),
+                                               range_key(w.key_moments, at), sc, s);
+    if (i + n8 < b1) lowp_tail_bf16_avx2<P, MAX, COUPLED, SCALED>(w, s, i + n8, b1);
+    i = b1;
+  }
+}
+
 // (the statistics' range out of line, as lowp_tail_bf16_avx2 and for the same reason)
 #define ONEPASS_DEFINE_LOWP_ISA(NAME, TARGET, AVX2, AVX512)                                       \
   template <typename P, bool AMS, bool MAX, bool COUPLED, bool SCALED, int SF, int PR>            \
@@ -334,6 +357,8 @@ inline __attribute__((always_inline, target("avx2"))) void lowp_range_bf16_avx2(
         int8_blocks<P, MAX, COUPLED, SCALED, PR, true>(w, s, b, e);                               \
     } else if (stats) {                                                                           \
       NAME##_stats<P, AMS, MAX, COUPLED, SCALED, SF, PR>(w, b, e);                                \
+    } else if constexpr (AVX512 && SF == kBF16 && kHandParams<P> && PR == kNearest && !AMS) {    \
+      lowp_range_bf16_avx512<P, MAX, COUPLED, SCALED>(w, s, b, e);                                \
     } else if constexpr (AVX2 && SF == kBF16 && kHandParams<P> && PR == kNearest && !AMS) {      \
       lowp_range_bf16_avx2<P, MAX, COUPLED, SCALED>(w, s, b, e);                                  \
     } else {                                                                                      \

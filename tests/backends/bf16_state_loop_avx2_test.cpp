@@ -5,7 +5,15 @@
 // near 2**32's end; finite, infinite and NaN values. Plain C++, no torch; prints "skip" where the
 // CPU has no AVX2. ONEPASS_PLANTED_LOOP_BUG shows a slip is caught: 1, every run keyed by the
 // first index's block; 2, NaN moments left unfixed; 3, NaN bf16 params left unfixed.
+// Built with ONEPASS_LOOP_AVX512, it checks csrc/cpu/bf16_state_avx512.h's loop the same way (and
+// says "skip" where the CPU has no AVX-512).
+#ifdef ONEPASS_LOOP_AVX512
+#include "cpu/bf16_state_avx512.h"
+#define LOOP_NAME "bf16_state_loop_avx512_test"
+#else
 #include "cpu/bf16_state_avx2.h"
+#define LOOP_NAME "bf16_state_loop_avx2_test"
+#endif
 
 #include <cstdint>
 #include <cstdio>
@@ -55,12 +63,26 @@ void scalar(P& p, P g, Bf16& m, Bf16& v, uint32_t index, uint32_t key,
 bool same_param(float a, float b) { return (a != a && b != b) || float_bits(a) == float_bits(b); }
 bool same_param(Bf16 a, Bf16 b) { return a.x == b.x; }
 
+#ifdef ONEPASS_LOOP_AVX512
+template <typename P>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), noinline)) void run_loop(
+    P* p, const P* g, Bf16* m, Bf16* v, int64_t n, uint32_t index_lo, uint32_t key,
+    const StepScalars<float>& s) {
+  bf16_state_avx512<P, false, false, false>(p, g, m, v, n, index_lo, key, step_scalars_f16(s), s);
+}
+bool cpu_has_loop_isa() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+#else
 template <typename P>
 __attribute__((target("avx2"), noinline)) void run_loop(P* p, const P* g, Bf16* m, Bf16* v,
                                                         int64_t n, uint32_t index_lo, uint32_t key,
                                                         const StepScalars<float>& s) {
   bf16_state_avx2<P, false, false, false>(p, g, m, v, n, index_lo, key, step_scalars_f8(s));
 }
+bool cpu_has_loop_isa() { return __builtin_cpu_supports("avx2"); }
+#endif
 
 template <typename P>
 uint64_t check(uint32_t index_lo, int64_t n, uint32_t seed) {
@@ -98,14 +120,14 @@ uint64_t check(uint32_t index_lo, int64_t n, uint32_t seed) {
 }  // namespace
 
 int main() {
-  if (!__builtin_cpu_supports("avx2")) {
-    std::printf("bf16_state_loop_avx2_test: skip, no AVX2 on this CPU\n");
+  if (!cpu_has_loop_isa()) {
+    std::printf(LOOP_NAME ": skip, the CPU lacks the loop's ISA\n");
     return 0;
   }
   // (start, elements): aligned and not, crossing one or several 65536 boundaries, ending at 2**32
   const struct { uint32_t at; int64_t n; } cases[] = {
       {0, 65536 + 64}, {65536 - 8, 24}, {65536 - 5, 32}, {3 * 65536 - 12, 2 * 65536 + 40},
-      {0xfffdfff3u, 131080}, {12345, 8}, {0xfffffff8u, 8}};
+      {0xfffdfff3u, 131080}, {12345, 8}, {0xfffffff8u, 8}, {100, 24}, {7, 40}};
   uint64_t bad = 0;
   uint32_t seed = 1;
   for (const auto& c : cases) {
@@ -114,10 +136,10 @@ int main() {
     bad += check<Bf16>(c.at, n, seed++);
   }
   if (bad) {
-    std::printf("bf16_state_loop_avx2_test: %llu elements differ\n",
+    std::printf(LOOP_NAME ": %llu elements differ\n",
                 static_cast<unsigned long long>(bad));
     return 1;
   }
-  std::printf("bf16_state_loop_avx2_test: ok\n");
+  std::printf(LOOP_NAME ": ok\n");
   return 0;
 }
