@@ -24,13 +24,9 @@ ONEPASS_AVX512 __m512i mix32x16_rest(__m512i x) {
   return _mm512_xor_si512(x, shr32<15>(x));
 }
 
-// 16 bf16 values widened to floats (each pattern in its lane's high half), and 16 patterns in
-// lanes' high halves stored as bf16.
+// 16 bf16 moments widened to floats, and 16 rounded patterns (lanes' high halves) stored.
 ONEPASS_AVX512 __m512 load_bf16x16_in_order(const Bf16* x) { return load16(x); }
-ONEPASS_AVX512 void store_bf16x16_in_order(Bf16* out, __m512i b) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
-                      _mm512_maskz_cvtepi32_epi16(0xffff, shr32<16>(b)));
-}
+ONEPASS_AVX512 void store_bf16x16_in_order(Bf16* out, __m512i b) { narrow_store_bf16x16(out, b); }
 
 // bf16_update8 on 16 lanes: adam_element, one draw each of the moments' stream rounding m (low
 // 16 bits) and v (high 16), NaN moments set to 0x7fc0 only when one compare of m and v finds one.

@@ -62,8 +62,7 @@ ONEPASS_AVX512 __m512i u32x16(uint32_t x) { return _mm512_set1_epi32(static_cast
 
 // Shifts of 16 32-bit lanes by a constant, written as GNU vector shifts: gcc 12's
 // _mm512_s*i_epi32 start from an undefined vector that -Wuninitialized flags once inlined (for
-// the same reason the widenings, the permutation and the narrowing below take their all-lanes
-// maskz forms).
+// the same reason the widening, the permutations and the extraction below take maskz forms).
 typedef int32_t I32x16 __attribute__((vector_size(64)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
 template <int N>
@@ -77,12 +76,39 @@ ONEPASS_AVX512 __m512i max_u32(__m512i a, __m512i b) {
   return (__m512i)((U32x16)a > (U32x16)b ? (U32x16)a : (U32x16)b);
 }
 
+// ---- bf16 in and out of 32-bit lanes' high halves ---------------------------------------------
+// One word permutation each way (vpermw), where a widening (vpmovzxwd) and a shift, or a shift
+// and a narrowing (vpmovdw), took two to three operations: the AVX-512 bf16 loop 0.84-0.88 of the
+// AVX2 loop's time with these against 0.93-1.02 with those, 0.67-0.88 against 0.88-1.02 with bf16
+// params (bench/stage_cost.sh, two builds run in turn three times).
+typedef long long I64x8 __attribute__((vector_size(64)));
+// 16 bf16 values, each into the high half of its lane, the low halves zeroed by the mask (the
+// permutation reads words 0-15 only: the register's upper half, left as the cast leaves it,
+// is never read).
+ONEPASS_AVX512 __m512i widen_bf16x16(const Bf16* x) {
+  const __m512i u =
+      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  return _mm512_maskz_permutexvar_epi16(
+      0xaaaaaaaau,
+      _mm512_setr_epi32(0 << 16, 1 << 16, 2 << 16, 3 << 16, 4 << 16, 5 << 16, 6 << 16, 7 << 16,
+                        8 << 16, 9 << 16, 10 << 16, 11 << 16, 12 << 16, 13 << 16, 14 << 16,
+                        15 << 16),
+      u);
+}
+// The high halves of 16 lanes stored as 16 bf16 (the odd words gathered into the low 256 bits).
+ONEPASS_AVX512 void narrow_store_bf16x16(Bf16* out, __m512i b) {
+  const __m512i w = _mm512_maskz_permutexvar_epi16(
+      0x0000ffffu,
+      _mm512_setr_epi32(1 | 3 << 16, 5 | 7 << 16, 9 | 11 << 16, 13 | 15 << 16, 17 | 19 << 16,
+                        21 | 23 << 16, 25 | 27 << 16, 29 | 31 << 16, 0, 0, 0, 0, 0, 0, 0, 0),
+      b);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      (__m256i)__builtin_shufflevector((I64x8)w, (I64x8)w, 0, 1, 2, 3));
+}
+
 // ---- params in and out: fp32 as they are, bf16 widened / rounded to nearest ------------------
 ONEPASS_AVX512 __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-ONEPASS_AVX512 __m512 load16(const Bf16* x) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm512_castsi512_ps(shl32<16>(_mm512_maskz_cvtepu16_epi32(0xffff, h)));
-}
+ONEPASS_AVX512 __m512 load16(const Bf16* x) { return _mm512_castsi512_ps(widen_bf16x16(x)); }
 ONEPASS_AVX512 void store16(float* out, __m512 f) { _mm512_storeu_ps(out, f); }
 // float_to_bf16 on 16 lanes (bf16x8_avx2.h's rule: 0x7fff plus the kept half's lowest bit added,
 // ties to even), a NaN lane set to 0x7fc0 only when the block has one; the high halves narrowed.
@@ -93,8 +119,7 @@ ONEPASS_AVX512 void store16(Bf16* out, __m512 f) {
   const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
   if (ONEPASS_PLANTED_LOOP_BUG != 3 && __builtin_expect(nan != 0, 0))
     r = _mm512_mask_mov_epi32(r, nan, u32x16(0x7fc00000u));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
-                      _mm512_maskz_cvtepi32_epi16(0xffff, shr32<16>(r)));
+  narrow_store_bf16x16(out, r);
 }
 
 // ---- the float3 codes ---------------------------------------------------------------------------
