@@ -26,19 +26,20 @@ def build_and_run(source: str, tmp_path, *defines: str, args=()) -> subprocess.C
     return subprocess.run([exe, *args], capture_output=True, text=True)
 
 
+def _or_skip(res: subprocess.CompletedProcess, isa: str) -> subprocess.CompletedProcess:
+    # (the program printed "skip": the CPU lacks the ISA, and the kernel never takes that code)
+    if "skip" in res.stdout:
+        pytest.skip(f"the CPU has no {isa}: the CPU kernel does not take its {isa} loops here")
+    return res
+
+
 def build_and_run_avx2(source: str, tmp_path, *defines: str) -> subprocess.CompletedProcess:
     """build_and_run for a program of csrc/cpu's AVX2 loops, which prints "skip" on a CPU without
     AVX2 (the kernel then never takes those loops): the test is skipped there."""
-    res = build_and_run(source, tmp_path, *defines)
-    if "skip" in res.stdout:
-        pytest.skip("the CPU has no AVX2: the CPU kernel does not take its AVX2 loops here")
-    return res
+    return _or_skip(build_and_run(source, tmp_path, *defines), "AVX2")
 
 
 def build_and_run_avx512(source: str, tmp_path, *defines: str) -> subprocess.CompletedProcess:
     """build_and_run for a program of csrc/cpu's AVX-512 code, which prints "skip" on a CPU
     without AVX-512 F, BW, VL and DQ (the kernel then never takes that code): skipped there."""
-    res = build_and_run(source, tmp_path, *defines)
-    if "skip" in res.stdout:
-        pytest.skip("the CPU has no AVX-512: the CPU kernel does not take its AVX-512 loops here")
-    return res
+    return _or_skip(build_and_run(source, tmp_path, *defines), "AVX-512")

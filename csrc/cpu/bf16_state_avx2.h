@@ -78,6 +78,24 @@ ONEPASS_AVX2 void bf16_state8(P* __restrict p, const P* __restrict g, Bf16* __re
   store_bf16x8(v + i, vo);
 }
 
+// How the loops below (and bf16_state_avx512.h's) cut a range into runs of one 65536-aligned
+// block of indices: whether [index_lo, index_lo + n) is one run; how many elements from index
+// `at` (n_left of them left) stay in its run, in whole vectors of 8 (0: the vector at `at`
+// straddles a boundary); the key of the run holding `at` (index_lo, the range's first index, is
+// what planted slip 1 keys every run by); and the straddling vector's indices after mix32's first
+// step, from the whole hash.
+inline bool one_run(uint32_t index_lo, int64_t n) { return (index_lo & 0xffffu) + n <= 65536; }
+inline int64_t run_length(uint32_t at, int64_t n_left) {
+  return std::min<int64_t>(n_left, 65536 - (at & 0xffffu)) & ~int64_t(7);
+}
+inline uint32_t run_key(uint32_t key_mv, uint32_t index_lo, uint32_t at) {
+  return premix_key(key_mv, (ONEPASS_PLANTED_LOOP_BUG == 1 ? index_lo : at) >> 16);
+}
+ONEPASS_AVX2 __m256i straddle_pre8(uint32_t at, uint32_t key_mv) {
+  const __m256i idx = _mm256_add_epi32(u32x8(at), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return mix32x8_first(_mm256_xor_si256(idx, u32x8(key_mv)));
+}
+
 // Elements [i, end) of bf16_state_avx2's range, all in one 65536-aligned run of indices, keyed by
 // `key` (premix_key of that run's block).
 template <typename P, bool MAX, bool COUPLED, bool SCALED>
@@ -129,26 +147,21 @@ template <typename P, bool MAX, bool COUPLED, bool SCALED>
 inline __attribute__((always_inline, target("avx2"))) void bf16_state_avx2(
     P* __restrict p, const P* __restrict g, Bf16* __restrict m, Bf16* __restrict v,
     int64_t n, uint32_t index_lo, uint32_t key_mv, const StepScalars<F8>& sc) {
-  const __m256i in_order = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  // (most ranges: one run, keyed once)
-  if ((index_lo & 0xffffu) + n <= 65536) {
+  if (one_run(index_lo, n)) {  // (most ranges: keyed once)
     bf16_state_run<P, MAX, COUPLED, SCALED>(p, g, m, v, 0, n, index_lo,
-                                            u32x8(premix_key(key_mv, index_lo >> 16)), sc);
+                                            u32x8(run_key(key_mv, index_lo, index_lo)), sc);
     return;
   }
   for (int64_t i = 0; i < n;) {
     const uint32_t at = index_lo + static_cast<uint32_t>(i);
-    const int64_t len = std::min<int64_t>(n - i, 65536 - (at & 0xffffu)) & ~int64_t(7);
-    if (len == 0) {  // (a vector across a 65536 boundary)
-      const __m256i idx = _mm256_add_epi32(u32x8(at), in_order);
-      bf16_state8<P, MAX, COUPLED, SCALED>(p, g, m, v, i,
-                                           mix32x8_first(_mm256_xor_si256(idx, u32x8(key_mv))), sc);
+    const int64_t len = run_length(at, n - i);
+    if (len == 0) {
+      bf16_state8<P, MAX, COUPLED, SCALED>(p, g, m, v, i, straddle_pre8(at, key_mv), sc);
       i += 8;
       continue;
     }
-    const uint32_t hi = (ONEPASS_PLANTED_LOOP_BUG == 1 ? index_lo : at) >> 16;
     bf16_state_run<P, MAX, COUPLED, SCALED>(p, g, m, v, i, i + len, index_lo,
-                                            u32x8(premix_key(key_mv, hi)), sc);
+                                            u32x8(run_key(key_mv, index_lo, at)), sc);
     i += len;
   }
 }

@@ -24,10 +24,6 @@ ONEPASS_AVX512 __m512i mix32x16_rest(__m512i x) {
   return _mm512_xor_si512(x, shr32<15>(x));
 }
 
-// 16 bf16 moments widened to floats, and 16 rounded patterns (lanes' high halves) stored.
-ONEPASS_AVX512 __m512 load_bf16x16_in_order(const Bf16* x) { return load16(x); }
-ONEPASS_AVX512 void store_bf16x16_in_order(Bf16* out, __m512i b) { narrow_store_bf16x16(out, b); }
-
 // bf16_update8 on 16 lanes: adam_element, one draw each of the moments' stream rounding m (low
 // 16 bits) and v (high 16), NaN moments set to 0x7fc0 only when one compare of m and v finds one.
 template <bool MAX, bool COUPLED, bool SCALED>
@@ -63,12 +59,11 @@ ONEPASS_AVX512 void bf16_state_run16(P* __restrict p, const P* __restrict g, Bf1
   for (; i + 16 <= end; i += 16) {
     F16 pi{load16(p + i)};
     __m512i mo, vo;
-    bf16_update16<MAX, COUPLED, SCALED>(pi, load16(g + i), load_bf16x16_in_order(m + i),
-                                        load_bf16x16_in_order(v + i),
+    bf16_update16<MAX, COUPLED, SCALED>(pi, load16(g + i), load16(m + i), load16(v + i),
                                         _mm512_xor_si512(idx, k16), mo, vo, sc);
     store16(p + i, pi.v);
-    store_bf16x16_in_order(m + i, mo);
-    store_bf16x16_in_order(v + i, vo);
+    narrow_store_bf16x16(m + i, mo);
+    narrow_store_bf16x16(v + i, vo);
     idx = _mm512_add_epi32(idx, u32x16(16));
   }
   if (i < end) {  // (8 left)
@@ -87,25 +82,22 @@ inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq"
 bf16_state_avx512(P* __restrict p, const P* __restrict g, Bf16* __restrict m, Bf16* __restrict v,
                   int64_t n, uint32_t index_lo, uint32_t key_mv, const StepScalars<F16>& sc,
                   const StepScalars<float>& s) {
-  if ((index_lo & 0xffffu) + n <= 65536) {  // (most ranges: one run, keyed once)
+  if (one_run(index_lo, n)) {  // (most ranges: keyed once)
     bf16_state_run16<P, MAX, COUPLED, SCALED>(p, g, m, v, 0, n, index_lo,
-                                              premix_key(key_mv, index_lo >> 16), sc, s);
+                                              run_key(key_mv, index_lo, index_lo), sc, s);
     return;
   }
   for (int64_t i = 0; i < n;) {
     const uint32_t at = index_lo + static_cast<uint32_t>(i);
-    const int64_t len = std::min<int64_t>(n - i, 65536 - (at & 0xffffu)) & ~int64_t(7);
-    if (len == 0) {  // (a vector across a 65536 boundary)
-      const __m256i idx = _mm256_add_epi32(u32x8(at), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      bf16_state8<P, MAX, COUPLED, SCALED>(p, g, m, v, i,
-                                           mix32x8_first(_mm256_xor_si256(idx, u32x8(key_mv))),
+    const int64_t len = run_length(at, n - i);
+    if (len == 0) {
+      bf16_state8<P, MAX, COUPLED, SCALED>(p, g, m, v, i, straddle_pre8(at, key_mv),
                                            step_scalars_f8(s));
       i += 8;
       continue;
     }
-    const uint32_t hi = (ONEPASS_PLANTED_LOOP_BUG == 1 ? index_lo : at) >> 16;
     bf16_state_run16<P, MAX, COUPLED, SCALED>(p, g, m, v, i, i + len, index_lo,
-                                              premix_key(key_mv, hi), sc, s);
+                                              run_key(key_mv, index_lo, at), sc, s);
     i += len;
   }
 }
