@@ -36,7 +36,11 @@ struct PlanPart {
   // new storage (p.data = ..., .to(), a resize) or a new layout (an in-place t_() of a square
   // one) makes the plan stale, so its state is looked up (and its layout checked) again.
   std::vector<const void*> data;
-  std::vector<std::vector<int64_t>> sizes, strides;
+  // Param i's sizes and then its strides are dims[dims_at[i] .. dims_at[i + 1]): one array, read
+  // in order by gather, where a vector a param was a pointer to follow (a cache miss a param in
+  // a cold step).
+  std::vector<int64_t> dims;
+  std::vector<uint32_t> dims_at;
   std::vector<uint8_t> contiguous;
   std::vector<at::ScalarType> dtypes;
   std::optional<at::Tensor> qtables;
@@ -59,6 +63,15 @@ struct PlanPart {
   // PlannedLaunches).
   std::shared_ptr<void> cuda_work;
 };
+
+inline c10::IntArrayRef plan_sizes(const PlanPart& part, size_t i) {
+  const size_t b = part.dims_at[i], e = part.dims_at[i + 1];
+  return {part.dims.data() + b, (e - b) / 2};
+}
+inline c10::IntArrayRef plan_strides(const PlanPart& part, size_t i) {
+  const size_t b = part.dims_at[i], e = part.dims_at[i + 1];
+  return {part.dims.data() + b + (e - b) / 2, (e - b) / 2};
+}
 
 // What a step passes besides the tensors.
 struct StepHyper {
@@ -147,7 +160,7 @@ T& kept(std::shared_ptr<void>& slot) {
 // built from another version of this header refuses the plan instead of misreading it.
 struct PlanPart;
 struct GroupPlan;
-constexpr uint64_t kPlanVersion = 4;  // bump with any change to the structs above or below
+constexpr uint64_t kPlanVersion = 5;  // bump with any change to the structs above or below
 
 struct GroupPlan {
   uint64_t layout;  // first, so a module of any version can read it: plan_layout()

@@ -194,6 +194,42 @@ def test_new_grads_every_step_and_their_memory_is_let_go():
     assert all(r() is None for r in refs)
 
 
+def test_a_long_group_read_ahead_pairs_every_grad_with_its_param():
+    # gather reads each param's grad a few positions before it checks the param (its prefetch
+    # pipeline, PyGroupPlan::ahead): in a group much longer than that distance, of params that all
+    # look alike, a grad paired with a neighbour's param would pass every check and change the
+    # bits. The changes sit at the group's start, middle and end: a grad missing, a grad replaced
+    # by a new tensor, a param given new storage, the list's last element swapped for a stranger.
+    torch.manual_seed(0)
+    n = 41
+    a = [torch.randn(6, requires_grad=True) for _ in range(n)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    oa = onepass.AdamW(a, backend="cpu", **kw)
+    ob = onepass.AdamW(b, backend="reference", **kw)
+    for s in range(3):
+        _step(a, b, oa, ob, s)
+    first = _plan(oa)
+    assert first is not None
+    _step(a, b, oa, ob, 3, skip={0, 20, n - 1})
+    _step(a, b, oa, ob, 4, skip={21})
+    _step(a, b, oa, ob, 5)
+    for i in (0, 19, n - 1):
+        a[i].data = a[i].data.clone()
+        b[i].data = b[i].data.clone()
+    _step(a, b, oa, ob, 6)
+    _step(a, b, oa, ob, 7)
+    assert _plan(oa) is not first
+    plan = _plan(oa)
+    params = oa.param_groups[0]["params"]
+    assert plan.gather(params)
+    plan.release()
+    stranger = torch.randn(6, requires_grad=True)
+    stranger.grad = torch.randn(6)
+    assert not plan.gather(params[:-1] + [stranger])
+    assert not plan.gather(params[:20] + [stranger] + params[21:])
+
+
 def test_a_new_param_list_makes_a_new_plan():
     a, b, oa, ob = _pair()
     for s in range(2):
