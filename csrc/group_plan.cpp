@@ -92,8 +92,11 @@ class PyGroupPlan {
     if (!usable_ || !PyList_Check(list)) return false;
     const size_t n = plan_.held.size();
     if (static_cast<size_t>(PyList_GET_SIZE(list)) != n) return false;
-    // (set only when every grad was read: a plan that refuses the list keeps none of this step)
-    for (PlanPart& part : plan_.parts) part.grads_fit = false;
+    // (set only when every grad was read: a plan that refuses the list keeps none of this step;
+    // and a step that raised before its release() lets go of its grads here, before the loop,
+    // so that no assignment in it frees a grad: freeing one can run Python code (a weakref
+    // callback) that would leave ahead()'s rings pointing at freed tensors)
+    release();
     fit_.assign(plan_.parts.size(), 1);  // (one flag a part, kept: no allocation a step)
     const at::Tensor* grad_ring[kRing];
     c10::TensorImpl* impl_ring[kRing];
@@ -196,7 +199,7 @@ class PyGroupPlan {
   // TensorImpl, AutogradMeta, grad's TensorImpl, grad's StorageImpl): five misses in a row a
   // param. ahead(s) works kGap positions apart on each link: for position s + 5 * kGap it fetches
   // the Python object, for s + 4 * kGap reads it and fetches the TensorImpl, and so on, so each
-  // read finds its line fetched 2 * kGap positions (~60 ns of gather a position) earlier. On this
+  // read finds its line fetched kGap positions (~30-60 ns of gather a position) earlier. On this
   // 2-core Xeon, 2000 16-element params: a step 5-7% faster, hot or with caches flushed (bench/
   // results/host-prefetch-cpu-xeon-2core-20261201/). kGap 1 to 4 measured alike.
   static constexpr ptrdiff_t kGap = 2;
