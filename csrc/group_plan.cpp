@@ -1,7 +1,6 @@
 // onepass._C.GroupPlan: the optimizer's cached plan of a param group (group_plan.h), and a step
 // over one of its parts on CPU tensors (step_planned_cpu).
 #include "group_plan.h"
-#include "host_prefetch.h"
 
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
@@ -10,6 +9,12 @@
 
 namespace onepass {
 namespace {
+
+// Lines [p, p + 64 * lines) towards L1, for reading (null: nothing).
+inline void prefetch_lines(const void* p, int lines) {
+  if (p == nullptr) return;
+  for (int k = 0; k < lines; ++k) __builtin_prefetch(static_cast<const char*>(p) + 64 * k, 0, 3);
+}
 
 namespace py = pybind11;
 using TVec = std::vector<at::Tensor>;
@@ -34,6 +39,7 @@ class PyGroupPlan {
     for (const py::handle item : parts) {
       const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
       PlanPart part;
+      part.dims_at.push_back(0);
       part.pos = t[0].cast<std::vector<int64_t>>();
       part.params = t[1].cast<TVec>();
       part.exp_avgs = t[2].cast<TVec>();
@@ -60,7 +66,6 @@ class PyGroupPlan {
         // (a sparse or storage-less param: no plan; the step's checks say what is wrong)
         if (p.layout() != at::kStrided || !p.has_storage()) usable_ = false;
         part.data.push_back(usable_ ? raw_data(p) : nullptr);
-        if (part.dims_at.empty()) part.dims_at.push_back(0);
         const c10::IntArrayRef sizes = p.sizes();
         part.dims.insert(part.dims.end(), sizes.begin(), sizes.end());
         if (usable_) part.dims.insert(part.dims.end(), p.strides().begin(), p.strides().end());
@@ -99,11 +104,10 @@ class PyGroupPlan {
     release();
     fit_.assign(plan_.parts.size(), 1);  // (one flag a part, kept: no allocation a step)
     const at::Tensor* grad_ring[kRing];
-    c10::TensorImpl* impl_ring[kRing];
     // s runs from -5 * kGap so that every position passes every stage of ahead() before it is
     // read (at s = its position).
     for (ptrdiff_t s = -5 * kGap; s < static_cast<ptrdiff_t>(n); ++s) {
-      ahead(s, n, grad_ring, impl_ring);
+      ahead(s, n, grad_ring);
       if (s < 0) continue;
       const size_t j = static_cast<size_t>(s);
       PyObject* o = PyList_GET_ITEM(list, j);
@@ -204,7 +208,7 @@ class PyGroupPlan {
   // results/host-prefetch-cpu-xeon-2core-20261201/). kGap 1 to 4 measured alike.
   static constexpr ptrdiff_t kGap = 2;
   static constexpr size_t kRing = 8;  // > 2 * kGap: the positions between a grad's stage and read
-  void ahead(ptrdiff_t s, size_t n, const at::Tensor** grad_ring, c10::TensorImpl** impl_ring) {
+  void ahead(ptrdiff_t s, size_t n, const at::Tensor** grad_ring) {
     const auto held = [&](ptrdiff_t d) -> PyObject* {  // the plan's object at s + d (null past n)
       const ptrdiff_t j = s + d;
       return j >= 0 && j < static_cast<ptrdiff_t>(n) ? static_cast<PyObject*>(plan_.held[j])
@@ -223,11 +227,10 @@ class PyGroupPlan {
       // (TensorImpl's grad: Tensor::grad() also asks autograd whether it is a leaf, to warn)
       const at::Tensor& g = THPVariable_Unpack(o).unsafeGetTensorImpl()->grad();
       grad_ring[(s + 2 * kGap) % kRing] = &g;
-      impl_ring[(s + 2 * kGap) % kRing] = g.unsafeGetTensorImpl();
       if (g.defined()) prefetch_lines(g.unsafeGetTensorImpl(), 3);
     }
     if (held(kGap) != nullptr) {
-      const c10::TensorImpl* gi = impl_ring[(s + kGap) % kRing];
+      const c10::TensorImpl* gi = grad_ring[(s + kGap) % kRing]->unsafeGetTensorImpl();
       if (gi->has_storage()) prefetch_lines(gi->unsafe_storage().unsafeGetStorageImpl(), 1);
     }
   }
