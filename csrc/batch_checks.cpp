@@ -13,6 +13,14 @@
 namespace onepass {
 namespace {
 
+// A tensor of the batch whose storage no longer holds its elements (storage_holds).
+void check_holds(const at::Tensor& t, const char* name, size_t i) {
+  ONEPASS_CHECK(storage_holds(t), "onepass: ", name, "[", i, "] has ",
+                t.has_storage() ? t.unsafeGetTensorImpl()->unsafe_storage().nbytes() : 0,
+                " bytes of storage, too few for its shape ", t.sizes(),
+                " (its storage was resized or freed in place)");
+}
+
 bool same_strides_as_param_layout(const at::Tensor& state, const at::Tensor& param) {
   // State is created with zeros_like(param, preserve_format): the param's strides when the param
   // is dense, contiguous strides otherwise. Elements correspond by storage position.
@@ -28,6 +36,7 @@ void check_state(const at::Tensor& s, const at::Tensor& p, at::ScalarType math, 
               " for a ", p.scalar_type(), " param, got ", s.scalar_type());
   ONEPASS_CHECK(same_dims(s.sizes(), p.sizes()), "onepass: ", name, "[", i, "] has shape ", s.sizes(),
               " but its param has shape ", p.sizes());
+  check_holds(s, name, i);
   if (contiguous) {
     ONEPASS_CHECK(s.is_contiguous(), "onepass: ", name, "[", i,
                   "] of int8 state must be contiguous (strides ", s.strides(), ")");
@@ -49,6 +58,7 @@ void check_absmax(const at::Tensor& s, const at::Tensor& p, const char* name, si
                 "onepass: ", name, "[", i, "] must be a contiguous float32 tensor of shape [",
                 rows, ", ", blocks, "] on ", p.device(), ", got ", s.scalar_type(), " ",
                 s.sizes(), " on ", s.device());
+  check_holds(s, name, i);
 }
 
 // Param i's state tensors against it (validate_batch's per-param state checks).
@@ -70,6 +80,7 @@ void check_batch_state(const BatchArgs& a, size_t i, at::ScalarType math) {
                   "onepass: kahan_comps[", i, "] must be a bfloat16 tensor of shape ", p.sizes(),
                   " on ", p.device(), ", got ", c.scalar_type(), " ", c.sizes(), " on ",
                   c.device());
+    check_holds(c, "kahan_comps", i);
   }
   if (a.amsgrad) check_state(a.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i);
 }
@@ -87,7 +98,7 @@ int64_t advance_step(const at::Tensor& st) {
 }
 
 void check_step_tensor(const at::Tensor& st, size_t i) {
-  ONEPASS_CHECK(st.numel() == 1 && st.device().is_cpu() && st.has_storage() &&
+  ONEPASS_CHECK(st.numel() == 1 && st.device().is_cpu() && storage_holds(st) &&
                     (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
                 "onepass: steps[", i, "] must be a one-element float32/float64 CPU tensor");
 }
@@ -101,6 +112,7 @@ void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i) {
                 " but its param on ", p.device());
   ONEPASS_CHECK(same_dims(g.sizes(), p.sizes()), "onepass: grads[", i, "] has shape ", g.sizes(),
                 " but its param has shape ", p.sizes());
+  check_holds(g, "grads", i);
 }
 
 DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad) {
@@ -198,6 +210,7 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
                 "onepass: params[", i, "] is ", dtype,
                 "; params must be float32, float64, bfloat16 or float16");
     ONEPASS_CHECK(p.layout() == at::kStrided, "onepass: params[", i, "] is not a strided tensor");
+    check_holds(p, "params", i);
     ONEPASS_CHECK(p.device() == dev, "onepass: all params of one group must be on one device; params[",
                 i, "] is on ", p.device(), ", params[0] on ", dev);
     check_grad(p, g, i);
@@ -209,7 +222,7 @@ void validate_batch(const BatchArgs& a, c10::DeviceType device_type) {
     check_batch_state(a, i, math);
     const at::Tensor& st = a.steps[i];
     // Host step counts, or (capturable, CUDA) counts on the params' device.
-    ONEPASS_CHECK(st.numel() == 1 && (st.device().is_cpu() || st.device() == dev) &&
+    ONEPASS_CHECK(st.numel() == 1 && (st.device().is_cpu() || st.device() == dev) && storage_holds(st) &&
                     (st.scalar_type() == at::kFloat || st.scalar_type() == at::kDouble),
                 "onepass: steps[", i, "] must be a one-element float32/float64 tensor on the CPU",
                 " or the params' device, got ", st.scalar_type(), " with ", st.numel(),

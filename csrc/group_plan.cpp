@@ -74,6 +74,11 @@ class PyGroupPlan {
         part.contiguous.push_back(usable_ && p.is_contiguous());
         part.dtypes.push_back(p.scalar_type());
       }
+      for (const TVec* list : {&part.exp_avgs, &part.exp_avg_sqs, &part.max_exp_avg_sqs,
+                               &part.steps, &part.exp_avg_absmaxs, &part.exp_avg_sq_absmaxs,
+                               &part.kahan_comps})
+        for (const at::Tensor& x : *list) seal(part, x);
+      if (part.qtables.has_value()) seal(part, *part.qtables);
       part.grads.resize(part.params.size());
       part.grad_data.resize(part.params.size());
       plan_.parts.push_back(std::move(part));
@@ -102,6 +107,27 @@ class PyGroupPlan {
     // so that no assignment in it frees a grad: freeing one can run Python code (a weakref
     // callback) that would leave ahead()'s rings pointing at freed tensors)
     release();
+    for (const PlanPart& part : plan_.parts) {
+      // (a part's seals lie in one array and their tensors' addresses are in it: fetching
+      // them ahead turns ~6000 dependent misses of a 2000-param step into overlapped ones)
+      const Seal* sl = part.seals.data();
+      const size_t m = part.seals.size();
+      for (size_t q = 0; q < m; ++q) {
+        if (q + kSealAhead < m) {
+          const char* ti = reinterpret_cast<const char*>(sl[q + kSealAhead].impl);
+          if (ti != nullptr) {
+            __builtin_prefetch(ti);
+            __builtin_prefetch(ti + 64);
+            __builtin_prefetch(ti + 128);
+          }
+          __builtin_prefetch(sl[q + kSealAhead].storage);
+        }
+        if (!seal_holds(sl[q], part.seal_dims.data())) {
+          moved_ = true;
+          return false;
+        }
+      }
+    }
     fit_.assign(plan_.parts.size(), 1);  // (one flag a part, kept: no allocation a step)
     const at::Tensor* grad_ring[kRing];
     // s runs from -5 * kGap so that every position passes every stage of ahead() before it is
@@ -119,7 +145,7 @@ class PyGroupPlan {
       if (k < 0) continue;
       // the kernels read a grad through raw_data: one without storage goes the checked way
       const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
-      if (!gi->has_storage()) return false;
+      if (!storage_holds(g) || !storage_holds(t)) return false;
       PlanPart& part = plan_.parts[k];
       const int32_t i = plan_.index_in[j];
       const c10::TensorImpl* ti = t.unsafeGetTensorImpl();
@@ -157,6 +183,10 @@ class PyGroupPlan {
     py::gil_scoped_release no_gil;  // the kernels may run for milliseconds
     step_planned_cpu(part, h, stats.has_value() ? &*stats : nullptr, check_only);
   }
+
+  // Whether a gather refused the plan because a state tensor it holds moved (seal_holds): the
+  // optimizer's lists and whatever a backend derived from them (Batch.scratch) are stale too.
+  bool moved() const { return moved_; }
 
   // Drops the grads gather read, so that zero_grad(set_to_none=True) frees their memory (the
   // optimizer calls it when the step ends, whether it ran or raised).
@@ -207,6 +237,7 @@ class PyGroupPlan {
   // 2-core Xeon, 2000 16-element params: a step 5-7% faster, hot or with caches flushed (bench/
   // results/host-prefetch-cpu-xeon-2core-20261201/). kGap 1 to 4 measured alike.
   static constexpr ptrdiff_t kGap = 2;
+  static constexpr size_t kSealAhead = 8;  // seals fetched ahead in gather's seal check
   static constexpr size_t kRing = 8;  // > 2 * kGap: the positions between a grad's stage and read
   void ahead(ptrdiff_t s, size_t n, const at::Tensor** grad_ring) {
     const auto held = [&](ptrdiff_t d) -> PyObject* {  // the plan's object at s + d (null past n)
@@ -238,8 +269,30 @@ class PyGroupPlan {
   const PlanPart& at(size_t k) const { return plan_part(const_cast<GroupPlan&>(plan_), k); }
   PlanPart& at(size_t k) { return plan_part(plan_, k); }
 
+  static void seal(PlanPart& part, const at::Tensor& x) {
+    Seal sl{};
+    sl.impl = x.unsafeGetTensorImpl();
+    sl.storage = x.has_storage() ? x.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()
+                                 : nullptr;
+    sl.offset = x.has_storage() ? x.storage_offset() : 0;
+    sl.dtype = x.scalar_type();
+    sl.dim = static_cast<uint16_t>(x.dim());
+    sl.dims_at = static_cast<uint32_t>(part.seal_dims.size());
+    part.seal_dims.insert(part.seal_dims.end(), x.sizes().begin(), x.sizes().end());
+    if (x.layout() == at::kStrided && x.has_storage()) {
+      sl.data = x.unsafeGetTensorImpl()->unsafe_storage().data();
+      sl.nbytes = x.unsafeGetTensorImpl()->unsafe_storage().nbytes();
+      part.seal_dims.insert(part.seal_dims.end(), x.strides().begin(), x.strides().end());
+    } else {  // (never holds: the step's checks say what is wrong)
+      sl.impl = nullptr;
+      part.seal_dims.insert(part.seal_dims.end(), x.sizes().size(), 0);
+    }
+    part.seals.push_back(sl);
+  }
+
   GroupPlan plan_;
   bool usable_ = true;
+  bool moved_ = false;
   std::vector<uint8_t> fit_;  // gather's flags, one a part (PlanPart::grads_fit once all are read)
 };
 
@@ -257,6 +310,7 @@ void bind_group_plan(py::module& m) {
            py::arg("check_only"))
       .def("grads", &PyGroupPlan::grads, py::arg("part"))
       .def("release", &PyGroupPlan::release)
+      .def("moved", &PyGroupPlan::moved)
       .def("pair_table", &PyGroupPlan::pair_table, py::arg("part"))
       .def("bump_steps", &PyGroupPlan::bump_steps, py::arg("part"))
       .def("next_counts", &PyGroupPlan::next_counts, py::arg("part"))

@@ -27,6 +27,37 @@ struct PlanCounts {
   size_t size() const { return data.size(); }
 };
 
+// What a plan may hold, and when it stops holding (its validity rules, all of them):
+// - the params: gather refuses the plan when the group's list is not the same objects in the
+//   same order, a param gained or lost its grad, or a param's storage address, shape, strides
+//   or dtype changed, or its storage no longer holds its elements;
+// - the grads: read every step, never kept; one whose storage does not hold it goes the checked
+//   way (a clear error, nothing written);
+// - every state tensor and the qtables (Seal): refused once one's TensorImpl holds another
+//   storage, offset, dtype, shape or strides, or its storage another address or byte count
+//   (`.data =`, set_, resize_, share_memory_(), an in-place transpose). Then moved() is true
+//   and the optimizer rebuilds its lists and what backends derived from them (Batch.scratch).
+// A refused plan is stale, never wrong: the step takes the checked way, which the reference's
+// checks mirror (python/onepass/backends/reference.py: check_batch).
+//
+// A state tensor the plan holds (a moment, maximum, count, absmax or compensation, or the
+// qtables) as it was when the plan was made: its TensorImpl, address, storage size, dtype and
+// dims. In-place changes a user can make keep the TensorImpl but not these (`.data = ...`,
+// `set_`, `resize_`, `share_memory_()`, an in-place transpose), so a plan whose seals all hold
+// still addresses the state's own memory in its own layout (seal_holds).
+struct Seal {
+  const c10::TensorImpl* impl;  // (the plan holds the tensor: alive while the plan is)
+  // Not owned: read only once the tensor is seen to hold it still (so gather can prefetch it
+  // without a dependent load; a prefetch of freed memory is harmless).
+  const c10::StorageImpl* storage;
+  const void* data;
+  size_t nbytes;
+  int64_t offset;
+  uint32_t dims_at;  // its sizes, then its strides, at PlanPart::seal_dims[dims_at ..)
+  uint16_t dim;
+  at::ScalarType dtype;
+};
+
 // The params of one group that share a state format and param rounding: one batch.
 struct PlanPart {
   std::vector<int64_t> pos;  // each param's position in the group's param list
@@ -43,6 +74,10 @@ struct PlanPart {
   std::vector<uint32_t> dims_at;
   std::vector<uint8_t> contiguous;
   std::vector<at::ScalarType> dtypes;
+  // Every state tensor above and the qtables, sealed when the plan was made: gather refuses the
+  // plan once one has moved (the validity rules above).
+  std::vector<Seal> seals;
+  std::vector<int64_t> seal_dims;
   std::optional<at::Tensor> qtables;
   int state_format = 0;
   int param_rounding = 0;
@@ -71,6 +106,22 @@ inline c10::IntArrayRef plan_sizes(const PlanPart& part, size_t i) {
 inline c10::IntArrayRef plan_strides(const PlanPart& part, size_t i) {
   const size_t b = part.dims_at[i], e = part.dims_at[i + 1];
   return {part.dims.data() + b + (e - b) / 2, (e - b) / 2};
+}
+
+// Whether the tensor of `seal` is still where and as it was sealed (dims: PlanPart::seal_dims).
+inline bool seal_holds(const Seal& seal, const int64_t* dims) {
+  const c10::TensorImpl* t = seal.impl;
+  if (t == nullptr) return false;
+  const c10::StorageImpl* st = t->unsafe_storage().unsafeGetStorageImpl();
+  if (st != seal.storage || t->storage_offset() != seal.offset || t->dtype() != seal.dtype ||
+      t->dim() != seal.dim)
+    return false;
+  if (st->data() != seal.data || st->nbytes() != seal.nbytes) return false;
+  const c10::IntArrayRef sizes = t->sizes(), strides = t->strides();
+  for (size_t d = 0; d < seal.dim; ++d)
+    if (sizes[d] != dims[seal.dims_at + d] || strides[d] != dims[seal.dims_at + seal.dim + d])
+      return false;
+  return true;
 }
 
 // What a step passes besides the tensors.
@@ -160,7 +211,7 @@ T& kept(std::shared_ptr<void>& slot) {
 // built from another version of this header refuses the plan instead of misreading it.
 struct PlanPart;
 struct GroupPlan;
-constexpr uint64_t kPlanVersion = 5;  // bump with any change to the structs above or below
+constexpr uint64_t kPlanVersion = 6;  // bump with any change to the structs above or below
 
 struct GroupPlan {
   uint64_t layout;  // first, so a module of any version can read it: plan_layout()

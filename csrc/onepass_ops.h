@@ -71,6 +71,26 @@ inline const void* raw_data(const at::Tensor& t) {
          impl->storage_offset() * static_cast<int64_t>(impl->dtype().itemsize());
 }
 
+// Whether t's storage holds every element t addresses. A storage can shrink under its tensors
+// in place (FSDP resizes an unsharded param's or grad's storage to 0 bytes; a state tensor's
+// storage can be resized by hand), and a kernel reading raw_data(t) would then read or write
+// memory no one owns. Size-0 dims address nothing; torch has no negative strides.
+inline bool storage_holds(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (!impl->has_storage()) return false;
+  const int64_t n = impl->numel();
+  if (n == 0) return true;
+  int64_t last = impl->storage_offset();
+  if (impl->is_contiguous()) {
+    last += n - 1;
+  } else {
+    const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
+    for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+  }
+  return static_cast<uint64_t>(last + 1) * impl->dtype().itemsize() <=
+         impl->unsafe_storage().nbytes();
+}
+
 // The arguments of onepass::adam_step_ (one batch: the tensors of one group on one device, of one
 // param dtype), as the kernels see them. Backends never see param groups or hyperparameter dicts.
 struct BatchArgs {

@@ -23,6 +23,7 @@ from .backends import group_backend as _group_backend
 from .reference import PARAM_DTYPES
 from .capture import _capture_health_check, _cuda_available
 from .distributed import _dtensor_type, _is_dtensor, _local, _local_grad
+from .param_overlap import check_disjoint
 from .hyperparams import (MIN_INT8_NUMEL, _as_float, _check_group, _check_hyperparameters,
                           _check_rounding_dtypes, _resolve_decay_mode, _state_dtype)
 from .state_formats import COMPLEX_DTYPES, _real, load_state, state_lists, torch_state_dict
@@ -219,17 +220,32 @@ class AdamW(Optimizer):
         else:
             grads = [p.grad for p in all_params]
             params = all_params
+            positions = range(len(all_params))
             if any(g is None for g in grads):
-                params = [p for p, g in zip(params, grads) if g is not None]
-                grads = [g for g in grads if g is not None]
+                positions = [j for j, g in enumerate(grads) if g is not None]
+                params = [all_params[j] for j in positions]
+                grads = [grads[j] for j in positions]
             if not params:
                 return []
+            # (the plan holds only lists that passed this: a changed list or param storage
+            # makes its gather refuse, and the step comes here)
+            # (not traced: dynamo cannot trace data_ptr(); an eager step checks the same lists)
+            if not torch.compiler.is_compiling():
+                check_disjoint(next(i for i, g in enumerate(self.param_groups) if g is group),
+                               group, positions)
             # The state lists of a group are cached between steps: looking up 2000 params' state
             # costs ~2 ms of Python per step. Valid while the same params have grads and no
             # state dict was written (the state's write counter, _State._epoch).
             _check_rounding_dtypes(params, rounding)
             ids = [id(p) for p in params]
-            if fresh and cache.ids == ids:
+            # The cached lists, and what a backend derived from them (scratch), are reused only
+            # while a plan guards them and has not seen a state tensor move in place (`.data =`,
+            # set_, resize_, share_memory_(): plan.moved()). Groups without a plan (no
+            # extension, DTensor or complex params, whose lists hold views) rebuild them; a
+            # traced step keeps them (dynamo guards what it traced, and no plan is made there).
+            guarded = fresh and (torch.compiler.is_compiling()
+                                 or (cache.plan is not None and not cache.plan.moved()))
+            if guarded and cache.ids == ids:
                 parts, dtensors, complexes = cache.parts, cache.dtensors, cache.complexes
             else:
                 parts, tracked = self._state_lists(params, amsgrad, created,

@@ -11,6 +11,40 @@ from .base import Backend, Batch
 
 
 
+_C10_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+              torch.float16: "Half", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short",
+              torch.int32: "Int", torch.int64: "Long", torch.bool: "Bool",
+              torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+
+
+def c10_name(dtype: torch.dtype) -> str:
+    """A dtype as the C++ checks print it (at::ScalarType's name), so that a fault reads the
+    same on every backend."""
+    return _C10_NAMES.get(dtype, str(dtype))
+
+
+def storage_holds(t: torch.Tensor) -> bool:
+    """Whether t's storage holds every element t addresses (the C++ twin: storage_holds in
+    csrc/onepass_ops.h). A storage can shrink under its tensor in place: FSDP resizes an
+    unsharded grad's storage to 0 bytes, and a state tensor's can be resized by hand."""
+    n = t.numel()
+    if n == 0:
+        return True
+    nbytes = t.untyped_storage().nbytes()
+    last = t.storage_offset() + (n - 1 if t.is_contiguous() else
+                                 sum((d - 1) * s for d, s in zip(t.shape, t.stride())))
+    return (last + 1) * t.element_size() <= nbytes
+
+
+def check_holds(t: torch.Tensor, name: str, i: int) -> None:
+    """Refuses a tensor of the batch whose storage no longer holds it (check_holds in C++)."""
+    if not storage_holds(t):
+        raise RuntimeError(
+            f"onepass: {name}[{i}] has {t.untyped_storage().nbytes()} bytes of storage, too few "
+            f"for its shape [{', '.join(map(str, t.shape))}] (its storage was resized or freed "
+            "in place)")
+
+
 def check_batch(batch: Batch, check_state: bool = True) -> None:
     """The checks every backend makes before writing anything (the C++ twin: validate_batch).
 
@@ -27,8 +61,19 @@ def check_batch(batch: Batch, check_state: bool = True) -> None:
         if not (g.layout is strided and g.dtype == p.dtype and g.shape == p.shape
                 and g.device == p.device and p.dtype in PARAM_DTYPES):
             _bad_pair(i, p, g)
+        check_holds(p, "params", i)
+        check_holds(g, "grads", i)
     if not check_state:
         return
+    for i, st in enumerate(batch.steps):
+        if isinstance(st, torch.Tensor):
+            if st.numel() != 1 or st.dtype not in (torch.float32, torch.float64):
+                # (validate_batch's words: one wording whatever the backend)
+                raise RuntimeError(
+                    f"onepass: steps[{i}] must be a one-element float32/float64 tensor on the "
+                    f"CPU or the params' device, got {c10_name(st.dtype)} with {st.numel()} "
+                    f"elements on {st.device}")
+            check_holds(st, "steps", i)
     fmt = batch.state_format
     if fmt not in reference.STATE_FORMATS:
         raise ValueError(f"onepass: unknown state format {fmt!r}")
@@ -68,6 +113,7 @@ def check_batch(batch: Batch, check_state: bool = True) -> None:
                 )
             if int8 and name != "kahan_comps" and not s.is_contiguous():
                 raise RuntimeError(f"onepass: {name}[{i}] of int8 state must be contiguous")
+            check_holds(s, name, i)
 
 
 def _bad_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
