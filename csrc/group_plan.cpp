@@ -272,16 +272,16 @@ class PyGroupPlan {
   static void seal(PlanPart& part, const at::Tensor& x) {
     Seal sl{};
     sl.impl = x.unsafeGetTensorImpl();
-    sl.storage = x.has_storage() ? x.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()
-                                 : nullptr;
-    sl.offset = x.has_storage() ? x.storage_offset() : 0;
     sl.dtype = x.scalar_type();
     sl.dim = static_cast<uint16_t>(x.dim());
     sl.dims_at = static_cast<uint32_t>(part.seal_dims.size());
     part.seal_dims.insert(part.seal_dims.end(), x.sizes().begin(), x.sizes().end());
     if (x.layout() == at::kStrided && x.has_storage()) {
-      sl.data = x.unsafeGetTensorImpl()->unsafe_storage().data();
-      sl.nbytes = x.unsafeGetTensorImpl()->unsafe_storage().nbytes();
+      const c10::Storage& st = sl.impl->unsafe_storage();
+      sl.storage = st.unsafeGetStorageImpl();
+      sl.data = st.data();
+      sl.nbytes = st.nbytes();
+      sl.offset = x.storage_offset();
       part.seal_dims.insert(part.seal_dims.end(), x.strides().begin(), x.strides().end());
     } else {  // (never holds: the step's checks say what is wrong)
       sl.impl = nullptr;

@@ -228,8 +228,8 @@ class AdamW(Optimizer):
             if not params:
                 return []
             # (the plan holds only lists that passed this: a changed list or param storage
-            # makes its gather refuse, and the step comes here)
-            # (not traced: dynamo cannot trace data_ptr(); an eager step checks the same lists)
+            # makes its gather refuse, and the step comes here; not traced, since dynamo
+            # cannot trace data_ptr(), and an eager step checks the same lists)
             if not torch.compiler.is_compiling():
                 check_disjoint(next(i for i, g in enumerate(self.param_groups) if g is group),
                                group, positions)
