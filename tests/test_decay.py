@@ -76,6 +76,32 @@ def test_param_groups_rules():
         onepass.param_groups(model, -1.0)
 
 
+def test_param_groups_torch_biases_and_parametrized_norms():
+    # torch's modules whose biases are not named "bias", and a norm whose weight is parametrized
+    # (its param then lives in a ParametrizationList, named "...parametrizations.weight.original")
+    class Identity(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = nn.ModuleDict({
+        "attn": nn.MultiheadAttention(8, 2, add_bias_kv=True),
+        "lstm": nn.LSTM(4, 4, bidirectional=True),
+        "ln": nn.LayerNorm(8),
+        "wn": nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)),
+    })
+    nn.utils.parametrize.register_parametrization(model["ln"], "weight", Identity())
+    groups, rep = onepass.param_groups(model, 0.1, report=True)
+    decay, keep = _names(groups)
+    assert set(keep) == {
+        "attn.in_proj_bias", "attn.bias_k", "attn.bias_v", "attn.out_proj.bias",
+        "lstm.bias_ih_l0", "lstm.bias_hh_l0", "lstm.bias_ih_l0_reverse", "lstm.bias_hh_l0_reverse",
+        "ln.bias", "ln.parametrizations.weight.original", "wn.bias"}
+    assert rep["why"]["ln.parametrizations.weight.original"].startswith("norm ")
+    # weights stay decayed, the parametrized ones (weight_norm's g and v) included
+    assert {"attn.in_proj_weight", "attn.out_proj.weight", "lstm.weight_ih_l0",
+            "wn.parametrizations.weight.original0", "wn.parametrizations.weight.original1"} <= set(decay)
+
+
 @pytest.mark.parametrize("opt_cls", [onepass.AdamW, torch.optim.AdamW])
 def test_param_groups_feed_optimizers(opt_cls):
     model = Tiny()

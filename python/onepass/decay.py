@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Tuple, Type, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["param_groups", "normalized_weight_decay", "decay_half_life", "NORM_TYPES",
            "EMBEDDING_TYPES"]
@@ -41,6 +42,24 @@ def _norm_like(module: nn.Module) -> bool:
     return isinstance(module, NORM_TYPES) or type(module).__name__.endswith("Norm")
 
 
+def _is_bias(local: str) -> bool:
+    # torch's own modules name biases with "bias" as one word of a longer name too:
+    # MultiheadAttention's in_proj_bias / bias_k / bias_v, LSTM's bias_ih_l0 / bias_hh_l0_reverse
+    return "bias" in local.split("_")
+
+
+def _parametrized_owners(model: nn.Module) -> Dict[int, Tuple[nn.Module, str]]:
+    """A parametrized tensor's params live in a ParametrizationList
+    (``ln.parametrizations.weight.original``, or ``original0``/``original1`` for weight_norm):
+    the rules apply to the module that owns the tensor and to the tensor's name, by the list."""
+    owners: Dict[int, Tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tname, plist in module.parametrizations.items():
+                owners[id(plist)] = (module, tname)
+    return owners
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float,
@@ -52,7 +71,8 @@ def param_groups(
     """Param groups for an optimizer: ``[{"params": decayed, "weight_decay": weight_decay},
     {"params": not decayed, "weight_decay": 0.0}]`` (an empty group is left out).
 
-    No decay for: every param named ``bias``; every param of a normalization module (by type:
+    No decay for: every param named ``bias`` or with ``bias`` as one ``_``-separated word of its
+    name (``in_proj_bias``, ``bias_ih_l0``); every param of a normalization module (by type:
     :data:`NORM_TYPES`, or a class name ending in "Norm"); every param of an embedding module
     (:data:`EMBEDDING_TYPES`) unless ``decay_embeddings``; and whatever ``no_decay`` adds: module
     types (all their params) or shell patterns matched against full param names
@@ -61,7 +81,8 @@ def param_groups(
     Params come as ``(name, tensor)`` pairs, so torch's optimizers record ``param_names`` in each
     group. A tensor shared by several modules (tied weights, e.g. an embedding reused as the output
     projection) is listed once, under its first name; it gets no decay if any of its owners says
-    so. With ``report=True`` the return value is ``(groups, report)``: ``report["decay"]`` and
+    so. A parametrized tensor (``torch.nn.utils.parametrize``: ``ln.parametrizations.weight.original``)
+    follows the rules of the module and name it parametrizes. With ``report=True`` the return value is ``(groups, report)``: ``report["decay"]`` and
     ``report["no_decay"]`` list the names, ``report["why"]`` says why each no-decay param is there
     and ``report["tied"]`` maps a shared tensor's name to its other names.
     """
@@ -78,9 +99,11 @@ def param_groups(
     tensors: Dict[int, torch.Tensor] = {}
     why: Dict[int, str] = {}
     tied: Dict[int, List[str]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for local, p in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{local}" if mod_name else local
+    owners = _parametrized_owners(model)
+    for mod_name, holder in model.named_modules(remove_duplicate=False):
+        for held, p in holder.named_parameters(recurse=False):
+            name = f"{mod_name}.{held}" if mod_name else held
+            module, local = owners.get(id(holder), (holder, held))
             key = id(p)
             if key in first_name:
                 if name != first_name[key] and name not in tied.setdefault(key, []):
@@ -95,7 +118,7 @@ def param_groups(
                 reason = f"norm {type(module).__name__}"
             elif isinstance(module, EMBEDDING_TYPES) and not decay_embeddings:
                 reason = f"embedding {type(module).__name__}"
-            elif local == "bias":
+            elif _is_bias(local):
                 reason = "bias"
             else:
                 hit = next((pat for pat in patterns if fnmatch.fnmatchcase(name, pat)), None)
