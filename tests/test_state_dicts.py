@@ -231,3 +231,89 @@ def test_good_state_dict_with_edited_values_loads():
     assert opt.param_groups[0]["lr"] == 0.5
     assert torch.equal(opt.state[params[0]]["exp_avg"], torch.ones(7))
     assert opt.state[params[0]]["step"].dtype == torch.float32 and float(opt.state[params[0]]["step"]) == 40
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a loaded state dict replaces: saved settings win, but not where or in what format this run
+# keeps its state
+# ---------------------------------------------------------------------------------------------------
+
+def test_load_keeps_the_constructors_backend_and_state_dtype():
+    big = [(70, 80), (9,)]  # one int8-sized tensor, one that keeps fp32 state
+    saver_params = make_params(big)
+    saver = onepass.AdamW(saver_params, lr=1e-2, backend="reference")
+    run_steps(saver, saver_params, 3)
+    params = clone_params(saver_params)
+    opt = onepass.AdamW(params, lr=1e-2, state_dtype="int8", backend="cpu")
+    opt.load_state_dict(copy.deepcopy(saver.state_dict()))
+    g = opt.param_groups[0]
+    assert (g["backend"], g["state_dtype"]) == ("cpu", "int8")
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.uint8  # codes: quantized on load
+    run_steps(opt, params, 1, start=3)
+    assert opt.last_backends == ["cpu"]
+    # the other way: int8 state loaded into an fp32 optimizer is dequantized, and runs there
+    back = clone_params(params)
+    fp32 = onepass.AdamW(back, lr=1e-2, backend="reference")
+    fp32.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert fp32.param_groups[0]["state_dtype"] == "fp32"
+    assert fp32.state[back[0]]["exp_avg"].dtype == torch.float32
+    assert "exp_avg_absmax" not in fp32.state[back[0]]
+    run_steps(fp32, back, 1, start=4)
+    assert fp32.last_backends == ["reference"]
+    # and the saved hyperparameters do win
+    saver.param_groups[0]["lr"] = 0.5
+    opt.load_state_dict(copy.deepcopy(saver.state_dict()))
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lr_independent_exports_torchs_weight_decay(backend):
+    # torch shrinks by lr * wd: the exported wd is wd / lr_max, so torch continues with the same
+    # shrink, and onepass reading the export back continues bit for bit
+    kw = dict(lr=1e-2, weight_decay=0.3)
+    op = make_params()
+    ours = onepass.AdamW(op, decay_mode="lr_independent", lr_max=0.05, backend=backend, **kw)
+    run_steps(ours, op, 3)
+    sd = onepass.optimizer.torch_state_dict(ours)
+    g = sd["param_groups"][0]
+    assert g["weight_decay"] == 0.3 / 0.05 and g["decay_mode"] == "decoupled" and "lr_max" not in g
+    tp, rp = clone_params(op), clone_params(op)
+    theirs = torch.optim.AdamW(tp, foreach=False, **kw)
+    theirs.load_state_dict(copy.deepcopy(sd))
+    again = onepass.AdamW(rp, backend=backend, **kw)
+    again.load_state_dict(copy.deepcopy(sd))
+    for opt, ps in ((ours, op), (theirs, tp), (again, rp)):
+        run_steps(opt, ps, 5, start=3)
+    assert_params_equal(rp, op)
+    assert_params_close(tp, op)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_torch_checkpoint_into_lr_independent_takes_lr_max_from_its_lr(backend, scheduled):
+    tp = make_params()
+    theirs = torch.optim.AdamW(tp, lr=1e-2, weight_decay=0.1, foreach=False)
+    if scheduled:  # a scheduler records the starting lr as initial_lr; the lr is past it
+        sched = torch.optim.lr_scheduler.StepLR(theirs, 1, gamma=0.5)
+    for t in range(2):
+        run_steps(theirs, tp, 1, start=t)
+        if scheduled:
+            sched.step()
+    op = clone_params(tp)
+    ours = onepass.AdamW(op, lr=1.0, decay_mode="lr_independent", backend=backend)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    g = ours.param_groups[0]
+    assert g["lr_max"] == 1e-2 and g["lr"] == (2.5e-3 if scheduled else 1e-2)
+    # an lr_max given to the constructor is kept
+    named = onepass.AdamW(clone_params(tp), decay_mode="lr_independent", lr_max=0.25)
+    named.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert named.param_groups[0]["lr_max"] == 0.25
+    # the same steps as a decoupled optimizer with weight_decay / lr_max
+    rp = clone_params(tp)
+    same = onepass.AdamW(rp, backend=backend)
+    sd = copy.deepcopy(theirs.state_dict())
+    sd["param_groups"][0]["weight_decay"] = 0.1 / 1e-2
+    same.load_state_dict(sd)
+    run_steps(ours, op, 3, start=2)
+    run_steps(same, rp, 3, start=2)
+    assert_params_equal(op, rp)

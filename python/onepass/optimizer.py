@@ -417,6 +417,15 @@ class AdamW(Optimizer):
         moment shapes, step counts. Moments are copied into this optimizer's own tensors in the
         math dtype (float32 for bf16/fp16 params, so an fp32 state is never rounded on load) and
         in the param's memory layout.
+
+        The saved group settings win, as in torch (lr, betas, weight_decay, ...), except
+        ``backend``, ``state_dtype`` and ``min_int8_numel``: this optimizer's, since they say
+        where this run computes and how it stores its state, not what was learned. Saved moments
+        in another format are converted to this optimizer's (an fp32 checkpoint into
+        ``state_dtype="int8"`` is quantized on load; an int8 one into fp32 is dequantized). A
+        torch checkpoint loaded into a ``decay_mode="lr_independent"`` optimizer takes each
+        group's ``lr_max`` from the constructor's ``lr_max`` if one was given, else from the group's
+        ``initial_lr`` (set by torch's lr schedulers), else from its lr.
         """
         self._settle()
         for pre_hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():

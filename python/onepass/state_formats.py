@@ -153,7 +153,9 @@ def _new_step() -> Tensor:
 def torch_state_dict(optimizer: "AdamW") -> Dict[str, Any]:
     """``optimizer.state_dict()`` with every moment as a float32/float64 tensor of the param's
     shape and no onepass-only keys: loadable by torch.optim.AdamW / Adam (int8 dequantized, bf16
-    widened; a Kahan compensation is dropped, so the param itself is what torch continues from)."""
+    widened; a Kahan compensation is dropped, so the param itself is what torch continues from).
+    A ``decay_mode="lr_independent"`` group is exported as torch's decoupled decay with the
+    same shrink: ``weight_decay / lr_max`` in weight_decay's place."""
     sd = optimizer.state_dict()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in sd["param_groups"] for i in g["params"]]
@@ -172,6 +174,14 @@ def torch_state_dict(optimizer: "AdamW") -> Dict[str, Any]:
         g = dict(g)
         for k in ("state_dtype", "param_rounding", "seed", "min_int8_numel", "backend", "decoupled"):
             g.pop(k, None)
+        if g.get("decay_mode") == "lr_independent":
+            # torch shrinks by lr * weight_decay: the same shrink as lr * wd / lr_max is
+            # weight_decay = wd / lr_max (the float64 quotient the kernels take), and the group
+            # says "decoupled" so that onepass reads it back with the meaning torch gives it
+            g["weight_decay"] = reference.effective_weight_decay(g["weight_decay"], "lr_independent",
+                                                                 g.get("lr_max"))
+            g["decay_mode"] = "decoupled"
+            g.pop("lr_max", None)
         groups.append(g)
     return {"state": state, "param_groups": groups}
 
@@ -258,6 +268,10 @@ def _load_lowp_state(p: Tensor, st: Dict[str, Any], pid: Any, fmt: str, out: Dic
     return out
 
 
+#: Group settings a loaded state dict does not replace (load_state).
+_RUN_SETTINGS = ("backend", "state_dtype", "min_int8_numel")
+
+
 def load_state(optimizer: "AdamW", state_dict: Dict[str, Any]):
     """(state, param_groups) for ``optimizer`` from a onepass or torch.optim.Adam(W) state dict,
     everything checked first (group and param counts, state keys, moment shapes, step counts)
@@ -299,11 +313,21 @@ def load_state(optimizer: "AdamW", state_dict: Dict[str, Any]):
             group["decay_mode"] = "decoupled" if group["decoupled"] else "coupled"
         if "param_names" in mine and "param_names" not in group:
             group["param_names"] = mine["param_names"]
+        # Saved settings win, as in torch, except where this run keeps its state and runs its
+        # kernels: the backend is where to run, not what was learned, and the state format is
+        # this run's memory budget (the saved moments are converted to it below).
+        for k in _RUN_SETTINGS:
+            if k in mine:
+                group[k] = mine[k]
         param_groups.append(group)
     for group in param_groups:
         merged = dict(group)
         for k, v in optimizer.defaults.items():
             merged.setdefault(k, v)
+        if merged["decay_mode"] == "lr_independent" and merged.get("lr_max") is None:
+            # a torch checkpoint has no peak lr: its start (a scheduler's initial_lr), else its
+            # lr, as add_param_group takes a new group's lr
+            group["lr_max"] = merged["lr_max"] = _as_float(merged.get("initial_lr", merged["lr"]), "lr")
         _check_group(merged)
 
     # State saved in another format than its group asks for (e.g. torch.optim.AdamW's fp32
