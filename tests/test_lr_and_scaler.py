@@ -34,6 +34,36 @@ def _chained(opt):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("state_dtype", ["fp32", "int8"])
+def test_tensor_settings_filled_in_place_are_read_every_step(backend, state_dtype):
+    # A momentum / eps / decay schedule that fills Tensor settings in place: the same objects,
+    # new values. Each step must use the values of that step, as floats set anew would.
+    shapes = [(70, 80), (9,)]
+    op, fp = make_params(shapes), make_params(shapes)
+    # (float64: their values are then the floats themselves)
+    b1, b2, eps, wd = (torch.tensor(v, dtype=torch.float64) for v in (0.9, 0.99, 1e-8, 0.1))
+    ours = onepass.AdamW(op, lr=1e-2, betas=(b1, b2), eps=eps, weight_decay=wd, backend=backend,
+                         state_dtype=state_dtype)
+    floats = onepass.AdamW(fp, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1,
+                           backend=backend, state_dtype=state_dtype)
+    schedule = [(0.9, 1e-8, 0.1), (0.9, 1e-8, 0.1), (0.0, 1e-3, 0.5), (0.5, 1e-3, 0.0),
+                (0.5, 1e-2, 0.0)]
+    for t, (beta1, e, w) in enumerate(schedule):
+        b1.fill_(beta1)
+        eps.fill_(e)
+        wd.fill_(w)
+        g = floats.param_groups[0]
+        g["betas"], g["eps"], g["weight_decay"] = (beta1, 0.99), e, w
+        grads = make_grads(op, t)
+        set_grads(op, grads)
+        set_grads(fp, grads)
+        ours.step()
+        floats.step()
+        assert_params_equal(op, fp)
+    assert_state_equal(ours, floats)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("how", ["sequential", "chained"])
 def test_lr_schedulers_drive_onepass_like_torch(backend, how):
     op = make_params()

@@ -81,6 +81,33 @@ _SETTING_KEYS = ("betas", "eps", "weight_decay", "differentiable", "state_dtype"
                  "backend", "maximize", "capturable", "statistics")
 
 
+_VALUE_SLOTS = tuple(_SETTING_KEYS.index(k) for k in ("eps", "weight_decay", "lr_max"))
+_BETAS_SLOT = _SETTING_KEYS.index("betas")
+
+
+def _by_value(key: tuple) -> tuple:
+    """``key`` with Tensor betas, eps, weight_decay and lr_max replaced by their values: a
+    tensor filled in place (a momentum schedule's ``betas[0].fill_(...)``) is the same object
+    with a new value, and the memo and the cached batches must see the change (one .item() a
+    Tensor setting a step; floats cost one isinstance each)."""
+    betas = key[_BETAS_SLOT]
+    tensors = [i for i in _VALUE_SLOTS if _one_value(key[i])]
+    tensor_betas = isinstance(betas, (tuple, list)) and any(_one_value(b) for b in betas)
+    if not tensors and not tensor_betas:
+        return key
+    key = list(key)
+    for i in tensors:
+        key[i] = float(key[i].item())
+    if tensor_betas:
+        key[_BETAS_SLOT] = tuple(float(b.item()) if _one_value(b) else b for b in betas)
+    return tuple(key)
+
+
+def _one_value(x) -> bool:
+    # (a tensor of several elements stays in the key: the full check refuses it in torch's words)
+    return isinstance(x, Tensor) and x.numel() == 1
+
+
 def _check_group(group: Dict[str, Any], memo: Optional[Dict[int, tuple]] = None) -> tuple:
     """Raises for a group setting onepass cannot run (torch's wording where torch has one);
     returns the group's settings key (_SETTING_KEYS). ``memo`` (the optimizer's, by group)
@@ -88,6 +115,8 @@ def _check_group(group: Dict[str, Any], memo: Optional[Dict[int, tuple]] = None)
     Python a group a step otherwise. lr is checked every time (a scheduler changes it every
     step)."""
     key = tuple(map(group.get, _SETTING_KEYS))
+    if not torch.compiler.is_compiling():
+        key = _by_value(key)
     if memo is not None:
         try:
             if memo.get(id(group)) == key:
