@@ -247,7 +247,7 @@ void validate_planned(PlanPart& part, BatchArgs& a, c10::DeviceType device_type)
 
 void bad_step_value(double t, size_t i) {
   ONEPASS_CHECK(false, "onepass: steps[", i, "] holds ", t,
-                ", not a whole number in [0, 2**24) (a float32 step count)");
+                ", not a whole number in [0, 2**53] (a step count)");
   std::abort();  // (not reached: ONEPASS_CHECK(false, ...) throws)
 }
 

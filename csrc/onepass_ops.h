@@ -159,10 +159,15 @@ DensePair dense_pair(const at::Tensor& param, const at::Tensor& grad);
 void check_grad(const at::Tensor& p, const at::Tensor& g, size_t i);
 
 // A step count's value at its address (a float32, or a float64 when f64), and count + 1 written
-// there (exact below 2**24) returning the new count: read_step / advance_step on a tensor, and a
+// there returning the new count (float32 + 1: a float32 count stops at 2**24, as torch's does): read_step / advance_step on a tensor, and a
 // plan's kept addresses (group_plan.h: PlanCounts).
 inline double count_at(const void* d, bool f64) {
   return f64 ? *static_cast<const double*>(d) : static_cast<double>(*static_cast<const float*>(d));
+}
+// The count a step makes of count t (a value count_at read), as advance_count_at writes it: in
+// the count's own dtype, so a float32 count at 2**24 stays there (torch's float32 step does).
+inline int64_t next_count(double t, bool f64) {
+  return f64 ? static_cast<int64_t>(t + 1.0) : static_cast<int64_t>(static_cast<float>(t) + 1.0f);
 }
 inline int64_t advance_count_at(void* d, bool f64) {
   if (f64) return static_cast<int64_t>(*static_cast<double*>(d) += 1.0);
@@ -174,13 +179,16 @@ double read_step(const at::Tensor& st);
 int64_t advance_step(const at::Tensor& st);
 // Raises unless st is a step count the host can read: a one-element float32/float64 CPU tensor.
 void check_step_tensor(const at::Tensor& st, size_t i);
-// Raises unless t is a step count a step can advance: a whole number in [0, 2**24); i names it.
-// (whole: t equals its int64 truncation, exact below 2**24; std::floor was a libm call, ~40
+// Raises unless t is a step count a step can advance: a whole number in [0, 2**53] (kMaxCount);
+// i names it. A float32 count saturates at 2**24 (16777216 + 1 rounds back to it), as torch's
+// float32 step does: the bias corrections there are 1 to within 5e-8 for betas <= 1 - 1e-6.
+// (whole: t equals its int64 truncation; std::floor was a libm call, ~40
 // instructions a count, 8% of a planned 2000-tensor step's.) Inline, its message out of line: a
 // planned step checks every count every step, and the call cost ~25 instructions a tensor.
 [[noreturn]] void bad_step_value(double t, size_t i);
+constexpr double kMaxCount = 9007199254740992.0;  // 2**53: every whole number below is a double
 inline void check_step_value(double t, size_t i) {
-  if (!(t >= 0.0 && t < 16777216.0 && t == static_cast<double>(static_cast<int64_t>(t))))
+  if (!(t >= 0.0 && t <= kMaxCount && t == static_cast<double>(static_cast<int64_t>(t))))
     bad_step_value(t, i);
 }
 

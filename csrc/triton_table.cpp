@@ -15,12 +15,12 @@
 namespace onepass {
 namespace {
 
-// Count t + 1 of steps[i], checked (a whole number in [0, 2**24) of a host tensor).
+// Count t + 1 of steps[i], checked (a whole number in [0, 2**53] of a host tensor).
 int64_t checked_next(const at::Tensor& s, size_t i) {
   check_step_tensor(s, i);
   const double t = read_step(s);
   check_step_value(t, i);
-  return static_cast<int64_t>(t) + 1;
+  return next_count(t, s.scalar_type() == at::kDouble);
 }
 
 // t.data_ptr() without its checks where t has storage (a plan's params and grads always do:
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     if (counts != nullptr) {
       const double value = counts->value(i);
       check_step_value(value, i);
-      t = static_cast<int64_t>(value) + 1;
+      t = next_count(value, counts->f64[i]);
     } else {
       t = checked_next(steps[i], i);
     }
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, std::vector<int64_t>> triton_table(
     if (key_col >= 0) std::memcpy(row + key_col, c.keys, sizeof(c.keys));
   }
   if (!hp.empty()) std::memcpy(o + n * w + 2 * n, hp.data(), hp.size() * sizeof(double));
-  // Every check passed: the step's first write (count + 1 = t, exact below 2**24).
+  // Every check passed: the step's first write (count + 1 = t, next_count's).
   if (bump) {
     for (int64_t r = 0; r < n; ++r) {
       const size_t i = static_cast<size_t>(idx != nullptr ? idx[r] : r);

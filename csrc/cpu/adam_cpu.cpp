@@ -224,7 +224,7 @@ void step_walk(const BatchArgs& a) {
     }
     TensorWork w;
     fill_static(w, a, i, p, comp, ctx);
-    fill_step(w, g.data_ptr(), static_cast<int64_t>(read_step(a.steps[i])) + 1,
+    fill_step(w, g.data_ptr(), next_count(read_step(a.steps[i]), a.steps[i].scalar_type() == at::kDouble),
               p.scalar_type() == at::kDouble, sc, a, lr, grad_scale, ctx);
     w.unit_begin = units;
     units += w.units;
@@ -308,7 +308,7 @@ void step_planned_cpu(PlanPart& part, const StepHyper& h, const at::Tensor* stat
       }
       g = raw_data(a.grads[i]);
     }
-    fill_step(pw->work[k], g, static_cast<int64_t>(counts.value(i)) + 1,
+    fill_step(pw->work[k], g, next_count(counts.value(i), counts.f64[i]),
               part.dtypes[i] == at::kDouble, pw->sc, a, lr, grad_scale, pw->ctx);
   }
   run_and_count(a, pw->work, pw->units);

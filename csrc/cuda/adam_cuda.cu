@@ -198,7 +198,7 @@ void adam_check_lowp_cuda(at::TensorList params, at::TensorList grads, at::Tenso
 
 void step_planned_cuda(PlanPart& part, const StepHyper& h, bool check_only) {
   BatchArgs a = plan_args(part, h, nullptr);
-  // (a step reads the host counts' values once, where it makes the scalars: host::host_count)
+  // (a step reads the host counts' values once, where it makes the scalars: host::host_next_count)
   if (check_only)
     validate_planned(part, a, c10::DeviceType::CUDA);
   else

@@ -129,12 +129,12 @@ struct ScalarTable {
   std::vector<int32_t> index;  // param i's entry
 };
 
-// Host step count i, checked (a planned step leaves the values to this read: validate_planned_state;
-// nothing has been written yet).
-inline int64_t host_count(const BatchArgs& a, size_t i) {
+// The count this step makes of host step count i (next_count), checked (a planned step leaves the
+// values to this read: validate_planned_state; nothing has been written yet).
+inline int64_t host_next_count(const BatchArgs& a, size_t i) {
   const double t = read_step(a.steps[i]);
   check_step_value(t, i);
-  return static_cast<int64_t>(t);
+  return next_count(t, a.steps[i].scalar_type() == at::kDouble);
 }
 
 template <class RT>
@@ -148,7 +148,7 @@ ScalarTable make_scalars(const BatchArgs& a, const RT& rt, const LaunchArgs& L) 
     std::vector<TensorScalars> host;
     std::vector<std::pair<int64_t, bool>> keys;  // (count, f64) of each entry
     for (size_t i = 0; i < n; ++i) {
-      const std::pair<int64_t, bool> key{host_count(a, i) + 1,
+      const std::pair<int64_t, bool> key{host_next_count(a, i),
                                          a.params[i].scalar_type() == at::kDouble};
       // (the last entry first: params that share a count are usually neighbours)
       size_t k = keys.size();
@@ -178,7 +178,7 @@ ScalarTable make_scalars(const BatchArgs& a, const RT& rt, const LaunchArgs& L) 
     if (L.device_steps)
       sl.step_dev = a.steps[i].data_ptr<float>();
     else
-      sl.step_host = host_count(a, i) + 1;
+      sl.step_host = host_next_count(a, i);
     sl.f64 = a.params[i].scalar_type() == at::kDouble;
     out.index[i] = static_cast<int32_t>(i);
   }

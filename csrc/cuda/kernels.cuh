@@ -400,7 +400,7 @@ step_scalars_kernel(const Slot* __restrict__ slots, TensorScalars* __restrict__ 
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const Slot sl = slots[i];
-  const int64_t step = sl.step_dev != nullptr ? static_cast<int64_t>(*sl.step_dev) + 1 : sl.step_host;
+  const int64_t step = sl.step_dev != nullptr ? static_cast<int64_t>(*sl.step_dev + 1.0f) : sl.step_host;
   const double lr = h.lr_dev != nullptr ? static_cast<double>(*h.lr_dev)
                     : h.lr_dev64 != nullptr ? *h.lr_dev64 : h.lr;
   const double gs = h.grad_scale != nullptr ? *h.grad_scale : 1.0;

@@ -61,7 +61,7 @@ void step_plan(uintptr_t address, size_t part, double lr, const OptT& lr_t, doub
       onepass::make_hyper(lr, lr_t, b1, b2, eps, wd, maximize, decoupled, gs, fi, seed);
   h.defer_found_inf = defer_found_inf;
   BatchArgs a = onepass::plan_args(pp, h, nullptr);
-  // (as step_planned_cuda: a step reads the host counts' values once, in host::host_count)
+  // (as step_planned_cuda: a step reads the host counts' values once, in host::host_next_count)
   if (check_only)
     onepass::validate_planned(pp, a, c10::DeviceType::CPU);
   else

@@ -202,8 +202,8 @@ def load_param_state(p: Tensor, st: Dict[str, Any], pid: Any, amsgrad: bool) -> 
         raise ValueError(f"onepass: the state of param {pid!r} lacks {missing}")
     step = st["step"]
     step_value = _as_float(step, "step") if isinstance(step, (Tensor, int, float)) else math.nan
-    if not (step_value >= 0 and step_value == math.floor(step_value) and step_value < 2**24):
-        raise ValueError(f"onepass: the step of param {pid!r} must be a whole number >= 0, got {step!r}")
+    if not (step_value >= 0 and step_value == math.floor(step_value) and step_value <= 2**53):
+        raise ValueError(f"onepass: the step of param {pid!r} must be a whole number in [0, 2**53], got {step!r}")
     out: Dict[str, Any] = {"step": torch.tensor(step_value, dtype=_new_step().dtype)}
     fmt = _stored_format(st)
     if fmt != "fp32":

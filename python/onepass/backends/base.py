@@ -73,7 +73,8 @@ class SkippedCounts:
     the host behind the step's launches (pinned, non-blocking, with an event on a GPU), and the
     counts the step advanced. Called at the optimizer's next settle: waits for the event (by then
     normally long passed: one step old), and takes the counts back by one if the step was
-    skipped (exact: counts are whole numbers below 2**24)."""
+    skipped (exact below 2**24; a float32 count that reached 2**24 stays there, as torch's does,
+    and a skip then takes it to 2**24 - 1, where every bias correction is 1 to within 5e-8)."""
 
     __slots__ = ("flag", "event", "steps")
 

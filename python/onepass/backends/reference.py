@@ -1,6 +1,7 @@
 """The "reference" backend: python/onepass/reference.py, one tensor at a time, on any device."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -45,6 +46,14 @@ def check_holds(t: torch.Tensor, name: str, i: int) -> None:
             "in place)")
 
 
+def check_count(t: float, i: int) -> None:
+    """Refuses a step count a step cannot advance (check_step_value in C++): float32 counts stop
+    at 2**24 as torch's do, float64 ones at 2**53."""
+    if not (0.0 <= t <= 2.0**53 and t == math.floor(t)):
+        raise RuntimeError(f"onepass: steps[{i}] holds {t}, not a whole number in [0, 2**53] "
+                           "(a step count)")
+
+
 def check_batch(batch: Batch, check_state: bool = True) -> None:
     """The checks every backend makes before writing anything (the C++ twin: validate_batch).
 
@@ -74,6 +83,8 @@ def check_batch(batch: Batch, check_state: bool = True) -> None:
                     f"CPU or the params' device, got {c10_name(st.dtype)} with {st.numel()} "
                     f"elements on {st.device}")
             check_holds(st, "steps", i)
+            if st.device.type == "cpu":  # (a device count: no sync, as in C++)
+                check_count(float(st.item()), i)
     fmt = batch.state_format
     if fmt not in reference.STATE_FORMATS:
         raise ValueError(f"onepass: unknown state format {fmt!r}")

@@ -11,7 +11,7 @@ import torch
 
 from .. import _ops, reference
 from .base import Batch
-from .reference import _bad_pair
+from .reference import _bad_pair, check_count
 
 if TYPE_CHECKING:
     from .triton import _Plan
@@ -35,7 +35,13 @@ def _next_counts(batch: Batch) -> List[int]:
         return batch.plan[0].next_counts(batch.plan[1])
     if _ops.HAS_EXT:
         return _ops._C.next_counts(batch.steps)
-    return list(dict.fromkeys(int(s.item()) + 1 for s in batch.steps))
+    return list(dict.fromkeys(_next_count(s, i) for i, s in enumerate(batch.steps)))
+
+
+def _next_count(step: torch.Tensor, i: int) -> int:
+    # count + 1 in the count's dtype (a float32 count stops at 2**24, as torch's and the C++'s)
+    check_count(float(step.item()), i)
+    return int((step + 1).item())
 
 
 def _pair_rows(params, grads) -> torch.Tensor:
@@ -104,7 +110,7 @@ def _step_table_torch(batch: Batch, static: torch.Tensor, idx: List[int], corr, 
     table = static.clone()
     table[:, 0:2] = pairs[:, 0:2]
     by_count = {c[0]: c for c in corr}
-    mine = [by_count[int(batch.steps[i].item()) + 1] for i in idx]
+    mine = [by_count[_next_count(batch.steps[i], i)] for i in idx]
     ftab = torch.tensor([c[1:3] for c in mine], dtype=torch.float64)
     if key_col >= 0:
         table[:, key_col:key_col + 2] = torch.tensor([c[3:] for c in mine], dtype=torch.int64)
