@@ -36,6 +36,15 @@ __all__ = ["AdamW", "Adam", "torch_state_dict"]
 
 
 
+def _layout_moved(parts) -> bool:
+    """Whether a param of the cached lists has strides its moments lack (``.data`` of another
+    memory layout, e.g. from model.to(memory_format=torch.channels_last)): state_lists then
+    moves them (int8 codes stay contiguous whatever the layout)."""
+    return any(m.stride() != p.stride()
+               for (fmt, _), (ps, _, lists, _) in parts.items() if fmt != "int8"
+               for p, m in zip(ps, lists[0]))
+
+
 class AdamW(Optimizer):
     """AdamW (decoupled weight decay) with torch.optim.AdamW's signature and defaults.
 
@@ -245,7 +254,7 @@ class AdamW(Optimizer):
             # traced step keeps them (dynamo guards what it traced, and no plan is made there).
             guarded = fresh and (torch.compiler.is_compiling()
                                  or (cache.plan is not None and not cache.plan.moved()))
-            if guarded and cache.ids == ids:
+            if guarded and cache.ids == ids and not _layout_moved(cache.parts):
                 parts, dtensors, complexes = cache.parts, cache.dtensors, cache.complexes
             else:
                 parts, tracked = self._state_lists(params, amsgrad, created,
@@ -348,7 +357,8 @@ class AdamW(Optimizer):
                      capturable: bool = False, fmt: str = "fp32", rounding: str = "nearest",
                      min_int8: int = MIN_INT8_NUMEL):
         """state_formats.state_lists of this optimizer's state."""
-        return state_lists(self.state, params, amsgrad, created, capturable, fmt, rounding, min_int8)
+        return state_lists(self.state, params, amsgrad, created, capturable, fmt, rounding, min_int8,
+                           self._undo, self._folds)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -369,6 +379,10 @@ class AdamW(Optimizer):
         plan: List[Tuple[Any, Batch]] = []
         created: list = []
         self._pending_stats: list = []
+        # state_lists' record of this step's changes to existing state, and the Kahan folds it
+        # leaves until every check passed (a raising step leaves params and state as they were)
+        self._undo: list = []
+        self._folds: list = []
         try:
             for group in self.param_groups:
                 # (traced: no memo; dynamo's view of a group differs from the eager one in
@@ -378,22 +392,28 @@ class AdamW(Optimizer):
                     plan.append(item[:2])
                     created.extend(item[2])
             for backend, batch in plan:
-                # A kernel checks its own batch before writing it; a step over several batches
-                # checks all of them before the first write.
-                if len(plan) > 1 or not backend.checks_before_writing:
+                # A kernel checks its own batch before writing it; a step over several batches,
+                # or one that folds a Kahan compensation first, checks all of them before then.
+                if len(plan) > 1 or not backend.checks_before_writing or self._folds:
                     backend.validate(batch)
+            for p, comp in self._folds:
+                p.add_(comp)
             for backend, batch in plan:
                 backend.step(batch)
             # For logs and the benchmark: which backends ran, in order of first use.
             self.last_backends = list(dict.fromkeys(b.name for b, _ in plan))
             self._last_stats = self._pending_stats
         except Exception:
-            # A failed step leaves no new state behind. (Checks run before any batch is written,
-            # so no batch has been written when one of them raises.)
+            # A failed step leaves no new state behind and the old as it was. (Checks run before
+            # any batch or fold is written, so nothing has been written when one of them raises.)
             for p in created:
                 self.state.pop(p, None)
+            for st, entries in reversed(self._undo):
+                st.clear()
+                st.update(entries)
             raise
         finally:
+            self._undo, self._folds = [], []  # (the old tensors go)
             # the plans let go of this step's grads (zero_grad(set_to_none=True) frees them)
             for _, batch in plan:
                 if batch.plan is not None:

@@ -5,7 +5,7 @@ state the backends take (state_lists)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -349,34 +349,78 @@ def load_state(optimizer: "AdamW", state_dict: Dict[str, Any]):
 
 
 # ---- the state lists of a step (AdamW._state_lists) ---------------------------------------------
+def _save(undo: list, st: Dict[str, Any], saved: bool) -> bool:
+    """Puts st's entries in ``undo`` before its first change of this step (state_lists)."""
+    if not saved:
+        undo.append((st, dict(st)))
+    return True
+
+
+def _follow_layout(p: Tensor, st: Dict[str, Any], undo: list, saved: bool) -> bool:
+    """Moves a param's moments to its memory layout when the param's changed (e.g.
+    ``model.to(memory_format=torch.channels_last)`` after the state was made): the kernels walk
+    state and param in storage order, and the values follow the elements, as torch's state
+    does. New tensors, so a step that raises can take the old ones back (``undo``)."""
+    if _is_dtensor(p) or p.is_complex():  # (their state lists hold local shards / real views)
+        return saved
+    for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "kahan_comp"):
+        v = st.get(k)
+        if isinstance(v, Tensor) and v.shape == p.shape:
+            # (preserve_format: the layout new state gets, _new_moments' zeros_like)
+            want = torch.empty_like(p, dtype=v.dtype, memory_format=torch.preserve_format)
+            if v.stride() != want.stride():
+                saved = _save(undo, st, saved)
+                st[k] = want.copy_(v)
+    return saved
+
+
 def state_lists(state_of, params: List[Tensor], amsgrad: bool, created: list,
                 capturable: bool = False, fmt: str = "fp32", rounding: str = "nearest",
-                min_int8: int = MIN_INT8_NUMEL):
+                min_int8: int = MIN_INT8_NUMEL, undo: Optional[list] = None,
+                folds: Optional[list] = None):
     """({(state format, rounding): (params, their indices, lists, scratch)}, tracked) of ``params``
     in ``state_of`` (an optimizer's state), creating missing state (and converting state stored in another format, e.g. after
     state_dtype changed or a torch state dict was loaded); ``tracked`` is False when some
     param's state is a plain dict put there by hand (its writes are not seen, so the lists
     must not be cached). lists: exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, the two absmax
-    lists, kahan compensations."""
+    lists, kahan compensations.
+
+    Nothing here writes a param or an existing state tensor, so a step that raises later (a
+    malformed grad of another param) can take everything back: an existing param state about
+    to change (a format conversion, a Kahan buffer added or dropped, a count moved to the
+    device, moments moved to the param's new memory layout) is first saved to ``undo`` as
+    ``(state, its entries)`` (each change puts new tensors in, the old ones stay as they
+    were), and leaving Kahan rounding puts ``(param, compensation)`` in ``folds``, for the
+    optimizer to add once every check passed (AdamW.step)."""
     parts: Dict[Tuple[str, str], tuple] = {}
     tracked = True
+    undo = [] if undo is None else undo
+    folds = [] if folds is None else folds
     for j, p in enumerate(params):
         st = state_of[p]
         is_new = not st
         pfmt = param_state_format(p, fmt, min_int8)
         prnd = rounding if p.dtype == torch.bfloat16 else "nearest"
+        saved = is_new
         if is_new:
             created.append(p)
             st["step"] = _new_step()
             st.update(_new_moments(p, pfmt))
         elif _stored_format(st) != pfmt:
+            saved = _save(undo, st, saved)
             _convert_state(p, st, pfmt)
         if prnd == "kahan" and "kahan_comp" not in st:
+            saved = _save(undo, st, saved)
             st["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         elif prnd != "kahan" and "kahan_comp" in st:
-            # leaving Kahan: fold the compensation into the param (rounded once)
-            p.add_(st.pop("kahan_comp"))
+            # leaving Kahan: the compensation is folded into the param (rounded once), after
+            # the step's checks
+            saved = _save(undo, st, saved)
+            folds.append((p, st.pop("kahan_comp")))
+        if not is_new and pfmt != "int8" and st["exp_avg"].stride() != p.stride():
+            saved = _follow_layout(p, st, undo, saved)
         if capturable and p.is_cuda and not st["step"].is_cuda:
+            saved = _save(undo, st, saved)
             # capturable: the count lives on the device so a CUDA graph can advance it
             st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
         if amsgrad and "max_exp_avg_sq" not in st:
