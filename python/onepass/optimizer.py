@@ -23,6 +23,7 @@ from .backends import group_backend as _group_backend
 from .reference import PARAM_DTYPES
 from .capture import _capture_health_check, _cuda_available
 from .distributed import _dtensor_type, _is_dtensor, _local, _local_grad
+from .param_names import name_fault
 from .param_overlap import check_disjoint
 from .hyperparams import (MIN_INT8_NUMEL, _as_float, _check_group, _check_hyperparameters,
                           _check_rounding_dtypes, _resolve_decay_mode, _state_dtype)
@@ -277,6 +278,7 @@ class AdamW(Optimizer):
         beta1, beta2 = group["betas"]
         out = []
         for k, ((pfmt, prnd), (ps, idx, lists, scratch)) in enumerate(parts.items()):
+            origin = (group, ps)
             # grads are this step's (the cache holds params and state only)
             if plan is not None:
                 gs = PlanGrads(plan, k, len(ps))
@@ -311,7 +313,7 @@ class AdamW(Optimizer):
                 state_format=pfmt, exp_avg_absmaxs=lists[4], exp_avg_sq_absmaxs=lists[5],
                 qtables=quant.tables(device) if pfmt == "int8" else None,
                 param_rounding=prnd, kahan_comps=lists[6], seed=int(group.get("seed", 0)),
-                stats=stats, plan=(plan, k) if plan is not None else None,
+                stats=stats, plan=(plan, k) if plan is not None else None, origin=origin,
             )
             chosen = backend
             why = backend.unsupported_reason(batch)
@@ -383,6 +385,7 @@ class AdamW(Optimizer):
         # leaves until every check passed (a raising step leaves params and state as they were)
         self._undo: list = []
         self._folds: list = []
+        current = None  # the batch being checked or run
         try:
             for group in self.param_groups:
                 # (traced: no memo; dynamo's view of a group differs from the eager one in
@@ -395,15 +398,22 @@ class AdamW(Optimizer):
                 # A kernel checks its own batch before writing it; a step over several batches,
                 # or one that folds a Kahan compensation first, checks all of them before then.
                 if len(plan) > 1 or not backend.checks_before_writing or self._folds:
+                    current = batch
                     backend.validate(batch)
             for p, comp in self._folds:
                 p.add_(comp)
             for backend, batch in plan:
+                current = batch
                 backend.step(batch)
             # For logs and the benchmark: which backends ran, in order of first use.
             self.last_backends = list(dict.fromkeys(b.name for b, _ in plan))
             self._last_stats = self._pending_stats
-        except Exception:
+        except Exception as e:
+            if current is not None and current.origin is not None:
+                group, ps = current.origin
+                gi = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+                if gi is not None:
+                    name_fault(e, gi, group, ps)
             # A failed step leaves no new state behind and the old as it was. (Checks run before
             # any batch or fold is written, so nothing has been written when one of them raises.)
             for p in created:

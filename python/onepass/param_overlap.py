@@ -9,11 +9,12 @@ names both (tie weights by sharing one Parameter: ``model.parameters()`` lists i
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List
 
 import torch
 
 from .distributed import _local
+from .param_names import where
 
 
 def _span(t: torch.Tensor):
@@ -24,12 +25,6 @@ def _span(t: torch.Tensor):
     extent = n if t.is_contiguous() else 1 + sum((d - 1) * s for d, s in zip(t.shape, t.stride()))
     start = t.data_ptr()
     return start, start + extent * t.element_size()
-
-
-def _where(group_index: int, group: Dict[str, Any], j: int) -> str:
-    names: Optional[Sequence[str]] = group.get("param_names")
-    name = f" ({names[j]!r})" if names and j < len(names) else ""
-    return f"param {j}{name} of param group {group_index}"
 
 
 def check_disjoint(group_index: int, group: Dict[str, Any], positions: List[int]) -> None:
@@ -55,9 +50,9 @@ def check_disjoint(group_index: int, group: Dict[str, Any], positions: List[int]
 def _overlap(group_index: int, group: Dict[str, Any], j: int, k: int) -> ValueError:
     j, k = min(j, k), max(j, k)
     if group["params"][j] is group["params"][k]:
-        what = f"{_where(group_index, group, j)} is listed again as param {k}"
+        what = f"{where(group_index, group, j)} is listed again as param {k}"
     else:
-        what = f"{_where(group_index, group, j)} shares memory with {_where(group_index, group, k)}"
+        what = f"{where(group_index, group, j)} shares memory with {where(group_index, group, k)}"
     return ValueError(
         f"onepass: {what}; the "
         "kernels write a group's params in parallel, so a param must appear once and no two "

@@ -65,6 +65,9 @@ class Batch:
     #: found_inf once it is there and puts the counts back (SkippedCounts). The optimizer
     #: calls them before its next step, state_dict(), load_state_dict() and pickling.
     deferred: Optional[list] = None
+    #: (the optimizer's group, the group's params of this batch, in batch order): whom a fault
+    #: at a batch position is about (param_names.name_fault). None outside an optimizer.
+    origin: Optional[tuple] = None
 
 
 class SkippedCounts:

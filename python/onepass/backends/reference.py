@@ -101,46 +101,78 @@ def check_batch(batch: Batch, check_state: bool = True) -> None:
     for i, p in enumerate(batch.params):
         math = reference.math_dtype(p.dtype)
         if fmt != "fp32" and (math != torch.float32):
-            raise ValueError(f"onepass: {fmt} state is for float32/bf16/fp16 params, got {p.dtype}")
+            raise RuntimeError(f"onepass: {fmt} state is for float32/bf16/fp16 params, got "
+                               f"{c10_name(p.dtype)}")
         if batch.param_rounding != "nearest" and p.dtype != torch.bfloat16:
-            raise ValueError(f"onepass: param_rounding={batch.param_rounding!r} is for bfloat16 "
-                             f"params, got {p.dtype}")
+            raise RuntimeError(f"onepass: param_rounding={batch.param_rounding!r} is for bfloat16 "
+                               f"params, got {c10_name(p.dtype)}")
         sdt = {"fp32": math, "bf16": torch.bfloat16, "int8": torch.uint8}[fmt]
-        states = [("exp_avgs", batch.exp_avgs[i], sdt, p.shape),
-                  ("exp_avg_sqs", batch.exp_avg_sqs[i], sdt, p.shape)]
-        if batch.amsgrad:
-            states.append(("max_exp_avg_sqs", batch.max_exp_avg_sqs[i], sdt, p.shape))
+        _check_state(batch.exp_avgs[i], p, sdt, "exp_avgs", i, int8)
+        _check_state(batch.exp_avg_sqs[i], p, sdt, "exp_avg_sqs", i, int8)
         if int8:
-            shape = torch.Size(reference.absmax_shape(p.shape))
-            states += [("exp_avg_absmaxs", batch.exp_avg_absmaxs[i], torch.float32, shape),
-                       ("exp_avg_sq_absmaxs", batch.exp_avg_sq_absmaxs[i], torch.float32, shape)]
+            _check_absmax(batch.exp_avg_absmaxs[i], p, "exp_avg_absmaxs", i)
+            _check_absmax(batch.exp_avg_sq_absmaxs[i], p, "exp_avg_sq_absmaxs", i)
         if kahan:
-            states.append(("kahan_comps", batch.kahan_comps[i], p.dtype, p.shape))
-        for name, s, dtype, shape in states:
-            if s.dtype != dtype or s.shape != shape or s.device != p.device:
+            c = batch.kahan_comps[i]
+            if not (c.device == p.device and c.dtype == torch.bfloat16 and c.shape == p.shape
+                    and c.layout is strided):
                 raise RuntimeError(
-                    f"onepass: {name}[{i}] must be a {dtype} tensor of shape {tuple(shape)} on "
-                    f"{p.device}, got {s.dtype} {tuple(s.shape)} on {s.device}"
-                )
-            if int8 and name != "kahan_comps" and not s.is_contiguous():
-                raise RuntimeError(f"onepass: {name}[{i}] of int8 state must be contiguous")
-            check_holds(s, name, i)
+                    f"onepass: kahan_comps[{i}] must be a bfloat16 tensor of shape {_dims(p.shape)} "
+                    f"on {p.device}, got {c10_name(c.dtype)} {_dims(c.shape)} on {c.device}")
+            check_holds(c, "kahan_comps", i)
+        if batch.amsgrad:
+            _check_state(batch.max_exp_avg_sqs[i], p, math, "max_exp_avg_sqs", i, False)
+
+
+# The messages and order of csrc/batch_checks.cpp (check_state, check_absmax, check_grad), so that
+# a fault reads the same, and raises the same type, on every backend.
+def _dims(shape) -> str:
+    """A shape as c10 prints one: [70, 60]."""
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _check_state(s: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, name: str, i: int,
+                 contiguous: bool) -> None:
+    if s.device != p.device:
+        raise RuntimeError(f"onepass: {name}[{i}] is on {s.device} but its param is on {p.device}")
+    if s.dtype != dtype:
+        raise RuntimeError(f"onepass: {name}[{i}] must be {c10_name(dtype)} for a "
+                           f"{c10_name(p.dtype)} param, got {c10_name(s.dtype)}")
+    if s.shape != p.shape:
+        raise RuntimeError(f"onepass: {name}[{i}] has shape {_dims(s.shape)} but its param has "
+                           f"shape {_dims(p.shape)}")
+    check_holds(s, name, i)
+    if contiguous and not s.is_contiguous():
+        raise RuntimeError(f"onepass: {name}[{i}] of int8 state must be contiguous (strides "
+                           f"{_dims(s.stride())})")
+
+
+def _check_absmax(s: torch.Tensor, p: torch.Tensor, name: str, i: int) -> None:
+    shape = torch.Size(reference.absmax_shape(p.shape))
+    if not (s.device == p.device and s.dtype == torch.float32 and s.shape == shape
+            and s.is_contiguous()):
+        raise RuntimeError(
+            f"onepass: {name}[{i}] must be a contiguous float32 tensor of shape {_dims(shape)} on "
+            f"{p.device}, got {c10_name(s.dtype)} {_dims(s.shape)} on {s.device}")
+    check_holds(s, name, i)
 
 
 def _bad_pair(i: int, p: torch.Tensor, g: torch.Tensor) -> None:
     if p.dtype not in PARAM_DTYPES:
-        raise TypeError(f"onepass: params must be float32, float64, bfloat16 or float16, got {p.dtype}")
+        raise RuntimeError(f"onepass: params[{i}] is {c10_name(p.dtype)}; params must be float32, "
+                           "float64, bfloat16 or float16")
     if g.layout != torch.strided:
         raise RuntimeError(
             f"onepass: grads[{i}] is sparse; onepass supports dense gradients only "
             "(use torch.optim.SparseAdam)"
         )
     if g.dtype != p.dtype:
-        raise RuntimeError(f"onepass: grads[{i}] is {g.dtype} but its param is {p.dtype}")
+        raise RuntimeError(f"onepass: grads[{i}] is {c10_name(g.dtype)} but its param is "
+                           f"{c10_name(p.dtype)}")
     if g.device != p.device:
         raise RuntimeError(f"onepass: grads[{i}] is on {g.device} but its param on {p.device}")
     raise RuntimeError(
-        f"onepass: grads[{i}] has shape {tuple(g.shape)} but its param has shape {tuple(p.shape)}"
+        f"onepass: grads[{i}] has shape {_dims(g.shape)} but its param has shape {_dims(p.shape)}"
     )
 
 
