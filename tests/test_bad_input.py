@@ -181,3 +181,27 @@ def test_backend_rejects_wrong_grad_dtype_without_writing(backend):
         with pytest.raises(RuntimeError):
             b.step(batch)
         assert_unchanged(opt, snap)
+
+
+@pytest.mark.parametrize("key,value", [("lr", "0.1"), ("eps", "1e-8"), ("weight_decay", "0.1"),
+                                       ("betas", ("0.9", 0.999))])
+def test_a_number_given_as_a_string_is_torchs_type_error(key, value):
+    # torch compares (0.0 <= lr) and so refuses a str with a TypeError; onepass must not read it
+    with pytest.raises(TypeError) as theirs:
+        torch.optim.AdamW(make_params([(3,)]), **{key: value})
+    with pytest.raises(TypeError) as ours:
+        onepass.AdamW(make_params([(3,)]), **{key: value})
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_a_numpy_integer_seed_is_an_integer():
+    np = pytest.importorskip("numpy")
+    a, b = make_params([(64,)], dtype=torch.bfloat16), make_params([(64,)], dtype=torch.bfloat16)
+    oa = onepass.AdamW(a, seed=np.int64(7), param_rounding="stochastic")
+    ob = onepass.AdamW(b, seed=7, param_rounding="stochastic")
+    for opt, ps in ((oa, a), (ob, b)):
+        ps[0].grad = torch.full((64,), 0.3, dtype=torch.bfloat16)
+        opt.step()
+    assert torch.equal(a[0], b[0])
+    with pytest.raises(ValueError, match="seed"):
+        onepass.AdamW(make_params([(3,)]), seed=np.float64(7.0))

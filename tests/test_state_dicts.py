@@ -317,3 +317,52 @@ def test_torch_checkpoint_into_lr_independent_takes_lr_max_from_its_lr(backend, 
     run_steps(ours, op, 3, start=2)
     run_steps(same, rp, 3, start=2)
     assert_params_equal(op, rp)
+
+
+def _int8_faults():
+    def codes_as_int8(sd):
+        sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].to(torch.int8)
+
+    def negative_absmax(sd):
+        sd["state"][0]["exp_avg_absmax"][0, 0] = -1.0
+
+    def nan_absmax(sd):
+        sd["state"][0]["exp_avg_sq_absmax"][1, 0] = float("nan")
+
+    def fp32_moments_with_absmax(sd):
+        sd["state"][0]["exp_avg"] = torch.zeros(64, 80)
+        sd["state"][0]["exp_avg_sq"] = torch.zeros(64, 80)
+
+    def state_a_list(sd):
+        sd["state"] = [sd["state"][0]]
+
+    def groups_not_dicts(sd):
+        sd["param_groups"] = [[0]]
+
+    def groups_a_number(sd):
+        sd["param_groups"] = 5
+
+    return [(codes_as_int8, "needs uint8 codes .* got torch.int8"),
+            (negative_absmax, "exp_avg_absmax.*finite and >= 0"),
+            (nan_absmax, "exp_avg_sq_absmax.*finite and >= 0"),
+            (fp32_moments_with_absmax, "needs uint8 codes .* got torch.float32"),
+            (state_a_list, "'state' must be a dict"),
+            (groups_not_dicts, "'param_groups' must be a list of dicts"),
+            (groups_a_number, "'param_groups' must be a list of dicts")]
+
+
+@pytest.mark.parametrize("fault,words", _int8_faults(), ids=lambda x: getattr(x, "__name__", ""))
+def test_a_malformed_int8_checkpoint_is_refused_and_changes_nothing(fault, words):
+    def made():
+        ps = make_params([(64, 80)])
+        opt = onepass.AdamW(ps, lr=1e-2, state_dtype="int8", min_int8_numel=16)
+        run_steps(opt, ps, 2)
+        return opt
+
+    sd = copy.deepcopy(made().state_dict())
+    fault(sd)
+    opt = made()
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match=words):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, snap)

@@ -2,6 +2,7 @@
 made before a step writes anything, and the decay-mode spelling."""
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -43,16 +44,16 @@ def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     beta (torch: RuntimeError "Boolean value of Tensor with more than one value is ambiguous";
     here torch's own "Tensor betas[i] must be 1-element")."""
     _check_lr(lr)
-    if not float(eps) >= 0.0:
+    if not _at_least_0(eps):
         raise ValueError(f"Invalid epsilon value: {eps}")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"onepass: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
         if isinstance(b, Tensor) and b.numel() != 1:
             raise ValueError(f"Tensor betas[{i}] must be 1-element, got shape {tuple(b.shape)}")
-        if not 0.0 <= _as_float(b, f"betas[{i}]") < 1.0:
+        if not (_at_least_0(b) and _as_float(b, f"betas[{i}]") < 1.0):
             raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-    if not float(weight_decay) >= 0.0:
+    if not _at_least_0(weight_decay):
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
     # (numbers of any kind count as floats: torch's check is isinstance(b, float), which also
     # refuses betas=(0, 0.99); onepass takes that)
@@ -136,7 +137,8 @@ def _check_group(group: Dict[str, Any], memo: Optional[Dict[int, tuple]] = None)
     if memo is None:  # (a step checks the params with grads when it makes their state lists)
         _check_rounding_dtypes(group["params"], rounding)
     seed = group.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+    # (any integer type: a NumPy integer from a config or an rng is one)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise ValueError(f"onepass: seed must be an int in [0, 2**32), got {seed!r}")
     mn = group.get("min_int8_numel", MIN_INT8_NUMEL)
     if not isinstance(mn, int) or mn < 0:
@@ -174,5 +176,12 @@ def _check_lr(lr) -> None:
         if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
                 and not float(lr.item()) >= 0.0):
             raise ValueError(f"Invalid learning rate: {lr}")
-    elif not float(lr) >= 0.0:
+    elif not _at_least_0(lr):
         raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _at_least_0(x) -> bool:
+    """torch's own comparison (``0.0 <= x``): a str such as lr="0.1" raises torch's TypeError
+    ("'<=' not supported between instances of 'float' and 'str'") instead of being read as a
+    number; NaN is False, so its ValueError follows."""
+    return bool(0.0 <= x)

@@ -206,6 +206,10 @@ def load_param_state(p: Tensor, st: Dict[str, Any], pid: Any, amsgrad: bool) -> 
         raise ValueError(f"onepass: the step of param {pid!r} must be a whole number in [0, 2**53], got {step!r}")
     out: Dict[str, Any] = {"step": torch.tensor(step_value, dtype=_new_step().dtype)}
     fmt = _stored_format(st)
+    if fmt != "int8" and any(k + "_absmax" in st for k in ("exp_avg", "exp_avg_sq")):
+        # absmaxes come with int8 codes only: int8 codes saved in another dtype, or moments
+        # that lost their codes, would otherwise load as fp32 moments of code values
+        fmt = "int8"
     if fmt != "fp32":
         # A onepass bf16/int8 state: kept in its own format (a step converts it if the group
         # asks for another), so a save/load round trip changes no bit.
@@ -240,6 +244,10 @@ def _load_like(p: Tensor, v: Any, dtype: torch.dtype, k: str, pid: Any) -> Tenso
                          f"shape {tuple(p.shape)}")
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format).copy_(v)
 
+def _kind(v: Any) -> str:
+    return f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+
+
 def _load_lowp_state(p: Tensor, st: Dict[str, Any], pid: Any, fmt: str, out: Dict[str, Any]):
     if "max_exp_avg_sq" in st:
         raise ValueError(f"onepass: param {pid!r}: amsgrad state needs fp32 moments")
@@ -260,7 +268,12 @@ def _load_lowp_state(p: Tensor, st: Dict[str, Any], pid: Any, fmt: str, out: Dic
                     and tuple(a.shape) == shape):
                 raise ValueError(
                     f"onepass: int8 state {k!r} of param {pid!r} needs uint8 codes of shape "
-                    f"{tuple(p.shape)} and a float32 {k}_absmax of shape {shape}")
+                    f"{tuple(p.shape)} and a float32 {k}_absmax of shape {shape}, got "
+                    f"{_kind(q)} and {_kind(a)}")
+            if not bool(((a >= 0) & torch.isfinite(a)).all()):
+                # (a block's scale: negative or NaN, every code of the block decodes to garbage)
+                raise ValueError(f"onepass: int8 state {k + '_absmax'!r} of param {pid!r} must be "
+                                 "finite and >= 0 (the scale of each block of 256)")
             out[k] = q.to(p.device).contiguous().clone()
             out[k + "_absmax"] = a.to(p.device).contiguous().clone()
     if "kahan_comp" in st:
@@ -279,6 +292,13 @@ def load_state(optimizer: "AdamW", state_dict: Dict[str, Any]):
     if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("onepass: a state dict needs the keys 'state' and 'param_groups'")
     saved_groups = state_dict["param_groups"]
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError("onepass: a state dict's 'state' must be a dict from param ids to "
+                         f"param states, got {type(state_dict['state']).__name__}")
+    if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups):
+        raise ValueError("onepass: a state dict's 'param_groups' must be a list of dicts, each "
+                         "with a 'params' list of param ids")
     if len(saved_groups) != len(optimizer.param_groups):
         raise ValueError(
             f"onepass: the state dict has {len(saved_groups)} param groups, this optimizer "
