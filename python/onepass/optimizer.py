@@ -37,13 +37,20 @@ __all__ = ["AdamW", "Adam", "torch_state_dict"]
 
 
 
-def _layout_moved(parts) -> bool:
-    """Whether a param of the cached lists has strides its moments lack (``.data`` of another
-    memory layout, e.g. from model.to(memory_format=torch.channels_last)): state_lists then
-    moves them (int8 codes stay contiguous whatever the layout)."""
-    return any(m.stride() != p.stride()
-               for (fmt, _), (ps, _, lists, _) in parts.items() if fmt != "int8"
-               for p, m in zip(ps, lists[0]))
+def _lists_stale(parts) -> bool:
+    """Whether a param of the cached lists no longer fits its moments: ``.data`` of another
+    memory layout (model.to(memory_format=torch.channels_last): state_lists moves them; int8
+    codes stay contiguous whatever the layout), dtype (a float64 param no longer takes bf16 or
+    int8 state, and its fp32 moments no longer fit) or shape. The lists and what the backends
+    derived from them (scratch: the triton backend checks moments once per scratch) are then
+    made again, from the state, and checked."""
+    for (fmt, _), (ps, _, lists, _) in parts.items():
+        for p, m in zip(ps, lists[0]):
+            math = reference.math_dtype(p.dtype)
+            if (m.shape != p.shape or (m.dtype != math if fmt == "fp32" else math != torch.float32)
+                    or (fmt != "int8" and m.stride() != p.stride())):
+                return True
+    return False
 
 
 class AdamW(Optimizer):
@@ -255,7 +262,7 @@ class AdamW(Optimizer):
             # traced step keeps them (dynamo guards what it traced, and no plan is made there).
             guarded = fresh and (torch.compiler.is_compiling()
                                  or (cache.plan is not None and not cache.plan.moved()))
-            if guarded and cache.ids == ids and not _layout_moved(cache.parts):
+            if guarded and cache.ids == ids and not _lists_stale(cache.parts):
                 parts, dtensors, complexes = cache.parts, cache.dtensors, cache.complexes
             else:
                 parts, tracked = self._state_lists(params, amsgrad, created,
