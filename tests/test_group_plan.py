@@ -157,22 +157,14 @@ def test_metadata_changed_in_place_leaves_the_fast_path(backend, fmt):
         a[0].t_()
         b[0].t_()
     assert not a[0].is_contiguous()
-    if fmt == "int8" or backend == "triton":
-        # int8 state is row-major whatever the param's layout, and so is the triton backend's
-        # walk of a param that is not (a working copy of it): same elements as the reference
-        _step(a, b, oa, ob, 4)
-        _step(a, b, oa, ob, 5)
-        return
-    _set(a, _grads(4, a))
-    before = [p.detach().clone() for p in a]
-    state = [{k: v.clone() for k, v in oa.state[p].items()} for p in a]
-    # (the cpu and cuda walks pair storage positions: the unplanned step's own layout check)
-    with pytest.raises(RuntimeError, match="memory layout"):
-        oa.step()
-    for p, q, st in zip(a, before, state):
-        assert torch.equal(p, q)
-        for k, v in st.items():
-            assert torch.equal(oa.state[p][k], v)
+    # int8 state is row-major whatever the param's layout, and so is the triton backend's walk
+    # of a param that is not (a working copy of it); fp32 and bf16 moments are moved to the
+    # param's new layout (state_lists: _follow_layout), keeping each element's value as the
+    # reference (and torch) pair them: the same elements as the reference on every backend
+    _step(a, b, oa, ob, 4)
+    _step(a, b, oa, ob, 5)
+    if fmt != "int8":
+        assert oa.state[a[0]]["exp_avg"].stride() == a[0].stride()
 
 
 def test_new_grads_every_step_and_their_memory_is_let_go():
@@ -264,7 +256,7 @@ def test_a_count_out_of_range_is_refused_and_changes_nothing(backend):
         _set(a, g)
         oa.step()
     # written in place, so no state write is seen: the planned step still checks every count
-    oa.state[a[3]]["step"].fill_(2.0 ** 24)
+    oa.state[a[3]]["step"].fill_(1.5)  # (2**24 is a count: a float32 one stops there)
     before = [p.detach().clone() for p in a]
     with pytest.raises(RuntimeError, match=r"steps\[3\] holds"):
         oa.step()
