@@ -46,8 +46,8 @@ def _lists_stale(parts) -> bool:
     made again, from the state, and checked."""
     for (fmt, _), (ps, _, lists, _) in parts.items():
         for p, m in zip(ps, lists[0]):
-            math = reference.math_dtype(p.dtype)
-            if (m.shape != p.shape or (m.dtype != math if fmt == "fp32" else math != torch.float32)
+            mdt = reference.math_dtype(p.dtype)  # (not `math`: the module of that name)
+            if (m.shape != p.shape or (m.dtype != mdt if fmt == "fp32" else mdt != torch.float32)
                     or (fmt != "int8" and m.stride() != p.stride())):
                 return True
     return False
